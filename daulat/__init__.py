@@ -1,0 +1,32 @@
+"""daulat: build your own DeepSeek-style language model end to end, on your own data and hardware.
+
+    your files -> tokenizer -> pretrain (MLA + MoE) -> SFT -> GRPO -> distill -> chat / serve / export
+
+Public API (imported lazily so that `import daulat` is cheap):
+    daulat.ModelConfig, daulat.DeepseekV3      the model (daulat.model)
+    daulat.save_model(model, path, tokenizer)  write a transformers `deepseek_v3` directory atomically
+    daulat.load_model(path, device="cpu")      read one (daulat's own or transformers' save_pretrained)
+    daulat.load_tokenizer(path)                the tokenizer of a checkpoint or tokenizer directory
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ModelConfig": "daulat.model",
+    "DeepseekV3": "daulat.model",
+    "save_model": "daulat.checkpoint",
+    "load_model": "daulat.checkpoint",
+    "load_tokenizer": "daulat.tokenizer",
+    "DaulatError": "daulat.errors",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'daulat' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY) + ["__version__"]

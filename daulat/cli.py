@@ -1,0 +1,78 @@
+"""`daulat <command>`: the one entry point of the toolkit.
+
+Each command lives in its own module and exposes `add_arguments(parser)` and `run(args) -> int`.
+Modules are imported only when their command runs, so `daulat --help` stays fast and a command's
+heavy dependencies (fastapi, matplotlib, gguf) are needed only by that command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from daulat import __version__
+from daulat.errors import DaulatError
+
+# name -> (module, one-line help). The order is the order of the pipeline.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "speedrun": ("daulat.speedrun", "run the whole pipeline: tokenizer, pretrain, SFT, GRPO, distill, eval, report"),
+    "tokenizer": ("daulat.tokenizer", "train a byte-level BPE tokenizer on your files"),
+    "pretrain": ("daulat.train.pretrain", "pretrain an MLA + MoE model on your files"),
+    "sft": ("daulat.train.sft", "supervised fine-tuning on conversations or a built-in task"),
+    "grpo": ("daulat.train.grpo", "reinforcement learning with verifiable rewards (GRPO)"),
+    "distill": ("daulat.train.distill", "distill a teacher into a smaller student"),
+    "tasks": ("daulat.data.tasks", "list the built-in verifiable tasks"),
+    "eval": ("daulat.eval", "task accuracy, pass@k and perplexity of a checkpoint"),
+    "chat": ("daulat.infer.chat", "chat with a checkpoint in the terminal"),
+    "serve": ("daulat.infer.server", "serve a checkpoint over an OpenAI-compatible API with a web chat page"),
+    "export": ("daulat.export", "export a checkpoint to GGUF (llama.cpp) or a clean transformers directory"),
+    "inspect": ("daulat.inspect", "print a checkpoint's architecture, parameter counts and KV-cache size"),
+    "card": ("daulat.report", "print a checkpoint's model card"),
+}
+
+
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="daulat",
+        description="Build your own DeepSeek-style language model, end to end, on your own data and hardware.",
+    )
+    parser.add_argument("--version", action="version", version=f"daulat {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (module_name, help_text) in COMMANDS.items():
+        if not _available(module_name):
+            continue
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args._module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("daulat: interrupted", file=sys.stderr)
+        return 130
+    except (DaulatError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"daulat {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
