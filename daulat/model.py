@@ -408,14 +408,16 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     One grouped GEMM (`torch._grouped_mm`) where this build supports it for the device and dtype;
     otherwise one matmul per contiguous chunk of rows (still no masking over all tokens).
     """
-    if _grouped_mm_ok(x):
+    if _grouped_mm_ok(x, w):
         return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
     chunks = x.split(counts.tolist())
     return torch.cat([chunk @ w[e] for e, chunk in enumerate(chunks)]) if chunks else x.new_zeros(0, w.shape[-1])
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm"):
+        return False
+    if any(n * x.element_size() % 16 for n in (x.shape[-1], w.shape[-1])):  # its kernels need 16-byte strides
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16)
