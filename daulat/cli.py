@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("daulat.infer.chat", "chat with a checkpoint in the terminal"),
     "serve": ("daulat.infer.server", "serve a checkpoint over an OpenAI-compatible API with a web chat page"),
     "export": ("daulat.export", "export a checkpoint to GGUF (llama.cpp) or a clean transformers directory"),
+    "init": ("daulat.initialize", "write a freshly initialised checkpoint from a preset"),
     "inspect": ("daulat.inspect", "print a checkpoint's architecture, parameter counts and KV-cache size"),
     "card": ("daulat.report", "print a checkpoint's model card"),
 }
