@@ -1,0 +1,168 @@
+"""Tokenizer: exact Unicode round-trip, special tokens, chat rendering and mask, transformers parity."""
+
+import json
+import random
+
+import pytest
+
+from daulat import cli
+from daulat.data.tasks import default_corpus
+from daulat.errors import DaulatError
+from daulat.tokenizer import BOS, CHAT_TEMPLATE, EOS, SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
+
+UNICODE = [
+    "",
+    "Hello, world! 12345 + 678 = 7023",
+    "emoji 😀👍🏽👨‍👩‍👧‍👦 🇮🇩 flags",
+    "中文字符和日本語のテキスト、한국어",
+    "देवनागरी लिपि: नमस्ते दुनिया",
+    "combining: e\u0301 a\u0308 n\u0303 \u0915\u094d\u0937 Z\u0351\u0352\u0353",
+    "controls: \x00\x01\x07\x1b[0m\x7f\t\r\n\x0c end",
+    "  leading and trailing spaces   \n\n\n   ",
+    "zero width: a\u200bb\u200dc\ufeffd \u2028 \u2029",
+    "Ω≈ç√∫˜µ≤≥÷ ¡™£¢∞§¶•ªº –≠ «»",
+    "<|bos|> literal special token text <|eos|>",
+]
+
+
+def random_strings(seed=0, n=40):
+    rng = random.Random(seed)
+    for _ in range(n):
+        yield bytes(rng.randrange(256) for _ in range(rng.randint(1, 60))).decode("utf-8", errors="replace")
+        points = [rng.randrange(0x110000) for _ in range(rng.randint(1, 30))]
+        yield "".join(chr(p) for p in points if not 0xD800 <= p <= 0xDFFF)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    texts = list(default_corpus(1500, seed=0)) + UNICODE * 3
+    tokenizer = train_tokenizer(texts, vocab_size=600, model_max_length=512)
+    path = tmp_path_factory.mktemp("tok")
+    tokenizer.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return load_tokenizer(tok_dir)
+
+
+@pytest.fixture(scope="module")
+def hf(tok_dir):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+
+
+def test_special_tokens_and_files(tok, tok_dir):
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(6))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
+    assert 300 < tok.vocab_size <= 600 and tok.model_max_length == 512
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHAT_TEMPLATE == (tok_dir / "chat_template.jinja").read_text()
+    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == (BOS, EOS, "<|pad|>")
+    assert not list(tok_dir.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("text", UNICODE + list(random_strings()))
+def test_round_trip_any_unicode(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert all(0 <= i < tok.vocab_size for i in ids)
+
+
+def test_digits_are_single_tokens(tok):
+    ids = tok.encode("12345")
+    assert len(ids) == 5 and [tok.decode([i]) for i in ids] == list("12345")
+
+
+def test_decode_skips_special_tokens(tok):
+    ids = [tok.bos_id] + tok.encode("hi") + [tok.eos_id]
+    assert tok.decode(ids, skip_special_tokens=True) == "hi"
+    assert tok.decode(ids) == "<|bos|>hi<|eos|>"
+
+
+def test_save_load_is_identical(tok, tok_dir, tmp_path):
+    tok.save(tmp_path)
+    again = load_tokenizer(tmp_path / "tokenizer.json")
+    assert again.sha256 == tok.sha256
+    assert again.encode(UNICODE[2]) == tok.encode(UNICODE[2])
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2 + 2?"}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello! 😀"}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Sort: 3, 1, 2"},
+        {"role": "assistant", "content": "Answer: 1, 2, 3"},
+        {"role": "user", "content": " नमस्ते \n"},
+        {"role": "assistant", "content": ""},
+    ],
+]
+
+
+def _ids(out):
+    return list(out["input_ids"]) if not isinstance(out, list) else out
+
+
+def test_transformers_gives_identical_ids(tok, hf):
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (0, 1, 2)
+    for text in UNICODE + list(random_strings(seed=1, n=10)):
+        assert hf(text)["input_ids"] == tok.encode(text)
+        assert hf.decode(tok.encode(text)) == text
+    for messages in CONVERSATIONS:
+        for generation_prompt in (False, True):
+            ours = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt)
+            theirs = _ids(hf.apply_chat_template(messages, add_generation_prompt=generation_prompt))
+            assert theirs == ours
+    text = hf.apply_chat_template(CONVERSATIONS[1], add_generation_prompt=True, tokenize=False)
+    assert text == "<|bos|><|user|>hi<|eos|><|assistant|>Hello! 😀<|eos|><|assistant|>"
+
+
+def test_assistant_mask_covers_assistant_content_and_eos(tok):
+    messages = CONVERSATIONS[2]
+    ids, mask = tok.render_chat(messages)
+    assert len(ids) == len(mask) and ids == tok.apply_chat_template(messages)
+    assert ids[0] == tok.bos_id and mask[0] == 0
+    # Rebuild the expected mask turn by turn: role token 0, content + <|eos|> 1 only for the assistant.
+    expected = [0]
+    for m in messages:
+        expected += [0] + [int(m["role"] == "assistant")] * (len(tok.encode(m["content"])) + 1)
+    assert mask == expected
+    learned = [i for i, keep in zip(ids, mask) if keep]
+    assert tok.decode(learned) == "Answer: 1, 2, 3<|eos|><|eos|>"
+    ids, mask = tok.render_chat(messages[:2], add_generation_prompt=True)
+    assert ids[-1] == tok.token_to_id("<|assistant|>") and sum(mask) == 0
+
+
+def test_bad_messages_are_errors(tok):
+    with pytest.raises(DaulatError, match="message 0"):
+        tok.render_chat([{"role": "tool", "content": "x"}])
+    with pytest.raises(DaulatError, match="message 1"):
+        tok.render_chat([{"role": "user", "content": "x"}, {"role": "assistant", "content": None}])
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(DaulatError, match=str(tmp_path / "tokenizer.json")):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(DaulatError, match="cannot read tokenizer .*tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+def test_vocab_size_too_small():
+    with pytest.raises(DaulatError, match="vocab size"):
+        train_tokenizer(["abc"], vocab_size=100)
+
+
+def test_cli_trains_and_reports_errors(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog " * 50)
+    (tmp_path / "bin.dat").write_bytes(b"\x00\x01")
+    out = tmp_path / "tok"
+    assert cli.main(["tokenizer", "--data", str(tmp_path / "a.txt") + ":licence=cc0", "--vocab-size", "300", "--out", str(out)]) == 0
+    tokenizer = load_tokenizer(out)
+    assert tokenizer.decode(tokenizer.encode("lazy fox")) == "lazy fox"
+    info = json.loads((out / "daulat.json").read_text())
+    assert info["data"]["files"][0]["licence"] == "cc0" and info["tokenizer_sha256"] == tokenizer.sha256
+    assert cli.main(["tokenizer", "--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "data path not found" in capsys.readouterr().err
