@@ -109,16 +109,16 @@ class Task:
     def eval_examples(self, n: int, difficulty: int | None = None) -> list[Example]:
         """The first `n` distinct examples of the held-out split: the same list on every call and machine.
 
-        Drawn from their own seed space. A task with few distinct prompts at this difficulty may give fewer.
+        Drawn from their own seed space. A task with few distinct prompts at this difficulty (one-digit
+        addition has 100) may give fewer: drawing stops after 300 draws in a row bring nothing new.
         """
         if self.fixed_eval is not None:
             return self.fixed_eval[:n]
         rng = random.Random(f"daulat-eval:{self.name}:{self._difficulty(difficulty)}")
-        examples, seen = [], set()
-        for _ in range(200 * n + 1000):
-            if len(examples) == n:
-                break
+        examples, seen, misses = [], set(), 0
+        while len(examples) < n and misses < 300:
             example = self._draw(rng, difficulty, want_eval=True)
+            misses = misses + 1 if example.prompt in seen else 0
             if example.prompt not in seen:
                 seen.add(example.prompt)
                 examples.append(example)
@@ -135,7 +135,7 @@ class Task:
 def extract_answer(completion: str) -> str | None:
     """The text after the last `Answer:` in `completion` (to the end of that line), without decoration:
     surrounding spaces, markdown bold/code, `$`, a trailing period. None if there is no such line."""
-    found = re.findall(r"answer\s*\**\s*:\s*\**([^\n]*)", completion, flags=re.IGNORECASE)
+    found = re.findall(r"\banswer\s*\**\s*:\s*\**([^\n]*)", completion, flags=re.IGNORECASE)
     if not found:
         return None
     return found[-1].strip().strip("*`$ ").rstrip(".").strip() or None
