@@ -1,11 +1,12 @@
 """Built-in tasks: checkers accept worked solutions and reject wrong answers; eval split held out; determinism."""
 
+import argparse
 import json
 import random
 
 import pytest
 
-from daulat import cli
+from daulat.data import tasks as tasks_command
 from daulat.data.tasks import (
     BUILTIN_TASKS, TASKS, Example, default_corpus, eval_examples, extract_answer, get_task, load_jsonl_task,
     register_task, task_conversations,
@@ -141,10 +142,17 @@ def test_task_conversations():
     assert conversations[0]["messages"][2]["content"].splitlines()[-1].startswith("Answer: ")
 
 
-def test_cli_lists_tasks(capsys):
-    assert cli.main(["tasks"]) == 0
+def run_command(argv):
+    parser = argparse.ArgumentParser()
+    tasks_command.add_arguments(parser)
+    return tasks_command.run(parser.parse_args(argv))
+
+
+def test_command_lists_and_shows_tasks(capsys):
+    assert run_command([]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in BUILTIN_TASKS)
-    assert cli.main(["tasks", "sorting", "-n", "2", "--eval"]) == 0
+    assert run_command(["sorting", "-n", "2", "--eval"]) == 0
     assert capsys.readouterr().out.count("Answer: ") == 2
-    assert cli.main(["tasks", "nope"]) == 2
+    with pytest.raises(DaulatError, match="unknown task"):
+        run_command(["nope"])

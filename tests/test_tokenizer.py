@@ -1,11 +1,12 @@
 """Tokenizer: exact Unicode round-trip, special tokens, chat rendering and mask, transformers parity."""
 
+import argparse
 import json
 import random
 
 import pytest
 
-from daulat import cli
+from daulat import tokenizer as tokenizer_command
 from daulat.data.tasks import default_corpus
 from daulat.errors import DaulatError
 from daulat.tokenizer import BOS, CHAT_TEMPLATE, EOS, SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
@@ -155,14 +156,21 @@ def test_vocab_size_too_small():
         train_tokenizer(["abc"], vocab_size=100)
 
 
-def test_cli_trains_and_reports_errors(tmp_path, capsys):
+def run_command(argv):
+    parser = argparse.ArgumentParser()
+    tokenizer_command.add_arguments(parser)
+    return tokenizer_command.run(parser.parse_args(argv))
+
+
+def test_command_trains_and_reports_errors(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog " * 50)
     (tmp_path / "bin.dat").write_bytes(b"\x00\x01")
     out = tmp_path / "tok"
-    assert cli.main(["tokenizer", "--data", str(tmp_path / "a.txt") + ":licence=cc0", "--vocab-size", "300", "--out", str(out)]) == 0
+    assert run_command(["--data", str(tmp_path / "a.txt") + ":licence=cc0", "--vocab-size", "300", "--out", str(out)]) == 0
     tokenizer = load_tokenizer(out)
     assert tokenizer.decode(tokenizer.encode("lazy fox")) == "lazy fox"
     info = json.loads((out / "daulat.json").read_text())
     assert info["data"]["files"][0]["licence"] == "cc0" and info["tokenizer_sha256"] == tokenizer.sha256
-    assert cli.main(["tokenizer", "--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
-    assert "data path not found" in capsys.readouterr().err
+    assert "1 files, 1 documents" in capsys.readouterr().out
+    with pytest.raises(DaulatError, match="data path not found"):
+        run_command(["--data", str(tmp_path / "missing"), "--out", str(out)])
