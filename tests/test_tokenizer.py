@@ -9,7 +9,7 @@ import pytest
 from daulat import tokenizer as tokenizer_command
 from daulat.data.tasks import default_corpus
 from daulat.errors import DaulatError
-from daulat.tokenizer import BOS, CHAT_TEMPLATE, EOS, SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tokenizer
+from daulat.tokenizer import BOS, CHAT_TEMPLATE, EOS, SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 
 UNICODE = [
     "",

@@ -53,6 +53,12 @@ class Example:
         return asdict(self)
 
 
+def in_eval_bucket(task_name: str, prompt: str) -> bool:
+    """The hash split: a prompt is held out for evaluation when sha256(task, prompt) falls in bucket 0."""
+    digest = hashlib.sha256(f"{task_name}\x00{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % EVAL_BUCKETS == 0
+
+
 @dataclass
 class Task:
     """A named task: a generator, a checker, a difficulty knob and a held-out eval split."""
@@ -69,10 +75,7 @@ class Task:
 
     def is_eval(self, prompt: str) -> bool:
         """True if `prompt` belongs to the held-out eval split of this task."""
-        if self.eval_prompts is not None:
-            return prompt in self.eval_prompts
-        digest = hashlib.sha256(f"{self.name}\x00{prompt}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") % EVAL_BUCKETS == 0
+        return prompt in self.eval_prompts if self.eval_prompts is not None else in_eval_bucket(self.name, prompt)
 
     def _difficulty(self, difficulty: int | None) -> int | None:
         if self.default_difficulty is None:
@@ -330,7 +333,6 @@ def load_jsonl_task(path: str | Path, name: str | None = None) -> Task:
     if not path.is_file():
         raise DaulatError(f"task file not found: {path}")
     name = name or path.stem
-    probe = Task(name, "", None, check_exact)  # only for its hash split
     train, evaluation = [], []
     for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
@@ -347,7 +349,7 @@ def load_jsonl_task(path: str | Path, name: str | None = None) -> Task:
         split = row.get("split")
         if split not in (None, "train", "eval"):
             raise DaulatError(f"{path}:{number}: split must be 'train' or 'eval', got {split!r}")
-        is_eval = split == "eval" if split else probe.is_eval(row["prompt"])
+        is_eval = split == "eval" if split else in_eval_bucket(name, row["prompt"])
         (evaluation if is_eval else train).append(Example(row["prompt"], answer, solution))
     if not train and not evaluation:
         raise DaulatError(f"task file {path} has no rows")
