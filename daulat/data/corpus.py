@@ -155,7 +155,7 @@ class Corpus:
         # Plain dicts from here on, so that the manifest is JSON-able as it is.
         self.manifest["skipped"], self.manifest["skipped_records"] = dict(skipped), dict(skipped_records)
         if skipped or skipped_records:
-            log.warning("%s", self.summary())
+            log.warning("daulat corpus: %s", self.summary())
         if not files:
             raise DaulatError(f"no usable documents in {', '.join(s.path for s in self.sources)} ({self.summary()})")
 
