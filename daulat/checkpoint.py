@@ -162,7 +162,7 @@ def save_model(model: DeepseekV3, path, tokenizer=None, info: dict | None = None
     tokenizer: saved beside the weights when given (anything with `.save(dir)`).
     info: JSON written as daulat.json (stage, config, data manifest, compute...).
     train_state: {"tensors": {name: Tensor}, "meta": JSON} written to train_state/ for exact resume.
-    model_card: Markdown written as README.md.
+    model_card: Markdown written as README.md (rendered from `info` when not given).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +187,10 @@ def save_model(model: DeepseekV3, path, tokenizer=None, info: dict | None = None
             tokenizer.save(tmp)
         if info is not None:
             write_json(tmp / INFO_FILE, info)
+            if model_card is None:  # every checkpoint documents itself
+                from daulat.report import model_card as render_card
+
+                model_card = render_card(model, info)
         if model_card is not None:
             (tmp / "README.md").write_text(model_card, encoding="utf-8")
         if train_state is not None:
