@@ -1,0 +1,245 @@
+"""`daulat pretrain`: next-token pretraining of an MLA + MoE model on your own files.
+
+    daulat pretrain --data docs/ notes.jsonl:licence=internal --out runs/pt --preset tiny
+    daulat pretrain --out runs/pt --preset micro --steps 200          # the built-in corpus, no download
+    daulat pretrain --out runs/pt --resume                            # after a crash or a kill
+    torchrun --nproc-per-node 8 -m daulat.cli pretrain --data ... --out runs/pt --preset small-gpu
+
+What happens, in order (each product lands in OUT once and is reused on --resume):
+
+    files --Corpus--> OUT/tokenizer/ (trained on the same data unless --tokenizer is given)
+          --write_shards--> OUT/data/ (tokens.bin, val.bin, index.json with the data manifest)
+          --Trainer--> OUT/step-NNNNNN/ ... OUT/final/, OUT/metrics.jsonl
+
+The model's vocab_size is the tokenizer's (the preset's value is the size the tokenizer is trained
+to). Every checkpoint's daulat.json holds the stage, the merged config, the data manifest, tokens
+seen, wall time, hardware and the 6 * N_active * tokens FLOPs estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+from daulat.errors import DaulatError
+from daulat.train.common import add_common_arguments, load_stage_config, prepare_output, split_overrides
+
+
+@dataclass
+class DataConfig:
+    """The [data] section: how files become token shards."""
+
+    text_field: str = "text"  # field of .jsonl/.parquet records holding the text
+    val_fraction: float = 0.01  # documents held out for validation (chosen by a hash of their text)
+    builtin_docs: int = 20000  # documents of the built-in corpus, used when no --data is given
+    builtin_seed: int = 0
+    tokenizer_docs: int = 0  # documents the tokenizer is trained on, from the start of the corpus (0: all)
+    min_frequency: int = 2  # a BPE merge needs at least this many occurrences
+
+    def __post_init__(self):
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"config field 'val_fraction' = {self.val_fraction!r}: must be in [0, 1)")
+        for name in ("builtin_docs", "tokenizer_docs", "min_frequency"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config field {name!r} = {getattr(self, name)!r}: must not be negative")
+
+
+SECTIONS = ("model", "train", "data")
+
+
+def schema() -> dict[str, type]:
+    """The config sections of this stage (imported here, not at module load: `daulat --help` stays fast)."""
+    from daulat.model import ModelConfig
+    from daulat.train.loop import TrainConfig
+
+    return {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+
+
+def next_token_objective(model, batch):
+    """Pretraining's objective: (inputs, targets) [B, T] -> model.training_loss (CE + MTP + balance)."""
+    inputs, targets = batch
+    return model.training_loss(inputs, targets)
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--data", nargs="+", metavar="PATH",
+                        help="files or folders (.txt .md .jsonl .parquet, .gz of them); PATH:licence=ID records a "
+                             "licence; default: the built-in corpus of task examples (no download)")
+    parser.add_argument("--out", required=True, help="run directory: tokenizer, shards, checkpoints, metrics")
+    parser.add_argument("--tokenizer", metavar="DIR", help="use this tokenizer instead of training one on the data")
+    add_common_arguments(parser, default_preset="tiny")
+
+
+def run(args) -> int:
+    data, moved = split_overrides(args.data, SECTIONS)
+    config = load_stage_config(schema(), args, extra_overrides=moved)
+    if args.print_config:
+        from daulat.config import to_toml
+
+        print(to_toml(config), end="")
+        return 0
+    pretrain(config, args.out, data=data or None, tokenizer=args.tokenizer, resume=args.resume)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage
+# ------------------------------------------------------------------------------------------------
+
+
+def pretrain(config: dict, out, data: list[str] | None = None, tokenizer=None, resume: bool = False,
+             verbose: bool = True) -> dict:
+    """Run (or resume) pretraining; returns the loop's summary plus the output path.
+
+    config: {"model": ModelConfig, "train": TrainConfig, "data": DataConfig} (see `load_stage_config`).
+    data: files/folders (None: the built-in corpus). tokenizer: a tokenizer directory (None: train one).
+    """
+    import torch
+
+    from daulat.config import to_dict
+    from daulat.data.shards import BatchSampler, eval_batches, load_shards
+    from daulat.model import DeepseekV3
+    from daulat.tokenizer import load_tokenizer
+    from daulat.train.loop import Trainer, init_distributed, latest_checkpoint, run_on_main
+
+    train_cfg, data_cfg = config["train"], config["data"]
+    if train_cfg.seq_len > config["model"].max_position_embeddings:
+        raise DaulatError(f"config train.seq_len = {train_cfg.seq_len} exceeds model.max_position_embeddings "
+                          f"= {config['model'].max_position_embeddings}")
+    d = init_distributed(train_cfg.device)
+    say = print if (verbose and d.is_main) else (lambda *a, **k: None)
+
+    # Check every input before writing anything.
+    corpus = None
+    if data:
+        from daulat.data.corpus import Corpus
+
+        corpus = Corpus(data, text_field=data_cfg.text_field)
+    given = load_tokenizer(tokenizer) if tokenizer is not None else None
+    out = Path(run_on_main(d, lambda: prepare_output(out, resume)) or out)
+    resume_from = latest_checkpoint(out) if resume else None
+    if resume and resume_from is None:
+        say(f"no checkpoint in {out} yet: starting from the beginning")
+
+    start = time.time()
+    run_on_main(d, lambda: _prepare_data(out, config, corpus, given, resume, say))
+    tok = load_tokenizer(out / "tokenizer")
+    shards = load_shards(out / "data", tok)
+    if d.is_main and time.time() - start > 1:
+        say(f"data ready in {time.time() - start:.1f}s")
+
+    config = dict(config)
+    config["model"] = dataclasses.replace(config["model"], vocab_size=tok.vocab_size)
+    torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
+    model = DeepseekV3(config["model"])
+    batches = BatchSampler(shards.train, train_cfg.micro_batch_size, train_cfg.seq_len, seed=train_cfg.seed,
+                           rank=d.rank, world_size=d.world_size)
+    val_batches = None
+    if len(shards.val) > train_cfg.seq_len:
+        def val_batches():
+            return eval_batches(shards.val, train_cfg.micro_batch_size, train_cfg.seq_len,
+                                train_cfg.eval_batches, rank=d.rank, world_size=d.world_size)
+    else:
+        say(f"the validation split holds {len(shards.val)} tokens, fewer than one sequence: no validation loss")
+
+    splits = shards.index["splits"]
+    info = {"stage": "pretrain", "config": to_dict(config), "data": shards.index.get("manifest"),
+            "data_tokens": {"train": splits["train"]["tokens"], "val": splits["val"]["tokens"]},
+            "tokenizer_sha256": tok.sha256,
+            "parameters": model.num_parameters(), "active_parameters_per_token": model.num_parameters(active=True)}
+    say(f"model: {model.num_parameters():,} parameters, {model.num_parameters(active=True):,} active per token, "
+        f"vocab {tok.vocab_size}; data: {splits['train']['tokens']:,} train + {splits['val']['tokens']:,} val tokens; "
+        f"{train_cfg.batch_size} x {train_cfg.seq_len} tokens per step on {d.world_size} x {d.device.type}")
+    trainer = Trainer(model, train_cfg, next_token_objective, batches, out, val_batches=val_batches,
+                      tokenizer=tok, info=info, resume_from=resume_from, dist=d)
+    if resume_from is not None:
+        say(f"resuming from {resume_from} (step {trainer.step})")
+    summary = trainer.fit()
+    val = f", val_loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
+    loss = f"loss {summary['loss']:.4f}" if summary["loss"] is not None else "no steps run"
+    say(f"pretrained {summary['step']} steps, {summary['tokens']:,} tokens in {summary['wall_time_s']:.0f}s: "
+        f"{loss}{val} -> {out / 'final'}")
+    summary["out"] = str(out)
+    return summary
+
+
+def _prepare_data(out: Path, config: dict, corpus, given, resume: bool, say) -> None:
+    """OUT/tokenizer/ and OUT/data/, each built once (reused when resuming), each renamed into place whole."""
+    from daulat.data.shards import load_shards, write_shards
+    from daulat.tokenizer import load_tokenizer, train_tokenizer
+
+    data_cfg = config["data"]
+    tok_dir, data_dir = out / "tokenizer", out / "data"
+
+    def documents():
+        if corpus is not None:
+            return iter(corpus), corpus.manifest
+        from daulat.data.tasks import default_corpus
+
+        manifest = {"builtin": "daulat.data.tasks.default_corpus", "documents": data_cfg.builtin_docs,
+                    "seed": data_cfg.builtin_seed, "licence": "generated by daulat (Apache-2.0)"}
+        return default_corpus(data_cfg.builtin_docs, seed=data_cfg.builtin_seed), manifest
+
+    if resume and (tok_dir / "tokenizer.json").is_file():
+        tok = load_tokenizer(tok_dir)
+        if given is not None and given.sha256 != tok.sha256:
+            raise DaulatError(f"--tokenizer differs from the one this run was started with ({tok_dir})")
+    else:
+        if given is not None:
+            tok = given
+        else:
+            docs, _ = documents()
+            if data_cfg.tokenizer_docs:
+                docs = islice(docs, data_cfg.tokenizer_docs)
+            t = time.time()
+            tok = train_tokenizer(docs, config["model"].vocab_size, min_frequency=data_cfg.min_frequency,
+                                  model_max_length=config["model"].max_position_embeddings)
+            say(f"trained a {tok.vocab_size}-token BPE tokenizer in {time.time() - t:.1f}s")
+        _save_dir_atomically(tok_dir, tok.save)
+
+    if resume and (data_dir / "index.json").is_file():
+        index = load_shards(data_dir, tok).index
+        _check_same_sources(index.get("manifest") or {}, corpus, data_cfg)
+        return
+    docs, manifest = documents()
+    t = time.time()
+    index = write_shards(docs, tok, data_dir, val_fraction=data_cfg.val_fraction, manifest=manifest)
+    say(f"tokenized {index['splits']['train']['documents'] + index['splits']['val']['documents']:,} documents into "
+        f"{index['splits']['train']['tokens']:,} train + {index['splits']['val']['tokens']:,} val tokens in {time.time() - t:.1f}s")
+
+
+def _save_dir_atomically(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_same_sources(manifest: dict, corpus, data_cfg: DataConfig) -> None:
+    """On resume the shards are reused: the data named now must be the data they were made from."""
+    if corpus is None:
+        same = manifest.get("builtin") is not None and manifest.get("documents") == data_cfg.builtin_docs \
+            and manifest.get("seed") == data_cfg.builtin_seed
+        then = "the built-in corpus" if manifest.get("builtin") else "--data " + " ".join(s["path"] for s in manifest.get("sources", []))
+    else:
+        paths = [s.path for s in corpus.sources]
+        same = [s.get("path") for s in manifest.get("sources", [])] == paths
+        then = "the built-in corpus" if manifest.get("builtin") else "--data " + " ".join(s["path"] for s in manifest.get("sources", []))
+    if not same:
+        raise DaulatError(f"cannot resume: this run's token shards were made from {then}; give the same data")
