@@ -1,0 +1,481 @@
+"""`daulat export`: ship a checkpoint to llama.cpp (GGUF) or as a clean transformers directory.
+
+    daulat export runs/chat --format gguf --dtype q8_0 --out chat-q8_0.gguf   # llama.cpp, ollama, LM Studio...
+    daulat export runs/chat --format hf --out chat-hf                         # transformers, vLLM
+
+GGUF is written with the `gguf` package as llama.cpp's `deepseek2` architecture (its name for
+DeepSeek-V2/V3), with every key its loader reads, including those its own converter leaves out for
+small custom models. What llama.cpp expects, and what this module does about it:
+
+  * MLA in its absorbed form: kv_b_proj [H*(n+v), c] is split per head into attn_k_b [H, c, n]
+    (transposed) and attn_v_b [H, v, c]; the cache holds c + r numbers per token, as in daulat.
+  * RoPE on adjacent pairs (ggml's "normal" mode) = DeepSeek's interleaved pairs, so weights go as they
+    are; a checkpoint with rope_interleave=false (NeoX halves) has its RoPE rows permuted into pairs.
+  * YaRN: llama.cpp rebuilds the frequencies from factor / original context / beta 32,1 and scales
+    attention by mscale_all_dim (rope.scaling.yarn_log_multiplier); YaRN's factor on cos/sin (which
+    transformers takes from mscale / mscale_all_dim / attention_factor) is folded into the RoPE rows of
+    the query and key projections, and llama.cpp's own is cancelled with rope.scaling.attn_factor.
+  * DeepSeekMoE: experts stacked into 3-D tensors, sigmoid gating, the correction bias exp_probs_b,
+    group-limited routing (expert_group_count / expert_group_used_count). llama.cpp always runs a shared
+    expert, so a model without one gets a zero shared expert, which adds exactly 0.
+  * The tokenizer: byte-level BPE ("gpt2") whose pre-tokenizer is llama.cpp's "smollm" (each digit
+    alone, then GPT-2's regex: exactly daulat's), special tokens as CONTROL, add_bos_token=true (daulat
+    starts every document with <|bos|>; llama.cpp drops the chat template's own leading <|bos|>), and
+    the chat template.
+
+Verified against llama.cpp 0c1e57098 (as bundled in llama-cpp-python 0.3.36) by tests/test_llama_cpp.py.
+A configuration llama.cpp cannot compute exactly is refused with one line naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from daulat.errors import DaulatError
+
+LLAMA_CPP_VERIFIED = "llama.cpp 0c1e57098 (llama-cpp-python 0.3.36)"
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+HF_DTYPES = ("f32", "f16", "bf16")
+GGUF_PRE_TOKENIZER = "smollm"  # llama.cpp's name for: split off each digit, then GPT-2's byte-level regex
+# llama.cpp's deepseek2 loader takes these layer counts for DeepSeek-V2-Lite-like models and then never
+# reads q_lora_rank (src/models/deepseek2.cpp, `is_lite`)
+_LITE_LAYER_COUNTS = (26, 27)
+
+
+# ------------------------------------------------------------------------------------------------
+# What llama.cpp can represent
+# ------------------------------------------------------------------------------------------------
+
+
+def check_llama_cpp(config) -> None:
+    """Raise a DaulatError naming the first config field llama.cpp's deepseek2 cannot compute exactly."""
+
+    def refuse(field: str, value, why: str):
+        raise DaulatError(f"cannot export to GGUF: config field {field!r} = {value!r}: {why}")
+
+    if config.attention_bias:
+        refuse("attention_bias", True, "llama.cpp's deepseek2 has no attention biases")
+    if config.hidden_act != "silu":
+        refuse("hidden_act", config.hidden_act, "llama.cpp's deepseek2 uses SiLU (SwiGLU) only")
+    if config.qk_nope_head_dim < 1:
+        refuse("qk_nope_head_dim", config.qk_nope_head_dim, "llama.cpp's MLA needs at least 1")
+    if abs(config.rms_norm_eps - 1e-6) > 1e-12:
+        refuse("rms_norm_eps", config.rms_norm_eps, "llama.cpp applies it to the q_a/kv_a latent norms too, "
+               "which transformers and daulat fix at 1e-6; only 1e-6 exports exactly")
+    if config.num_hidden_layers > 512:
+        refuse("num_hidden_layers", config.num_hidden_layers, "llama.cpp takes at most 512 layers")
+    lite = config.num_hidden_layers in _LITE_LAYER_COUNTS or (config.num_hidden_layers == 48 and config.vocab_size == 128256)
+    if config.q_lora_rank is not None and lite:
+        refuse("q_lora_rank", config.q_lora_rank, f"llama.cpp takes a {config.num_hidden_layers}-layer deepseek2 "
+               "for DeepSeek-V2-Lite and ignores the low-rank query; use another layer count or no q_lora_rank")
+    if _has_moe(config) and config.n_routed_experts > 1024:
+        refuse("n_routed_experts", config.n_routed_experts, "llama.cpp takes at most 1024 experts")
+    ys = config.rope_scaling
+    if ys is not None:
+        if ys.get("truncate", True) is False:
+            refuse("rope_scaling.truncate", False, "llama.cpp always rounds YaRN's correction range (truncate=true)")
+        # llama.cpp's deepseek2 does not read yarn_beta_fast/slow from GGUF: it always uses 32 and 1
+        for key, default in (("beta_fast", 32), ("beta_slow", 1)):
+            value = ys.get(key)
+            if value is not None and float(value) != default:
+                refuse(f"rope_scaling.{key}", value, f"llama.cpp's deepseek2 always uses {default}")
+
+
+def _has_moe(config) -> bool:
+    return config.first_k_dense_replace < config.num_hidden_layers
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensors: daulat's modules -> llama.cpp's names and layouts (numpy arrays, float32)
+# ------------------------------------------------------------------------------------------------
+
+
+def _rope_rows(weight, n_groups: int, skip: int, rope: int, factor: float, interleave: bool):
+    """weight [n_groups*(skip+rope), in]: in each group, the last `rope` rows feed RoPE. Scale them by
+    YaRN's cos/sin factor (RoPE is linear, so this equals scaling cos and sin) and, for NeoX-style
+    halves (i, i+r/2), reorder them into the adjacent pairs (2i, 2i+1) that llama.cpp rotates."""
+    import torch
+
+    w = weight.detach().float().reshape(n_groups, skip + rope, -1).clone()
+    pe = w[:, skip:] * factor
+    if not interleave:
+        half = rope // 2
+        order = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
+        pe = pe[:, order]
+    w[:, skip:] = pe
+    return w.reshape(weight.shape)
+
+
+def gguf_tensors(model):
+    """Yield (gguf name, float32 numpy array in PyTorch [out, in] order) for every tensor llama.cpp loads."""
+    import torch
+
+    config = model.config
+    H, n, r, v, c = (config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
+                     config.v_head_dim, config.kv_lora_rank)
+    cos_factor = float(model.rope_attention_factor)
+
+    def arr(t):
+        return t.detach().float().contiguous().numpy()
+
+    yield "token_embd.weight", arr(model.embed_tokens.weight)
+    for i, layer in enumerate(model.layers):
+        blk = f"blk.{i}."
+        attn = layer.self_attn
+        yield blk + "attn_norm.weight", arr(layer.input_layernorm.weight)
+        if hasattr(attn, "q_proj"):
+            yield blk + "attn_q.weight", arr(_rope_rows(attn.q_proj.weight, H, n, r, cos_factor, config.rope_interleave))
+        else:
+            yield blk + "attn_q_a.weight", arr(attn.q_a_proj.weight)
+            yield blk + "attn_q_a_norm.weight", arr(attn.q_a_layernorm.weight)
+            yield blk + "attn_q_b.weight", arr(_rope_rows(attn.q_b_proj.weight, H, n, r, cos_factor, config.rope_interleave))
+        yield blk + "attn_kv_a_mqa.weight", arr(_rope_rows(attn.kv_a_proj_with_mqa.weight, 1, c, r, cos_factor,
+                                                           config.rope_interleave))
+        yield blk + "attn_kv_a_norm.weight", arr(attn.kv_a_layernorm.weight)
+        kv_b = attn.kv_b_proj.weight.detach().float().reshape(H, n + v, c)
+        k_b, v_b = kv_b.split([n, v], dim=1)
+        yield blk + "attn_k_b.weight", arr(k_b.transpose(1, 2))  # [H, c, n]: ggml {n, c, H}
+        yield blk + "attn_v_b.weight", arr(v_b)  # [H, v, c]: ggml {c, v, H}
+        yield blk + "attn_output.weight", arr(attn.o_proj.weight)
+        yield blk + "ffn_norm.weight", arr(layer.post_attention_layernorm.weight)
+        mlp = layer.mlp
+        if not config.is_moe_layer(i):
+            yield blk + "ffn_gate.weight", arr(mlp.gate_proj.weight)
+            yield blk + "ffn_up.weight", arr(mlp.up_proj.weight)
+            yield blk + "ffn_down.weight", arr(mlp.down_proj.weight)
+            continue
+        yield blk + "ffn_gate_inp.weight", arr(mlp.gate.weight)
+        yield blk + "exp_probs_b.bias", arr(mlp.gate.e_score_correction_bias)
+        gate, up = mlp.gate_up_proj.detach().chunk(2, dim=1)  # [E, I, D] each
+        yield blk + "ffn_gate_exps.weight", arr(gate)
+        yield blk + "ffn_up_exps.weight", arr(up)
+        yield blk + "ffn_down_exps.weight", arr(mlp.down_proj)  # [E, D, I]
+        if mlp.shared_experts is not None:
+            shared = mlp.shared_experts
+            yield blk + "ffn_gate_shexp.weight", arr(shared.gate_proj.weight)
+            yield blk + "ffn_up_shexp.weight", arr(shared.up_proj.weight)
+            yield blk + "ffn_down_shexp.weight", arr(shared.down_proj.weight)
+        else:  # llama.cpp always adds a shared expert: a zero one adds exactly 0
+            I, D = config.moe_intermediate_size, config.hidden_size
+            yield blk + "ffn_gate_shexp.weight", torch.zeros(I, D).numpy()
+            yield blk + "ffn_up_shexp.weight", torch.zeros(I, D).numpy()
+            yield blk + "ffn_down_shexp.weight", torch.zeros(D, I).numpy()
+    yield "output_norm.weight", arr(model.norm.weight)
+    if not config.tie_word_embeddings:  # llama.cpp reuses token_embd when output is absent
+        yield "output.weight", arr(model.lm_head.weight)
+
+
+def _tensor_type(name: str, array, dtype: str):
+    """llama.cpp keeps norms, biases, 1-D tensors and the router in float32 whatever the file type."""
+    from gguf import GGMLQuantizationType as Q
+
+    if array.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or ".ffn_gate_inp." in name:
+        return Q.F32
+    return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype]
+
+
+# ------------------------------------------------------------------------------------------------
+# Metadata
+# ------------------------------------------------------------------------------------------------
+
+
+def _yarn_keys(config) -> dict:
+    """rope.scaling.* values that make llama.cpp's YaRN equal transformers' (see the module docstring)."""
+    import math
+
+    ys = config.rope_scaling
+    factor = float(ys["factor"])
+    keys = {"type": "yarn", "factor": factor, "original_context_length": int(ys["original_max_position_embeddings"])}
+    mscale_all_dim = ys.get("mscale_all_dim")
+    if mscale_all_dim and factor > 1:
+        # llama.cpp: softmax scale *= (0.1*m*ln(factor) + 1)^2 with m = this key / 0.1; cos/sin factor 1
+        keys["yarn_log_multiplier"] = 0.1 * float(mscale_all_dim)
+    elif factor > 1:
+        # without the key llama.cpp multiplies cos/sin AND the softmax scale by 0.1*ln(factor) + 1:
+        # attn_factor cancels both (transformers' cos/sin factor is folded into the weights)
+        keys["attn_factor"] = 1.0 / (0.1 * math.log(factor) + 1.0)
+    return keys
+
+
+def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
+    """The tokenizer as llama.cpp reads it: tokens (padded to the model's vocab), token types, merges,
+    special ids. A tokenizer llama.cpp would split differently is a DaulatError naming the field."""
+    import gguf
+
+    spec = json.loads(tokenizer.tokenizer.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise DaulatError(f"cannot export to GGUF: tokenizer model {model.get('type')!r}: only byte-level BPE is supported")
+    for key, ok in (("dropout", None), ("unk_token", None), ("continuing_subword_prefix", None),
+                    ("end_of_word_suffix", None), ("byte_fallback", False), ("ignore_merges", False)):
+        if model.get(key, ok) not in (ok, "") and not (key == "dropout" and model.get(key) == 0):
+            raise DaulatError(f"cannot export to GGUF: tokenizer model.{key} = {model.get(key)!r}: llama.cpp's BPE has no such option")
+    if spec.get("normalizer") is not None:
+        raise DaulatError(f"cannot export to GGUF: tokenizer normalizer {spec['normalizer'].get('type')!r}: "
+                          "llama.cpp's byte-level BPE does not normalize")
+    if _pre_tokenizer_signature(spec.get("pre_tokenizer")) != ["digits", "bytelevel"]:
+        raise DaulatError("cannot export to GGUF: tokenizer pre_tokenizer differs from daulat's (each digit alone, "
+                          "then byte-level GPT-2 regex without prefix space), so llama.cpp would split text differently")
+
+    id_to_token = {i: t for t, i in model.get("vocab", {}).items()}
+    special, user_defined = set(), set()
+    for added in spec.get("added_tokens", []):
+        id_to_token[added["id"]] = added["content"]
+        (special if added.get("special") else user_defined).add(added["id"])
+    if max(id_to_token) >= vocab_size:
+        raise DaulatError(f"cannot export to GGUF: the tokenizer has id {max(id_to_token)} but the model's "
+                          f"vocab_size is {vocab_size}")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in id_to_token:  # embedding rows no token uses (vocab padded for speed)
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(id_to_token[i])
+            types.append(gguf.TokenType.CONTROL if i in special else
+                         gguf.TokenType.USER_DEFINED if i in user_defined else gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {"tokens": tokens, "types": types, "merges": merges,
+            "bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
+
+
+def _pre_tokenizer_signature(pre) -> list[str]:
+    """Reduce a tokenizers pre_tokenizer spec to the steps llama.cpp can mirror ('?' for anything else)."""
+    if pre is None:
+        return []
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    out = []
+    for step in steps:
+        kind = step.get("type")
+        if kind == "Split" and step.get("pattern") == {"Regex": r"\p{N}"} and step.get("behavior") == "Isolated" \
+                and not step.get("invert"):
+            out.append("digits")
+        elif kind == "ByteLevel" and not step.get("add_prefix_space") and step.get("use_regex", True):
+            out.append("bytelevel")
+        else:
+            out.append("?")
+    return out
+
+
+def _chat_template(checkpoint: Path) -> str | None:
+    """The chat template saved with the tokenizer (tokenizer_config.json or chat_template.jinja)."""
+    file = checkpoint / "chat_template.jinja"
+    if file.is_file():
+        return file.read_text(encoding="utf-8")
+    config = checkpoint / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(template, str):
+            return template
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Writers
+# ------------------------------------------------------------------------------------------------
+
+
+def write_gguf(model, tokenizer, path, dtype: str = "f32", name: str = "daulat", chat_template: str | None = None) -> dict:
+    """Write `model` + `tokenizer` as a llama.cpp deepseek2 GGUF file at `path`, atomically.
+    Returns {"tensors": count, "bytes": file size, "types": {gguf type name: count}}."""
+    import gguf
+
+    config = model.config
+    check_llama_cpp(config)
+    if dtype not in GGUF_DTYPES:
+        raise DaulatError(f"unknown GGUF dtype {dtype!r} (choose from {', '.join(GGUF_DTYPES)})")
+    vocab = tokenizer_metadata(tokenizer, config.vocab_size)
+    path = Path(path)
+    if path.is_dir():
+        raise DaulatError(f"--out {path} is a directory: give a file name such as model.gguf")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    cos_factor = float(model.rope_attention_factor)
+    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2])
+    try:
+        # -- general
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name)
+        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        # -- shapes
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        # -- MLA: llama.cpp runs it as MQA over the latent: one KV head of c + r (keys) and c (values)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(1)
+        writer.add_q_lora_rank(config.q_lora_rank or 0)
+        writer.add_kv_lora_rank(config.kv_lora_rank)
+        writer.add_key_length(config.kv_lora_rank + config.qk_rope_head_dim)
+        writer.add_value_length(config.kv_lora_rank)
+        writer.add_key_length_mla(config.qk_nope_head_dim + config.qk_rope_head_dim)
+        writer.add_value_length_mla(config.v_head_dim)
+        # -- RoPE
+        writer.add_rope_dimension_count(config.qk_rope_head_dim)
+        writer.add_rope_freq_base(config.rope_theta)
+        if config.rope_scaling is None:
+            writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+        else:
+            yarn = _yarn_keys(config)
+            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            writer.add_rope_scaling_factor(yarn["factor"])
+            writer.add_rope_scaling_orig_ctx_len(yarn["original_context_length"])
+            if "yarn_log_multiplier" in yarn:
+                writer.add_rope_scaling_yarn_log_mul(yarn["yarn_log_multiplier"])
+            if "attn_factor" in yarn:
+                writer.add_rope_scaling_attn_factors(yarn["attn_factor"])
+        # -- DeepSeekMoE
+        writer.add_leading_dense_block_count(min(config.first_k_dense_replace, config.num_hidden_layers))
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        if _has_moe(config):
+            writer.add_expert_count(config.n_routed_experts)
+            writer.add_expert_used_count(config.num_experts_per_tok)
+            writer.add_expert_shared_count(max(config.n_shared_experts, 1))  # see gguf_tensors
+            writer.add_expert_weights_scale(config.routed_scaling_factor)
+            writer.add_expert_weights_norm(bool(config.norm_topk_prob))
+            writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+            # llama.cpp requires used < count when count > 1; topk_group == n_group limits nothing
+            limited = config.topk_group < config.n_group
+            writer.add_expert_group_count(config.n_group if limited else 1)
+            writer.add_expert_group_used_count(config.topk_group if limited else 1)
+        else:  # every layer dense
+            writer.add_expert_count(0)
+            writer.add_expert_used_count(0)
+            writer.add_expert_shared_count(0)
+        # -- tokenizer
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(GGUF_PRE_TOKENIZER)
+        writer.add_token_list(vocab["tokens"])
+        writer.add_token_types(vocab["types"])
+        writer.add_token_merges(vocab["merges"])
+        writer.add_bos_token_id(vocab["bos"])
+        writer.add_eos_token_id(vocab["eos"])
+        writer.add_pad_token_id(vocab["pad"])
+        writer.add_add_bos_token(True)
+        writer.add_add_eos_token(False)
+        if chat_template:
+            writer.add_chat_template(chat_template)
+        # -- tensors
+        types: dict[str, int] = {}
+        count = 0
+        for tensor_name, array in gguf_tensors(model):
+            qtype = _tensor_type(tensor_name, array, dtype)
+            try:
+                data = gguf.quants.quantize(array, qtype)
+            except gguf.QuantError:  # rows not a multiple of the block size: llama.cpp's converter uses f16
+                qtype = gguf.GGMLQuantizationType.F16
+                data = gguf.quants.quantize(array, qtype)
+            writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+            types[qtype.name] = types.get(qtype.name, 0) + 1
+            count += 1
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"tensors": count, "bytes": path.stat().st_size, "types": types}
+
+
+def export_hf(checkpoint, out, dtype: str | None = None) -> Path:
+    """Write a clean transformers directory: weights, config, tokenizer, model card and daulat.json;
+    no train_state/ and no MTP weights."""
+    import torch
+
+    from daulat.checkpoint import load_info, load_model, save_model
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.resolve() == checkpoint.resolve():
+        raise DaulatError(f"--out {out} is the checkpoint itself: export to another directory")
+    if dtype is not None and dtype not in HF_DTYPES:
+        raise DaulatError(f"--format hf takes --dtype {'|'.join(HF_DTYPES)}, not {dtype!r} (q8_0 is a GGUF type)")
+    model = load_model(checkpoint)
+    dropped = []
+    if len(model.mtp):
+        dropped.append(f"{len(model.mtp)} MTP module(s)")
+        model.mtp = torch.nn.ModuleList()
+        model.config.num_nextn_predict_layers = 0
+    if (checkpoint / "train_state").is_dir():
+        dropped.append("train_state/")
+    dtype = dtype or _stored_dtype(checkpoint)
+    torch_dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    model.to(torch_dtype)
+    for moe in model.moe_layers():  # selection bias: tiny steps of gamma, kept in float32 as DeepSeek ships it
+        moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias.float()
+    tokenizer = _tokenizer_or_none(checkpoint)
+    info = dict(load_info(checkpoint))
+    info["export"] = {"format": "hf", "dtype": dtype, "source": checkpoint.name, "dropped": dropped}
+    card = checkpoint / "README.md"
+    save_model(model, out, tokenizer=tokenizer, info=info,
+               model_card=card.read_text(encoding="utf-8") if card.is_file() else None)
+    return out
+
+
+def export_gguf(checkpoint, out, dtype: str | None = None) -> dict:
+    from daulat.checkpoint import load_config, load_model
+
+    checkpoint = Path(checkpoint)
+    check_llama_cpp(load_config(checkpoint))  # before reading any weights
+    tokenizer = _tokenizer_or_none(checkpoint)
+    if tokenizer is None:
+        raise DaulatError(f"checkpoint {checkpoint} has no tokenizer.json: a GGUF file carries its tokenizer")
+    model = load_model(checkpoint)
+    return write_gguf(model, tokenizer, out, dtype or _stored_dtype(checkpoint), name=checkpoint.resolve().name,
+                      chat_template=_chat_template(checkpoint))
+
+
+def _tokenizer_or_none(checkpoint: Path):
+    from daulat.tokenizer import load_tokenizer
+
+    return load_tokenizer(checkpoint) if (checkpoint / "tokenizer.json").is_file() else None
+
+
+def _stored_dtype(checkpoint: Path) -> str:
+    """The checkpoint's own precision (config.json "dtype"): f32 for what daulat trains."""
+    from daulat.checkpoint import read_json
+
+    config = read_json(checkpoint / "config.json")
+    stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return {"float16": "f16", "bfloat16": "bf16"}.get(stored, "f32")
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (daulat's or transformers' deepseek_v3)")
+    parser.add_argument("--format", required=True, choices=["gguf", "hf"],
+                        help="gguf: one file for llama.cpp and the tools built on it; hf: a transformers directory")
+    parser.add_argument("--dtype", choices=GGUF_DTYPES,
+                        help="weight precision (default: the checkpoint's own, f32 for daulat's); q8_0 is GGUF only; "
+                             "norms, biases and the router stay f32")
+    parser.add_argument("--out", required=True, help="the .gguf file (gguf) or directory (hf) to write")
+
+
+def run(args) -> int:
+    start = time.time()
+    if args.format == "hf":
+        out = export_hf(args.checkpoint, args.out, args.dtype)
+        print(f"wrote {out}: transformers deepseek_v3 directory ({args.dtype or _stored_dtype(Path(args.checkpoint))}, "
+              f"no train_state/ or MTP weights) in {time.time() - start:.1f}s")
+        return 0
+    stats = export_gguf(args.checkpoint, args.out, args.dtype)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(stats["types"].items()))
+    print(f"wrote {args.out}: GGUF deepseek2 for llama.cpp, {stats['tensors']} tensors ({types}), "
+          f"{stats['bytes'] / 2**20:.1f} MiB in {time.time() - start:.1f}s")
+    return 0
