@@ -80,7 +80,7 @@ class TrainConfig:
     bias_update_speed: float | None = None  # gamma of aux-loss-free balancing; unset: the model's own
     log_every: int = 10  # steps between metrics lines
     eval_every: int = 100  # steps between validations (0: only at the end)
-    eval_batches: int = 20  # validation micro-batches (0: no validation)
+    eval_batches: int = 20  # validation batches of batch_size sequences each (0: no validation)
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     keep_last: int = 2  # step checkpoints kept (0: all)
     seed: int = 0

@@ -145,10 +145,15 @@ def pretrain(config: dict, out, data: list[str] | None = None, tokenizer=None, r
     batches = BatchSampler(shards.train, train_cfg.micro_batch_size, train_cfg.seq_len, seed=train_cfg.seed,
                            rank=d.rank, world_size=d.world_size)
     val_batches = None
-    if len(shards.val) > train_cfg.seq_len:
+    val_windows = (len(shards.val) - 1) // train_cfg.seq_len
+    if val_windows >= 1:
+        # The same validation sequences whatever the number of ranks and micro-batches: whole global
+        # batches of the split's first windows (one, padded, when the split is smaller than that)
+        n_micro = max(1, min(train_cfg.eval_batches, val_windows // train_cfg.batch_size)) * train_cfg.grad_accum
+
         def val_batches():
-            return eval_batches(shards.val, train_cfg.micro_batch_size, train_cfg.seq_len,
-                                train_cfg.eval_batches, rank=d.rank, world_size=d.world_size)
+            return eval_batches(shards.val, train_cfg.micro_batch_size, train_cfg.seq_len, n_micro,
+                                rank=d.rank, world_size=d.world_size)
     else:
         say(f"the validation split holds {len(shards.val)} tokens, fewer than one sequence: no validation loss")
 
