@@ -95,3 +95,16 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+API_KEY = "test-key-0123456789"
+
+
+@pytest.fixture(scope="session")
+def server(checkpoint, request) -> Server:
+    """One `daulat serve` (API key API_KEY, one CPU thread) shared by the server and web tests."""
+    if "server" not in _BUILT:
+        _BUILT["server"] = Server(checkpoint, "--api-key", "other-key", API_KEY, "--threads", "1",
+                                  "--max-num-seqs", "64", "--max-tokens", "256", "--served-model-name", "micro")
+        request.addfinalizer(_BUILT["server"].stop)
+    return _BUILT["server"]

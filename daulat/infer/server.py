@@ -403,7 +403,8 @@ def create_app(state: ServerState, loader=None):
         if state.engine is None:
             status = "failed" if state.load_error else "loading"
             return JSONResponse({"status": status, "model": state.model_name}, status_code=503)
-        return {"status": "ok", "model": state.model_name, "running": state.in_flight}
+        return {"status": "ok", "model": state.model_name, "requests_in_flight": state.in_flight,
+                "engine": dict(state.engine.stats)}
 
     def model_card():
         engine = state.engine

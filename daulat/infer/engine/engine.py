@@ -66,6 +66,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._requests: dict[int, Request] = {}  # unfinished, by id (owned by the stepping thread)
+        # counters since start-up: prefill/decode steps, prompt and generated tokens, the largest decode batch
+        self.stats = {"prefills": 0, "decode_steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "peak_batch": 0}
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dtype: torch.dtype | None = None, **kwargs) -> "Engine":
@@ -229,6 +231,8 @@ class Engine:
 
     def _prefill(self, admitted: list[Request], deltas) -> None:
         logits = self.runner.prefill([r.prompt_token_ids for r in admitted], [r.sequences[0].slot for r in admitted])
+        self.stats["prefills"] += 1
+        self.stats["prompt_tokens"] += sum(len(r.prompt_token_ids) for r in admitted)
         rows, sequences = [], []
         for row, request in enumerate(admitted):
             first, *others = request.sequences
@@ -240,10 +244,13 @@ class Engine:
     def _decode(self, running: list[Sequence], deltas) -> None:
         logits = self.runner.decode([s.token_ids[-1] for s in running], [s.last_position for s in running],
                                     [s.slot for s in running])
+        self.stats["decode_steps"] += 1
+        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(running))
         self._sample(logits, running, deltas)
 
     def _sample(self, logits: torch.Tensor, sequences: list[Sequence], deltas) -> None:
         out = sample(logits, [s.params for s in sequences], [s.generator for s in sequences])
+        self.stats["generated_tokens"] += len(sequences)
         for i, seq in enumerate(sequences):
             delta = seq.append(out.token_ids[i], out.logprobs[i], out.top_logprobs[i], self.max_model_len)
             deltas[seq.request].append(delta)
