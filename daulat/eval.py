@@ -49,23 +49,29 @@ def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> list[int]:
 
 @torch.no_grad()
 def perplexity(model, tokens, seq_len: int, batch_size: int = 8, max_tokens: int | None = None) -> dict:
-    """Mean next-token cross-entropy (nats) and perplexity of `model` over consecutive windows of a 1-D
-    token array (at most `max_tokens` predicted tokens)."""
-    from daulat.data.shards import eval_batches
+    """Mean next-token cross-entropy (nats) and perplexity of `model` over consecutive, non-overlapping
+    windows of a 1-D token array (each predicted token counted once; at most `max_tokens` of them)."""
+    import numpy as np
 
-    max_batches = None if max_tokens is None else max(1, -(-max_tokens // (batch_size * seq_len)))
-    total, count = 0.0, 0
+    n_windows = (len(tokens) - 1) // seq_len
+    if max_tokens is not None:
+        n_windows = min(n_windows, max(1, max_tokens // seq_len))
+    if n_windows < 1:
+        raise DaulatError(f"the text set has fewer than {seq_len + 1} tokens: nothing to measure perplexity on")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    for inputs, targets in eval_batches(tokens, batch_size, seq_len, max_batches=max_batches):
-        logits = model(inputs.to(device)).float()
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(),
-                                                   reduction="sum").item()
-        count += targets.numel()
-    model.train(was_training)
-    if count == 0:
-        raise DaulatError(f"the text set has fewer than {seq_len + 1} tokens: nothing to measure perplexity on")
+    total, count = 0.0, 0
+    try:
+        for first in range(0, n_windows, batch_size):
+            starts = range(first * seq_len, min(first + batch_size, n_windows) * seq_len, seq_len)
+            windows = torch.from_numpy(np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts]))
+            logits = model(windows[:, :-1].to(device)).float()
+            targets = windows[:, 1:].to(device)
+            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+            count += targets.numel()
+    finally:
+        model.train(was_training)
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 

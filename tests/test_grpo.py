@@ -105,3 +105,147 @@ def test_a_group_with_equal_rewards_gives_zero_gradient():
         aggregate(loss, mask, how, max_tokens=19).backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         assert grads and all(g.abs().max() == 0 for g in grads), how
+
+
+# ------------------------------------------------------------------------------------------ end to end
+#
+# A task the model can sometimes solve, made in seconds: "Toss a coin." whose right answer is "heads".
+# A micro model fine-tuned on conversations answering heads and tails equally often says heads about
+# half the time; GRPO must make heads more likely.
+
+PROMPT = "Toss a coin."
+
+
+@pytest.fixture(scope="module")
+def coin(tmp_path_factory):
+    import dataclasses
+    import json
+
+    from daulat import cli
+    from daulat.checkpoint import save_model
+    from daulat.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("coin")
+    tokenizer = train_tokenizer([f"{PROMPT} Answer: heads", f"{PROMPT} Answer: tails"] * 50, 300)
+    config = dataclasses.replace(ModelConfig(**read_preset("micro")["model"]), vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    save_model(DeepseekV3(config), d / "init", tokenizer=tokenizer)
+    with open(d / "chats.jsonl", "w") as f:
+        for i in range(64):
+            messages = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": f"Answer: {('tails', 'heads')[i % 2]}"}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    with open(d / "coin.jsonl", "w") as f:
+        f.write(json.dumps({"prompt": PROMPT, "answer": "heads", "split": "train"}) + "\n")
+        f.write(json.dumps({"prompt": "Toss a coin!", "answer": "heads", "split": "eval"}) + "\n")
+    assert cli.main(["sft", "--init", str(d / "init"), "--data", str(d / "chats.jsonl"), "--out", str(d / "sft"),
+                     "--preset", "micro", "--steps", "30", "train.batch_size=16", "train.lr=1e-2", "train.warmup_steps=3",
+                     "train.log_every=10", "train.eval_batches=0"]) == 0
+    return d
+
+
+def p_heads(path):
+    """Exact probability that the model answers heads rather than tails (teacher-forced, no sampling)."""
+    from daulat.checkpoint import load_model
+    from daulat.tokenizer import load_tokenizer
+
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    prompt = tokenizer.render_chat([{"role": "user", "content": PROMPT}], add_generation_prompt=True)[0]
+    p = {}
+    for word in ("heads", "tails"):
+        ids = prompt + tokenizer.encode(f"Answer: {word}") + [tokenizer.eos_id]
+        with torch.no_grad():
+            p[word] = completion_logprobs(model, torch.tensor([ids]))[0][0, len(prompt) - 1:].sum().exp().item()
+    return p["heads"] / (p["heads"] + p["tails"])
+
+
+def rollout_source(coin, reward=None, **overrides):
+    from daulat.checkpoint import load_model
+    from daulat.data.tasks import get_task
+    from daulat.tokenizer import load_tokenizer
+    from daulat.train.grpo import GRPOConfig, RolloutSource, load_reward
+    from daulat.train.loop import TrainConfig
+
+    settings = dict(prompts_per_rollout=2, group_size=8, max_tokens=6, eval_problems=0)
+    settings.update(overrides)
+    cfg = GRPOConfig(**settings)
+    train_cfg = TrainConfig(batch_size=8, steps=4)
+    model = load_model(coin / "sft" / "final").train()
+    source = RolloutSource(model, load_tokenizer(coin / "sft" / "final"), get_task(str(coin / "coin.jsonl")), cfg,
+                           train_cfg, reward or load_reward(None, cfg.format_reward))
+    return model, source, cfg
+
+
+def test_on_policy_ratio_is_exactly_one_through_the_rollout_path(coin):
+    from daulat.train.grpo import GRPOObjective
+
+    model, source, cfg = rollout_source(coin, epochs=2)  # 4 steps per rollout: old log-probs are recorded
+    batch = next(source)
+    assert "old_logprobs" in batch and batch["mask"].sum() > 0
+    logprobs, _ = completion_logprobs(model, batch["input_ids"])  # the update's forward, with grad
+    assert torch.equal(logprobs.detach(), batch["old_logprobs"])
+    loss, stats = GRPOObjective(cfg)(model, batch)
+    assert stats["clip_frac"] == 0 and stats["kl_rollout"] == 0 and stats["ratio_max"] == 1
+    assert stats["engine_logprob_gap"] < 1e-3  # the engine's decode path agrees closely, not bit for bit
+    for key in ("reward_mean", "accuracy", "zero_variance_frac", "entropy", "mean_length", "rollout_s", "update_s"):
+        assert key in stats
+
+
+def test_zero_variance_groups_are_dropped_and_give_no_gradient(coin):
+    from daulat.train.grpo import GRPOObjective
+
+    model, source, cfg = rollout_source(coin, reward=lambda text, example, task: 1.0)  # every answer equal
+    batch = next(source)
+    assert batch["rollout_stats"]["zero_variance_frac"] == 1 and batch["rollout_stats"]["groups_used"] == 0
+    loss, _ = GRPOObjective(cfg)(model, batch)
+    loss.backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())
+    # resampling draws new problems, up to resample_rounds more times
+    _, source, _ = rollout_source(coin, reward=lambda text, example, task: 1.0, zero_variance="resample", resample_rounds=2)
+    assert next(source)["rollout_stats"]["resample_rounds"] == 2
+
+
+def test_truncated_samples_are_masked(coin):
+    _, source, _ = rollout_source(coin, max_tokens=2, zero_variance="keep")  # no answer fits in 2 tokens
+    batch = next(source)
+    assert batch["rollout_stats"]["truncated_frac"] == 1 and batch["mask"].sum() == 0
+    _, source, _ = rollout_source(coin, max_tokens=2, zero_variance="keep", mask_truncated=False)
+    assert next(source)["mask"].sum() > 0
+
+
+def test_grpo_makes_the_rewarded_answer_more_likely(coin):
+    import json
+
+    from daulat import cli
+    from daulat.checkpoint import load_info
+
+    before = p_heads(coin / "sft" / "final")
+    assert 0.2 < before < 0.8  # the model sometimes solves it
+    out = coin / "grpo"
+    assert cli.main(["grpo", "--init", str(coin / "sft" / "final"), "--task", str(coin / "coin.jsonl"), "--out", str(out),
+                     "--preset", "micro", "--steps", "8", "grpo.prompts_per_rollout=2", "grpo.group_size=8",
+                     "train.batch_size=16", "train.lr=3e-3", "train.log_every=1", "grpo.max_tokens=6",
+                     "grpo.eval_problems=1"]) == 0
+    after = p_heads(out / "final")
+    assert after > before + 0.15, (before, after)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 8 and [r["step"] for r in records if "eval_accuracy" in r] == [0, 8]
+    for key in ("reward_mean", "accuracy", "zero_variance_frac", "clip_frac", "entropy", "mean_length", "kl_rollout",
+                "rollout_s", "update_s"):
+        assert key in steps[-1], key
+    assert "kl" not in steps[-1]  # beta = 0: no reference, no KL term
+    assert load_info(out / "final")["stage"] == "grpo" and (out / "step-000008").is_dir()
+
+
+def test_kl_to_the_reference_starts_at_zero(coin):
+    import json
+
+    from daulat import cli
+
+    out = coin / "grpo-kl"
+    assert cli.main(["grpo", "--init", str(coin / "sft" / "final"), "--task", str(coin / "coin.jsonl"), "--out", str(out),
+                     "--preset", "micro", "--steps", "2", "grpo.prompts_per_rollout=2", "grpo.group_size=4",
+                     "train.batch_size=8", "train.log_every=1", "grpo.max_tokens=6", "grpo.eval_problems=0",
+                     "grpo.beta=0.1", "grpo.loss_aggregation=sequence"]) == 0
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0]["kl"] == 0 and steps[1]["kl"] >= 0
