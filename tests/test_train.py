@@ -118,7 +118,9 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
 
 def test_print_config_shows_the_merged_toml_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "x"
-    assert main(["pretrain", "--out", str(out), "--preset", "micro", "--print-config", "--steps", "7", "train.lr=0.01"]) == 0
+    # an override written after --data PATH... is still an override
+    assert main(["pretrain", "--out", str(out), "--preset", "micro", "--print-config", "--steps", "7",
+                 "--data", str(tmp_path / "docs"), "train.lr=0.01"]) == 0
     text = capsys.readouterr().out
     assert "[model]" in text and "[train]" in text and "[data]" in text
     assert "steps = 7" in text and "lr = 0.01" in text

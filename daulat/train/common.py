@@ -25,9 +25,9 @@ def add_common_arguments(parser, default_preset: str = "tiny") -> None:
     parser.add_argument("--preset", default=default_preset,
                         help=f"recipe from daulat/recipes/ ({', '.join(preset_names())}; default: %(default)s)")
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file merged over the preset")
-    parser.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
-    parser.add_argument("--save-every", type=int, help="steps between checkpoints (train.save_every; 0: only at the end)")
-    parser.add_argument("--seed", type=int, help="seed of initialisation and data order (train.seed)")
+    parser.add_argument("--steps", type=int, metavar="N", help="optimizer steps (train.steps)")
+    parser.add_argument("--save-every", type=int, metavar="N", help="steps between checkpoints (train.save_every; 0: only at the end)")
+    parser.add_argument("--seed", type=int, metavar="S", help="seed of initialisation and data order (train.seed)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--print-config", action="store_true", help="print the merged config as TOML and exit")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. train.lr=1e-3")

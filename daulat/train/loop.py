@@ -31,6 +31,7 @@ On disk, in the output directory:
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -199,6 +200,7 @@ def init_distributed(device: str = "auto") -> Dist:
         base = torch.device("cuda", local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if base.type == "cuda" else "gloo")
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return Dist(dist.get_rank(), dist.get_world_size(), base)
 
 
@@ -350,11 +352,11 @@ class Trainer:
         if resume_from is not None:
             self._load_weights(Path(resume_from), model)
         self.model = model
-        if self.dist.distributed:
-            shard_model(model, self.dist)
-        if config.compile:
+        if config.compile:  # per block, before sharding (as torchtitan does): the blocks are the repeated work
             for block in model.layers:
                 block.compile()
+        if self.dist.distributed:
+            shard_model(model, self.dist)
         self.optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr,
                                            betas=(config.beta1, config.beta2), eps=config.eps)
         if resume_from is not None:
