@@ -640,6 +640,9 @@ def grpo(config: dict, init, out, resume: bool = False, verbose: bool = True) ->
     say = print if (verbose and d.is_main) else (lambda *a, **k: None)
 
     # Check every input before writing anything.
+    if d.distributed:
+        raise DaulatError("GRPO runs in one process for now: the rollout engine needs the whole (unsharded) model; "
+                          "run `daulat grpo` without torchrun")
     if not cfg.task:
         raise DaulatError("no task: give --task NAME (see `daulat tasks`) or set grpo.task")
     task = get_task(cfg.task)

@@ -12,10 +12,10 @@ Everything else (bos, role tokens, system and user turns, padding) has target -1
 Rows are made in one of two ways:
   * padding (default): one conversation per row, each batch right-padded to its longest row. Exact: a
     conversation attends only to itself (attention is causal and the padding comes after it).
-  * packing (`sft.pack = true`): whole conversations are packed into rows of up to seq_len tokens
+  * packing (`sft.pack = true`): whole conversations are packed into rows of up to train.seq_len tokens
     (first fit, longest first), no padding wasted. Each keeps its <|bos|>, and the loss mask is the
     same, but attention crosses conversation boundaries inside a row as in pretraining.
-A conversation longer than seq_len is cut to it (its tail loses its loss); one with no assistant token
+A conversation longer than train.seq_len is cut to it (its tail loses its loss); one with no assistant token
 left is skipped, and the counts are printed.
 """
 
@@ -42,7 +42,6 @@ class SFTConfig:
     task_examples: int = 20000  # conversations drawn from the task's training split
     difficulty: int | None = None  # the task's difficulty knob (default: the task's own)
     system: str | None = None  # a system prompt put before every task conversation
-    seq_len: int = 512  # the longest row in tokens
     pack: bool = False  # pack conversations into rows instead of padding each one
     val_fraction: float = 0.0  # conversations held out to report a validation loss (0: none)
 
@@ -186,27 +185,33 @@ class ConversationBatches:
 # ------------------------------------------------------------------------------------------------
 
 
+# What a post-training stage takes from a recipe's [train] (written for pretraining): the machine and the
+# run's mechanics, never its optimisation (a pretraining learning rate would wreck a fine-tune).
+MACHINE_KEYS = ("device", "dtype", "compile", "tensorboard", "keep_last", "seed")
+
+
 def stage_config(schema: dict, args, stage: str, train_defaults: dict) -> dict:
     """The merged config of a post-training stage (SFT, GRPO).
 
-    A recipe's [train] is tuned for pretraining; a post-training stage takes it (device, dtype, ...)
-    and overrides it with the recipe's own [STAGE.train] table (learning rate, steps, batch size).
-    Priority, lowest first: `train_defaults` < preset [train] < preset [STAGE.train] < preset [STAGE]
-    < --config file (same rule) < SECTION.KEY=VALUE overrides < --steps/--save-every/--seed.
+    Priority, lowest first: `train_defaults` < the preset's [train] machine keys (MACHINE_KEYS) < the
+    preset's [STAGE.train] and [STAGE] < the --config file's [train], [STAGE.train] and [STAGE] <
+    SECTION.KEY=VALUE overrides < --steps/--save-every/--seed.
     """
     from daulat.config import load_config, merge, read_preset, read_toml
 
     base = {"train": dict(train_defaults)}
     layers = []
     if args.preset:
-        layers.append(read_preset(args.preset))
+        layers.append((read_preset(args.preset), True))
     if args.config:
-        layers.append(read_toml(args.config))
-    for raw in layers:
+        layers.append((read_toml(args.config), False))
+    for raw, is_preset in layers:
         raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items() if k in schema}
         stage_train = raw.get(stage, {}).pop("train", {})
         if not isinstance(stage_train, dict):
             raise DaulatError(f"config: [{stage}.train] must be a table of train.* keys")
+        if is_preset and "train" in raw:
+            raw["train"] = {k: v for k, v in raw["train"].items() if k in MACHINE_KEYS}
         base = merge(merge(base, raw), {"train": stage_train})
     overrides = list(args.overrides or [])
     for flag, key in (("steps", "train.steps"), ("save_every", "train.save_every"), ("seed", "train.seed")):
@@ -220,7 +225,7 @@ def stage_config(schema: dict, args, stage: str, train_defaults: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 # Used when no recipe says otherwise: a short, gentle fine-tune.
-TRAIN_DEFAULTS = {"steps": 300, "batch_size": 16, "lr": 3e-4, "warmup_steps": 20, "schedule": "cosine",
+TRAIN_DEFAULTS = {"steps": 300, "batch_size": 16, "seq_len": 512, "lr": 3e-4, "warmup_steps": 20, "schedule": "cosine",
                   "weight_decay": 0.0, "log_every": 10, "eval_every": 100, "eval_batches": 10}
 
 
@@ -297,8 +302,7 @@ def sft(config: dict, init, out, resume: bool = False, verbose: bool = True) -> 
     say = print if (verbose and d.is_main) else (lambda *a, **k: None)
 
     # Check every input before writing anything.
-    if cfg.seq_len < 2:
-        raise DaulatError(f"config sft.seq_len = {cfg.seq_len}: must be at least 2")
+    seq_len = train_cfg.seq_len
     if not 0 <= cfg.val_fraction < 1:
         raise DaulatError(f"config sft.val_fraction = {cfg.val_fraction}: must be in [0, 1)")
     if train_cfg.micro_batch_size % d.world_size:
@@ -306,8 +310,8 @@ def sft(config: dict, init, out, resume: bool = False, verbose: bool = True) -> 
                           f"by the {d.world_size} data-parallel ranks")
     tokenizer = load_tokenizer(init)
     model = load_model(init)
-    if cfg.seq_len > model.config.max_position_embeddings:
-        raise DaulatError(f"config sft.seq_len = {cfg.seq_len} exceeds the model's max_position_embeddings "
+    if seq_len > model.config.max_position_embeddings:
+        raise DaulatError(f"config train.seq_len = {seq_len} exceeds the model's max_position_embeddings "
                           f"({model.config.max_position_embeddings})")
     conversations, data_info = _conversations(cfg)
     val_conversations = []
@@ -317,13 +321,13 @@ def sft(config: dict, init, out, resume: bool = False, verbose: bool = True) -> 
         keyed = [(is_val_document(json.dumps(c, sort_keys=True), cfg.val_fraction), c) for c in conversations]
         conversations = [c for is_val, c in keyed if not is_val]
         val_conversations = [c for is_val, c in keyed if is_val]
-    examples, counts = encode_conversations(conversations, tokenizer, cfg.seq_len)
+    examples, counts = encode_conversations(conversations, tokenizer, seq_len)
     if not examples:
-        raise DaulatError(f"no conversation has an assistant token within sft.seq_len = {cfg.seq_len} tokens")
-    rows = pack_examples(examples, cfg.seq_len) if cfg.pack else examples
-    val_rows = encode_conversations(val_conversations, tokenizer, cfg.seq_len)[0] if val_conversations else []
+        raise DaulatError(f"no conversation has an assistant token within train.seq_len = {seq_len} tokens")
+    rows = pack_examples(examples, seq_len) if cfg.pack else examples
+    val_rows = encode_conversations(val_conversations, tokenizer, seq_len)[0] if val_conversations else []
     if cfg.pack and val_rows:
-        val_rows = pack_examples(val_rows, cfg.seq_len)
+        val_rows = pack_examples(val_rows, seq_len)
 
     out = Path(run_on_main(d, lambda: prepare_output(out, resume)) or out)
     resume_from = latest_checkpoint(out) if resume else None
@@ -347,7 +351,7 @@ def sft(config: dict, init, out, resume: bool = False, verbose: bool = True) -> 
                      tokens=total_tokens, assistant_tokens=assistant_tokens)
     info = {"stage": "sft", "init": str(init), "config": to_dict(config), "data": data_info,
             "tokenizer_sha256": tokenizer.sha256, "parent": load_info(init) or None}
-    say(f"SFT data: {len(examples)} conversations ({counts['cut']} cut to {cfg.seq_len} tokens, {counts['skipped']} "
+    say(f"SFT data: {len(examples)} conversations ({counts['cut']} cut to {seq_len} tokens, {counts['skipped']} "
         f"skipped with no assistant token), {total_tokens:,} tokens of which {assistant_tokens:,} are trained on, "
         f"in {len(rows)} {'packed' if cfg.pack else 'padded'} rows; {len(val_conversations)} held out")
     trainer = Trainer(model, train_cfg, sft_objective, batches, out, val_batches=val_batches, tokenizer=tokenizer,
