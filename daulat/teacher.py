@@ -69,6 +69,23 @@ def open_teacher(spec: str, *, device=None, model_name: str | None = None, concu
     return LocalTeacher(spec, device=device)
 
 
+def make_engine(model, tokenizer, **kwargs):
+    """An inference `Engine` over `model`. On a GPU the [B, V] logits of each step are handed to the
+    sampler on the CPU, where the sampler keeps its per-request generators and per-row settings (as
+    it stands it builds those on the CPU, so sampling at temperature > 0 from a model on a GPU would
+    mix devices); the copy is small next to the step, and the sampled ids go back to the CPU anyway."""
+    from daulat.infer import Engine
+
+    if next(model.parameters()).device.type == "cpu":
+        return Engine(model, tokenizer, **kwargs)
+
+    class HostSamplingEngine(Engine):
+        def _sample(self, logits, sequences, deltas):
+            return super()._sample(logits.float().cpu(), sequences, deltas)
+
+    return HostSamplingEngine(model, tokenizer, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------------
 # A checkpoint on this machine
 # ------------------------------------------------------------------------------------------------
@@ -129,7 +146,7 @@ class LocalTeacher:
     def generate(self, conversations: list[Conversation], sampling: TeacherSampling,
                  progress: Progress | None = None, chunk: int = 256) -> list[list[Sample]]:
         """`sampling.n` answers to each conversation, with the engine (batched, continuous)."""
-        from daulat.infer import Engine, SamplingParams
+        from daulat.infer import SamplingParams
 
         prompts = [self.tokenizer.render_chat(c, add_generation_prompt=True)[0] for c in conversations]
         if not prompts:
@@ -140,7 +157,7 @@ class LocalTeacher:
             raise DaulatError(f"prompt {too_long[0]} has {len(prompts[too_long[0]])} tokens, more than the teacher's "
                               f"context ({limit})")
         max_len = min(limit, max(len(p) for p in prompts) + sampling.max_tokens + 1)
-        engine = Engine(self.model, self.tokenizer, max_num_seqs=max(sampling.n, min(64, len(prompts) * sampling.n)),
+        engine = make_engine(self.model, self.tokenizer, max_num_seqs=max(sampling.n, min(64, len(prompts) * sampling.n)),
                         max_model_len=max_len)
         out: list[list[Sample]] = []
         for start in range(0, len(prompts), chunk):

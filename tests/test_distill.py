@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from daulat.cli import main
-from daulat.config import load_config
 from daulat.data.tasks import get_task
 from daulat.teacher import HTTPTeacher, Sample, api_base
 from daulat.train.distill import (
@@ -133,7 +132,13 @@ class _ScriptedTeacher:
 
 
 def _config(*overrides, preset="micro"):
-    return load_config(schema(), preset=preset, overrides=list(overrides), base={"train": TRAIN_DEFAULTS})
+    """The config `daulat distill --preset PRESET OVERRIDES...` would run with."""
+    from types import SimpleNamespace
+
+    from daulat.train.sft import stage_config
+
+    args = SimpleNamespace(preset=preset, config=None, overrides=list(overrides), steps=None, save_every=None, seed=None)
+    return stage_config(schema(), args, "distill", TRAIN_DEFAULTS)
 
 
 def test_sft_keeps_only_answers_that_pass_the_checker_and_trains_on_them(checkpoint, tmp_path):

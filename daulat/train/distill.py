@@ -88,8 +88,7 @@ class DistillConfig:
     student_temperature: float = 1.0
     student_top_p: float = 1.0
     student_max_tokens: int = 128
-    # rows (sft, fkl)
-    seq_len: int = 512  # the longest row in tokens
+    # rows (sft, fkl): at most train.seq_len tokens each, as in SFT
     pack: bool = False  # pack conversations into rows instead of padding each one
     val_fraction: float = 0.0  # conversations held out to report a validation loss
     # an OpenAI-compatible teacher
@@ -108,7 +107,6 @@ class DistillConfig:
         for name in ("prompts", "samples_per_prompt", "keep_per_prompt", "teacher_max_tokens", "student_max_tokens",
                      "http_concurrency"):
             need(getattr(self, name) >= 1, name, "must be at least 1")
-        need(self.seq_len >= 2, "seq_len", "must be at least 2")
         need(self.kl_temperature > 0, "kl_temperature", "must be positive")
         need(0 <= self.ce_weight <= 1, "ce_weight", "must be between 0 and 1")
         need(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
@@ -121,7 +119,7 @@ class DistillConfig:
 
 # Used when no recipe says otherwise. A student from scratch learns like a pretraining run would, so
 # the learning rate is a pretraining one; a recipe's [distill.train] can say otherwise.
-TRAIN_DEFAULTS = {"steps": 300, "batch_size": 16, "lr": 2e-3, "warmup_steps": 20, "schedule": "cosine",
+TRAIN_DEFAULTS = {"steps": 300, "batch_size": 16, "seq_len": 512, "lr": 2e-3, "warmup_steps": 20, "schedule": "cosine",
                   "weight_decay": 0.0, "log_every": 10, "eval_every": 100, "eval_batches": 10}
 
 
@@ -405,7 +403,8 @@ class OnPolicyBatches:
     def __next__(self) -> dict:
         import torch
 
-        from daulat.infer import Engine, SamplingParams
+        from daulat.infer import SamplingParams
+        from daulat.teacher import make_engine
 
         if self.model is None:
             raise RuntimeError("OnPolicyBatches.model is not set")
@@ -420,8 +419,8 @@ class OnPolicyBatches:
         was_training = self.model.training  # the engine puts the model in eval mode
         try:
             if self._engine is None:
-                self._engine = Engine(self.model, self.tokenizer, max_num_seqs=self.batch_size,
-                                      max_model_len=self.max_len)
+                self._engine = make_engine(self.model, self.tokenizer, max_num_seqs=self.batch_size,
+                                           max_model_len=self.max_len)
             params = [SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=seed,
                                      max_tokens=min(self.max_tokens, self.max_len - len(self.ids[i])))
                       for i, seed in zip(picked, seeds)]
@@ -580,8 +579,9 @@ def distill(config: dict, teacher, out, student=None, preset: str | None = None,
                 raise DaulatError(f"the {who}'s vocab_size ({m.config.vocab_size}) is smaller than its tokenizer's "
                                   f"({tok.vocab_size})")
     limits = [model.config.max_position_embeddings] + ([teacher.model.config.max_position_embeddings] if needs_logits else [])
-    if mode != "rkl" and cfg.seq_len > min(limits):
-        raise DaulatError(f"config distill.seq_len = {cfg.seq_len} exceeds the context of the "
+    seq_len = train_cfg.seq_len
+    if mode != "rkl" and seq_len > min(limits):
+        raise DaulatError(f"config train.seq_len = {seq_len} exceeds the context of the "
                           f"{'student' if model.config.max_position_embeddings == min(limits) else 'teacher'} ({min(limits)})")
     prompts, task, prompt_source = load_prompts(cfg)
     if mode == "fkl" and cfg.sequences == "given" and any(p.given is None for p in prompts):
@@ -624,13 +624,13 @@ def distill(config: dict, teacher, out, student=None, preset: str | None = None,
             keyed = [(is_val_document(json.dumps(c, sort_keys=True), cfg.val_fraction), c) for c in conversations]
             conversations = [c for is_val, c in keyed if not is_val]
             val_conversations = [c for is_val, c in keyed if is_val]
-        examples, counts = encode_conversations(conversations, tok, cfg.seq_len)
+        examples, counts = encode_conversations(conversations, tok, seq_len)
         if not examples:
-            raise DaulatError(f"no conversation has an answer token within distill.seq_len = {cfg.seq_len} tokens")
-        rows = pack_examples(examples, cfg.seq_len) if cfg.pack else examples
+            raise DaulatError(f"no conversation has an answer token within train.seq_len = {seq_len} tokens")
+        rows = pack_examples(examples, seq_len) if cfg.pack else examples
         batches = ConversationBatches(rows, train_cfg.micro_batch_size, tok.pad_id, seed=train_cfg.seed,
                                       rank=d.rank, world_size=d.world_size)
-        val_rows = encode_conversations(val_conversations, tok, cfg.seq_len)[0] if val_conversations else []
+        val_rows = encode_conversations(val_conversations, tok, seq_len)[0] if val_conversations else []
         if val_rows:
             share = train_cfg.micro_batch_size // d.world_size
             mine = val_rows[d.rank :: d.world_size] or val_rows[:1]
@@ -647,7 +647,7 @@ def distill(config: dict, teacher, out, student=None, preset: str | None = None,
         else:
             objective = ForwardKLObjective(teacher, V, cfg.kl_temperature, cfg.ce_weight)
         batch_tokens = lambda batch: int((batch[0] != tok.pad_id).sum())  # noqa: E731
-        say(f"{mode}: {len(examples)} conversations ({counts['cut']} cut to {cfg.seq_len} tokens), "
+        say(f"{mode}: {len(examples)} conversations ({counts['cut']} cut to {seq_len} tokens), "
             f"{data_info['answer_tokens']:,} answer tokens trained on, {len(val_conversations)} held out")
     else:
         batches = OnPolicyBatches(prompts, tok, train_cfg.micro_batch_size, temperature=cfg.student_temperature,
