@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +28,13 @@ def test_two_fsdp2_ranks_on_gloo_match_one_process(tmp_path):
     single = subprocess.Popen([sys.executable, "-m", "daulat.cli", *common, "--out", str(tmp_path / "one")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # two ranks, each with two micro-batches of 4 rows: the same 16 sequences per step as the single process
-    torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                                 "-m", "daulat.cli", *common, "train.grad_accum=2", "--out", str(tmp_path / "two")],
+    def torchrun(*extra):
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                                 "-m", "daulat.cli", *common[:1], "--out", str(tmp_path / "two"), "--save-every", "4",
+                                 *extra, *common[1:], "train.grad_accum=2"],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for proc in (single, torchrun):
+
+    for proc in (single, torchrun()):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
 
@@ -41,8 +45,9 @@ def test_two_fsdp2_ranks_on_gloo_match_one_process(tmp_path):
         for key in ("loss", "val_loss"):
             if key in a:
                 assert abs(a[key] - b[key]) <= 1e-4, (a, b)
-        if "expert_load" in a:  # the router bias moved identically: the same experts got the same load
-            assert a["expert_load"] == b["expert_load"]
+        if "expert_load" in a:  # the load is counted over the global batch on every rank alike
+            for la, lb in zip(a["expert_load"], b["expert_load"]):
+                assert max(abs(x - y) for x, y in zip(la, lb)) <= 2e-3  # a near-tie may route one token differently
     assert len([r for r in one if "loss" in r]) == STEPS
     info = json.loads((tmp_path / "two" / "final" / "daulat.json").read_text())
     assert info["hardware"]["world_size"] == 2
@@ -53,3 +58,14 @@ def test_two_fsdp2_ranks_on_gloo_match_one_process(tmp_path):
     b = load_model(tmp_path / "two" / "final").state_dict()
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+
+    # resuming under FSDP (optimizer moments re-sharded from the checkpoint) continues bitwise
+    weights = (tmp_path / "two" / "final" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "two" / "final")
+    shutil.rmtree(tmp_path / "two" / "step-000008")
+    resumed = torchrun("--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    loss = lambda rs: [(r["step"], r.get("loss"), r.get("val_loss")) for r in rs]  # noqa: E731
+    assert loss(records(tmp_path / "two")) == loss(two)
+    assert (tmp_path / "two" / "final" / "model.safetensors").read_bytes() == weights
