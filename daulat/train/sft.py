@@ -349,8 +349,10 @@ def sft(config: dict, init, out, resume: bool = False, verbose: bool = True) -> 
     total_tokens = sum(len(ids) for ids, _ in examples)
     data_info.update(counts, rows=len(rows), packed=cfg.pack, val_conversations=len(val_conversations),
                      tokens=total_tokens, assistant_tokens=assistant_tokens)
-    info = {"stage": "sft", "init": str(init), "config": to_dict(config), "data": data_info,
-            "tokenizer_sha256": tokenizer.sha256, "parent": load_info(init) or None}
+    parent = load_info(init)
+    info = {"stage": "sft", "method": "supervised fine-tuning, loss on assistant tokens only", "init": str(init),
+            "config": to_dict(config), "data": data_info, "tokenizer_sha256": tokenizer.sha256,
+            "history": list(parent.get("history", [])) + ([{k: v for k, v in parent.items() if k != "history"}] if parent else [])}
     say(f"SFT data: {len(examples)} conversations ({counts['cut']} cut to {seq_len} tokens, {counts['skipped']} "
         f"skipped with no assistant token), {total_tokens:,} tokens of which {assistant_tokens:,} are trained on, "
         f"in {len(rows)} {'packed' if cfg.pack else 'padded'} rows; {len(val_conversations)} held out")
