@@ -41,6 +41,27 @@ def ks_for(samples: int) -> list[int]:
     return ks + [samples]
 
 
+def load_task(spec: str):
+    """A task by name: a built-in or registered one, a .jsonl file of prompt/answer rows, or
+    `module:name` to import `module` (from the current directory too), whose import registers the task
+    with `daulat.data.tasks.register_task`, and then take `name`."""
+    from daulat.data.tasks import get_task
+
+    if ":" in spec and not spec.endswith(".jsonl"):
+        import importlib
+        import sys
+
+        module_name, _, name = spec.partition(":")
+        if "" not in sys.path:
+            sys.path.insert(0, "")
+        try:
+            importlib.import_module(module_name)
+        except ImportError as e:
+            raise DaulatError(f"task {spec!r}: cannot import {module_name} ({e})") from None
+        return get_task(name)
+    return get_task(spec)
+
+
 def chat_prompt(tokenizer, prompt: str, system: str | None = None) -> list[int]:
     """Token ids of a one-turn conversation ending in the assistant's generation prompt."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -107,10 +128,9 @@ def evaluate_task(model, tokenizer, task, n: int = 200, samples: int = 0, temper
     (pass@1 is the mean accuracy of a sample), from one shared prefill per problem.
     engine: an `Engine` to reuse (GRPO evaluates with its rollout engine); one is made otherwise.
     """
-    from daulat.data.tasks import get_task
     from daulat.infer import Engine, SamplingParams
 
-    task = get_task(task) if isinstance(task, str) else task
+    task = load_task(task) if isinstance(task, str) else task
     examples = task.eval_examples(n, difficulty)
     if not examples:
         raise DaulatError(f"task {task.name} has no held-out examples")
@@ -147,7 +167,8 @@ def evaluate_task(model, tokenizer, task, n: int = 200, samples: int = 0, temper
 
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (with its tokenizer)")
-    parser.add_argument("--task", help="a built-in task (see `daulat tasks`) or a .jsonl task file")
+    parser.add_argument("--task", help="a built-in task (see `daulat tasks`), a .jsonl task file, or module:name "
+                        "(a Python module that registers the task)")
     parser.add_argument("--samples", type=int, default=0, metavar="K",
                         help="also sample K answers per problem and report pass@1..K (default: greedy only)")
     parser.add_argument("-n", "--problems", type=int, default=200, help="held-out problems (default: %(default)s)")
@@ -166,14 +187,13 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from daulat.checkpoint import load_model
-    from daulat.data.tasks import get_task
     from daulat.tokenizer import load_tokenizer
 
     if not args.task and not args.text:
         raise DaulatError("nothing to evaluate: give --task NAME and/or --text PATH")
     if args.samples < 0 or args.problems < 1 or args.max_tokens < 1 or args.seq_len < 1:
         raise DaulatError("--samples must be >= 0; --problems, --max-tokens and --seq-len >= 1")
-    task = get_task(args.task) if args.task else None
+    task = load_task(args.task) if args.task else None
     tokenizer = load_tokenizer(args.checkpoint)
     model = load_model(args.checkpoint, device=args.device)
     if args.samples:

@@ -76,3 +76,28 @@ def test_eval_errors_are_one_line(checkpoint, capsys, argv, words):
     assert cli.main(["eval", str(checkpoint), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0]
+
+
+def test_a_task_written_in_python_is_found_by_module_and_name(tmp_path, monkeypatch):
+    from daulat.data.tasks import TASKS
+    from daulat.errors import DaulatError
+    from daulat.eval import load_task
+
+    (tmp_path / "my_tasks.py").write_text(
+        "from daulat.data.tasks import Example, register_task\n"
+        "def sample(rng):\n"
+        "    n = rng.randint(0, 99)\n"
+        "    return Example(f'Is {n} even?', 'yes' if n % 2 == 0 else 'no', f'Answer: {\"yes\" if n % 2 == 0 else \"no\"}')\n"
+        "register_task('parity', sample, description='say whether a number is even')\n")
+    monkeypatch.chdir(tmp_path)
+    try:
+        task = load_task("my_tasks:parity")
+        example = task.sample(random.Random(0))
+        assert task.check(example.solution_text, example) and task.eval_examples(3)
+        with pytest.raises(DaulatError, match="cannot import"):
+            load_task("no_such_module:parity")
+    finally:
+        TASKS.pop("parity", None)
+        import sys
+
+        sys.modules.pop("my_tasks", None)

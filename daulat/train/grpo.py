@@ -605,7 +605,8 @@ def add_arguments(parser) -> None:
     from daulat.train.common import add_common_arguments
 
     parser.add_argument("--init", required=True, metavar="CKPT", help="checkpoint to train (e.g. runs/sft/final)")
-    parser.add_argument("--task", metavar="NAME", help="a built-in task (see `daulat tasks`) or a .jsonl task file")
+    parser.add_argument("--task", metavar="NAME", help="a built-in task (see `daulat tasks`), a .jsonl task file, or module:name "
+                        "(a Python module that registers the task)")
     parser.add_argument("--out", required=True, help="run directory: checkpoints and metrics")
     add_common_arguments(parser, default_preset="tiny")
 
@@ -630,7 +631,7 @@ def grpo(config: dict, init, out, resume: bool = False, verbose: bool = True) ->
     first and last held-out evaluations."""
     from daulat.checkpoint import load_info, load_model
     from daulat.config import to_dict
-    from daulat.data.tasks import get_task
+    from daulat.eval import load_task
     from daulat.tokenizer import load_tokenizer
     from daulat.train.common import prepare_output
     from daulat.train.loop import Trainer, init_distributed, latest_checkpoint, run_on_main
@@ -645,7 +646,7 @@ def grpo(config: dict, init, out, resume: bool = False, verbose: bool = True) ->
                           "run `daulat grpo` without torchrun")
     if not cfg.task:
         raise DaulatError("no task: give --task NAME (see `daulat tasks`) or set grpo.task")
-    task = get_task(cfg.task)
+    task = load_task(cfg.task)
     task.sample(random.Random(0), cfg.difficulty)  # a bad difficulty fails here, not mid-run
     reward_fn = load_reward(cfg.reward, cfg.format_reward)
     tokenizer = load_tokenizer(init)

@@ -247,7 +247,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--init", required=True, metavar="CKPT", help="checkpoint to fine-tune (e.g. runs/pt/final)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", metavar="FILE.jsonl", help='conversations, one {"messages": [...]} per line')
-    source.add_argument("--task", metavar="NAME", help="a built-in task (see `daulat tasks`) or a .jsonl task file")
+    source.add_argument("--task", metavar="NAME", help="a built-in task (see `daulat tasks`), a .jsonl task file, or module:name "
+                        "(a Python module that registers the task)")
     parser.add_argument("--out", required=True, help="run directory: checkpoints and metrics")
     add_common_arguments(parser, default_preset="tiny")
 
@@ -279,9 +280,10 @@ def _conversations(cfg: SFTConfig) -> tuple[list, dict]:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         return conversations, {"sources": [{"path": str(path), "sha256": digest}], "conversations": len(conversations)}
     if cfg.task:
-        from daulat.data.tasks import get_task, task_conversations
+        from daulat.data.tasks import task_conversations
+        from daulat.eval import load_task
 
-        task = get_task(cfg.task)
+        task = load_task(cfg.task)
         rows = task_conversations(task, cfg.task_examples, seed=0, difficulty=cfg.difficulty, system=cfg.system)
         return [r["messages"] for r in rows], {"builtin": f"daulat.data.tasks:{task.name}", "task": task.name,
                                                "conversations": len(rows), "difficulty": cfg.difficulty,
