@@ -380,6 +380,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         stats_sum: dict[str, torch.Tensor] = {}
         load_sum: list[torch.Tensor] | None = None
+        pending_tokens = 0  # this rank's tokens not yet added to self.tokens
         try:
             while self.step < cfg.steps:
                 step_start = time.perf_counter()
@@ -405,10 +406,17 @@ class Trainer:
                 loads = self._update_router_bias()
                 load_sum = loads if load_sum is None else [a + b for a, b in zip(load_sum, loads)]
                 self.step += 1
-                self.tokens += self._global(step_tokens)
+                pending_tokens += step_tokens
                 window.add(time.perf_counter() - step_start)
 
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                at_end = self.step == cfg.steps
+                do_eval = cfg.eval_batches and self.val_batches is not None and (at_end or (cfg.eval_every and self.step % cfg.eval_every == 0))
+                do_save = at_end or (cfg.save_every and self.step % cfg.save_every == 0)
+                do_log = self.step % cfg.log_every == 0 or at_end
+                if do_log or do_eval or do_save:  # count the tokens of all ranks (one collective, not one per step)
+                    self.tokens += self._global(pending_tokens)
+                    pending_tokens = 0
+                if do_log:
                     n = self.step - last_logged_step
                     losses = self._mean_over_ranks(torch.stack([loss_sum, *stats_sum.values()]) / n)
                     self.last_loss = losses[0]
@@ -427,13 +435,12 @@ class Trainer:
                 else:
                     progress.update(self.step, None)
 
-                at_end = self.step == cfg.steps
-                if cfg.eval_batches and self.val_batches is not None and (at_end or (cfg.eval_every and self.step % cfg.eval_every == 0)):
+                if do_eval:
                     self.last_val_loss = self.evaluate()
                     metrics.write({"step": self.step, "val_loss": self.last_val_loss, "tokens": self.tokens,
                                    "elapsed_s": round(self.elapsed(), 3)})
                     progress.note(f"step {self.step}: val_loss {self.last_val_loss:.4f}")
-                if at_end or (cfg.save_every and self.step % cfg.save_every == 0):
+                if do_save:
                     self.save(self.out / f"step-{self.step:06d}", train_state=True)
                     self._prune()
             self.save(self.out / "final", train_state=False)
