@@ -89,8 +89,8 @@ def main() -> int:
             rates = [r["tokens_per_s"] for r in records if "loss" in r][1:]
             results[name] = {
                 "val_loss": round(summary["val_loss"], 4), "train_loss": round(summary["loss"], 4),
-                "active_parameters": info["active_parameters"], "parameters": info["parameters"],
-                "training_flops": info["flops_estimate"], "tokens": summary["tokens"],
+                "active_parameters": info["active_parameters_per_token"], "parameters": info["parameters"],
+                "training_flops": info["compute"]["flops_6nd"], "tokens": summary["tokens"],
                 "tokens_per_s": round(sum(rates) / len(rates), 1) if rates else None,
                 "wall_seconds": round(wall, 1),
                 "intermediate_size": config["model"].intermediate_size,

@@ -50,7 +50,7 @@ def test_two_fsdp2_ranks_on_gloo_match_one_process(tmp_path):
                 assert max(abs(x - y) for x, y in zip(la, lb)) <= 2e-3  # a near-tie may route one token differently
     assert len([r for r in one if "loss" in r]) == STEPS
     info = json.loads((tmp_path / "two" / "final" / "daulat.json").read_text())
-    assert info["hardware"]["world_size"] == 2
+    assert info["compute"]["hardware"]["world_size"] == 2
     # the checkpoint written from the shards is the whole model, loadable as usual
     from daulat.checkpoint import load_model
 

@@ -78,10 +78,17 @@ def test_checkpoints_hold_the_model_the_state_and_the_provenance(micro_run):
     assert info["stage"] == "pretrain" and info["step"] == STEPS
     assert info["config"]["model"]["vocab_size"] == model.config.vocab_size
     assert info["config"]["train"]["steps"] == STEPS
-    assert info["data"]["builtin"] and info["data_tokens"]["train"] > 0
-    assert info["tokens"] == STEPS * BATCH * SEQ and info["wall_time_s"] > 0
-    assert info["flops_estimate"] == 6 * info["active_parameters"] * info["tokens"]
-    assert info["hardware"]["world_size"] == 1 and info["hardware"]["device_type"] == "cpu"
+    assert info["data"]["manifest"]["builtin"] and info["data"]["train_tokens"] > 0
+    compute = info["compute"]
+    assert info["tokens"] == compute["tokens"] == STEPS * BATCH * SEQ and compute["wall_time_s"] > 0
+    n_active = model.num_parameters(active=True) - model.embed_tokens.weight.numel()
+    assert compute["flops_6nd"] == 6 * n_active * info["tokens"] and compute["flops"] > compute["flops_6nd"]
+    assert compute["parameters_total"] == model.num_parameters() and compute["energy"]["kwh"] > 0
+    assert compute["hardware"]["world_size"] == 1 and compute["hardware"]["device_type"] == "cpu"
+    assert info["metrics"]["train_loss"] > 0 and info["metrics"]["val_loss"] > 0
+    from daulat.report import annex_xi, missing_fields
+
+    assert missing_fields(annex_xi(model, info)) == []  # the model card has everything it needs
     assert (out / "final" / "tokenizer.json").is_file() and (out / "tokenizer" / "tokenizer.json").is_file()
     assert (out / "data" / "index.json").is_file()
 

@@ -319,8 +319,9 @@ class Trainer:
     objective: `objective(model, batch) -> (loss, stats)`.
     batches: iterator of micro-batches with state_dict()/load_state_dict().
     val_batches: a callable returning a fresh iterable of validation batches (None: no validation).
-    info: what the stage wants in every checkpoint's daulat.json (stage, config, data manifest...);
-        the loop adds step, tokens, wall time, hardware, FLOPs estimate and the last losses.
+    info: the stage's record for every checkpoint's daulat.json (see daulat.provenance.stage_info: stage,
+        method, config, data manifest...); the loop adds step and tokens, fills `compute` (tokens, wall
+        time, FLOPs, parameters, hardware, energy estimate) and `metrics` (last train and val loss).
     resume_from: a step checkpoint written by this loop (see `latest_checkpoint`).
     batch_tokens: tokens in a micro-batch, for throughput and FLOPs (default: `count_tokens`).
     """
@@ -344,6 +345,7 @@ class Trainer:
         # FLOPs per token (6 N: forward 2N + backward 4N), N = parameters used per token without the
         # embedding table (a lookup, not a matmul); attention's T^2 term is left out (small at these lengths)
         self.active_params = model.num_parameters(active=True) - (0 if model.config.tie_word_embeddings else model.embed_tokens.weight.numel())
+        self.total_params, self.active_params_with_embedding = model.num_parameters(), model.num_parameters(active=True)
         self.step, self.tokens, self.elapsed_before = 0, 0, 0.0
         self.last_loss: float | None = None
         self.last_val_loss: float | None = None
@@ -502,6 +504,7 @@ class Trainer:
         return self.elapsed_before + (time.time() - getattr(self, "session_start", time.time()))
 
     def flops(self) -> float:
+        """6 * N_active * tokens: N_active counts the parameters used per token, without the embedding table."""
         return 6.0 * self.active_params * self.tokens
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -514,12 +517,24 @@ class Trainer:
             from daulat.checkpoint import save_model
 
             model = self.model if not d.distributed else _plain_model(self.model_config, weights)
-            info = dict(self.info)
-            info.update(step=self.step, tokens=self.tokens, wall_time_s=round(self.elapsed(), 3),
-                        hardware=hardware(d), flops_estimate=self.flops(), active_parameters=self.active_params,
-                        train_loss=self.last_loss, val_loss=self.last_val_loss)
-            save_model(model, path, tokenizer=self.tokenizer, info=info, train_state=state)
+            save_model(model, path, tokenizer=self.tokenizer, info=self.record(), train_state=state)
         d.barrier()
+
+    def record(self) -> dict:
+        """The checkpoint's daulat.json: the stage's `info` with the run's compute and results filled in
+        (the provenance record of daulat/provenance.py that the model card is rendered from)."""
+        from daulat.provenance import energy_estimate, training_flops
+
+        wall = round(self.elapsed(), 3)
+        info = dict(self.info, step=self.step, tokens=self.tokens)
+        info["compute"] = dict(info.get("compute") or {}, tokens=self.tokens, wall_time_s=wall,
+                               flops=training_flops(self.model_config, self.tokens, self.config.seq_len, self.active_params),
+                               flops_6nd=self.flops(), parameters_total=self.total_params,
+                               parameters_active=self.active_params_with_embedding, hardware=hardware(self.dist),
+                               energy=energy_estimate(wall, self.device.type, self.dist.world_size, torch.get_num_threads()))
+        results = {"step": self.step, "train_loss": self.last_loss, "val_loss": self.last_val_loss}
+        info["metrics"] = dict(info.get("metrics") or {}, **{k: v for k, v in results.items() if v is not None})
+        return info
 
     def _train_state(self) -> dict:
         tensors: dict[str, torch.Tensor] = {}

@@ -60,6 +60,9 @@ def schema() -> dict[str, type]:
     return {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 
 
+METHOD = "next-token prediction (plus multi-token prediction when num_nextn_predict_layers > 0)"
+
+
 def next_token_objective(model, batch):
     """Pretraining's objective: (inputs, targets) [B, T] -> model.training_loss (CE + MTP + balance)."""
     inputs, targets = batch
@@ -109,6 +112,7 @@ def pretrain(config: dict, out, data: list[str] | None = None, tokenizer=None, r
     from daulat.config import to_dict
     from daulat.data.shards import BatchSampler, eval_batches, load_shards
     from daulat.model import DeepseekV3
+    from daulat.provenance import stage_info
     from daulat.tokenizer import load_tokenizer
     from daulat.train.loop import Trainer, init_distributed, latest_checkpoint, run_on_main
 
@@ -158,10 +162,10 @@ def pretrain(config: dict, out, data: list[str] | None = None, tokenizer=None, r
         say(f"the validation split holds {len(shards.val)} tokens, fewer than one sequence: no validation loss")
 
     splits = shards.index["splits"]
-    info = {"stage": "pretrain", "config": to_dict(config), "data": shards.index.get("manifest"),
-            "data_tokens": {"train": splits["train"]["tokens"], "val": splits["val"]["tokens"]},
-            "tokenizer_sha256": tok.sha256,
-            "parameters": model.num_parameters(), "active_parameters_per_token": model.num_parameters(active=True)}
+    data_info = {"manifest": shards.index.get("manifest"), "tokenizer_sha256": tok.sha256,
+                 "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"]}
+    info = stage_info("pretrain", method=METHOD, config=to_dict(config), data=data_info, compute={}, metrics={},
+                      parameters=model.num_parameters(), active_parameters_per_token=model.num_parameters(active=True))
     say(f"model: {model.num_parameters():,} parameters, {model.num_parameters(active=True):,} active per token, "
         f"vocab {tok.vocab_size}; data: {splits['train']['tokens']:,} train + {splits['val']['tokens']:,} val tokens; "
         f"{train_cfg.batch_size} x {train_cfg.seq_len} tokens per step on {d.world_size} x {d.device.type}")
