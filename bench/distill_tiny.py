@@ -1,8 +1,8 @@
 """Distillation benchmark: a `tiny` teacher into a student about 9x smaller, four ways, at equal student steps.
 
-    python bench/distill_tiny.py                         # the whole comparison (about 6 minutes on one H100)
-    python bench/distill_tiny.py --quick                 # a smoke run of every phase (a few minutes on 2 CPU cores)
-    python bench/distill_tiny.py --task addition --difficulty 2 --student-steps 600
+    python bench/distill_tiny.py                         # countdown (2 numbers): about 7 minutes on one H100
+    python bench/distill_tiny.py --task comparison --difficulty 3 --student-steps 1200 --eval-every 100
+    python bench/distill_tiny.py --quick                 # a smoke run of every phase (minutes on 2 CPU cores)
 
 What it does, through the same code as the CLI (daulat.train.sft.sft and daulat.train.distill.distill):
 
@@ -15,6 +15,7 @@ What it does, through the same code as the CLI (daulat.train.sft.sft and daulat.
       sft       SFT on the teacher's answers, filtered by the checker (`daulat distill --mode sft`)
       fkl       forward KL to the teacher on its answers (`--mode fkl`)
       rkl       on-policy reverse KL on the student's own samples (`--mode rkl`)
+      sft+rkl   (optional) sft for half the steps, then rkl from there: on-policy after a warm start
  4. greedy accuracy on the task's held-out split at every saved step of every run, the curves in a PNG,
     and the target: the best distillation mode reaches the baseline's final accuracy in at most a third
     of the baseline's steps, and ends higher.
@@ -39,27 +40,30 @@ import torch
 
 STUDENT_SHAPE = {"hidden_size": 96, "intermediate_size": 256, "moe_intermediate_size": 48, "kv_lora_rank": 32,
                  "num_hidden_layers": 2}
-MODES = ("baseline", "sft", "fkl", "rkl")
+MODES = ("baseline", "sft", "fkl", "rkl", "sft+rkl")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="comparison")
-    parser.add_argument("--difficulty", type=int, help="the task's difficulty knob (default: the task's own)")
+    parser.add_argument("--task", default="countdown")
+    parser.add_argument("--difficulty", type=int, default=2, help="the task's difficulty knob (default: %(default)s)")
     parser.add_argument("--out", default="runs/bench-distill", help="work directory (the teacher is cached there)")
     parser.add_argument("--vocab", type=int, default=512, help="tokenizer size")
     parser.add_argument("--teacher-steps", type=int, default=1500)
     parser.add_argument("--teacher-lr", type=float, default=2e-3)
-    parser.add_argument("--student-steps", type=int, default=600)
+    parser.add_argument("--student-steps", type=int, default=1000)
     parser.add_argument("--student-lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=4000, help="training prompts every student run uses")
     parser.add_argument("--eval-every", type=int, default=50, help="student steps between accuracy measurements")
     parser.add_argument("--problems", type=int, default=200, help="held-out problems per measurement")
     parser.add_argument("--kl-temperature", type=float, default=1.0)
-    parser.add_argument("--modes", default=",".join(MODES), help="runs to make, comma-separated")
+    parser.add_argument("--modes", default="baseline,sft,fkl,rkl",
+                        help=f"runs to make, comma-separated, of {', '.join(MODES)} (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    parser.add_argument("--dtype", default="float32", help="train.dtype of every run: float32, bfloat16 or auto")
+    parser.add_argument("--dtype", default="float32",
+                        help="train.dtype of every run (default: %(default)s; bf16 autocast on a GPU currently fails "
+                             "in the model's grouped expert GEMM, whose expert weights stay float32)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--fresh", action="store_true", help="retrain the teacher even if OUT/teacher exists")
     parser.add_argument("--reuse", action="store_true",
@@ -129,18 +133,25 @@ def main() -> int:
         if mode == "baseline":
             sft_run(student_init, run_dir, task, args, steps=args.student_steps, lr=args.student_lr,
                     prompts=args.prompts, device=device, save_every=args.eval_every)
+        elif mode == "sft+rkl":  # on-policy distillation as it is meant to be used: after a warm start
+            half = args.student_steps // 2
+            reuse_teacher_answers(out, run_dir / "sft-half")
+            distill_run(teacher_dir / "final", student_init, run_dir / "sft-half", "sft", task, args, max_tokens,
+                        device, steps=half)
+            distill_run(teacher_dir / "final", run_dir / "sft-half" / "final", run_dir, "rkl", task, args, max_tokens,
+                        device, steps=args.student_steps - half)
         else:
-            previous = out / "student-sft"  # fkl trains on the same teacher answers: reuse them, not regenerate
-            if mode == "fkl" and (previous / "teacher_data.json").is_file():
-                run_dir.mkdir(parents=True)
-                for name in ("teacher_data.jsonl", "teacher_data.json"):
-                    shutil.copy(previous / name, run_dir / name)
+            if mode == "fkl":
+                reuse_teacher_answers(out, run_dir)
             distill_run(teacher_dir / "final", student_init, run_dir, mode, task, args, max_tokens, device)
         train_s = time.time() - t
         t = time.time()
         curve = [(0, init_acc)]
-        for step_dir in sorted(run_dir.glob("step-*")):
-            curve.append((int(step_dir.name.split("-")[1]), accuracy(step_dir, task, tok, args, max_tokens, device)["accuracy"]))
+        parts = [(run_dir / "sft-half", 0), (run_dir, args.student_steps // 2)] if mode == "sft+rkl" else [(run_dir, 0)]
+        for part, offset in parts:
+            for step_dir in sorted(part.glob("step-*")):
+                acc = accuracy(step_dir, task, tok, args, max_tokens, device)["accuracy"]
+                curve.append((offset + int(step_dir.name.split("-")[1]), acc))
         curves[mode] = curve
         runs[mode] = {"train_s": round(train_s, 1), "eval_s": round(time.time() - t, 1),
                       "tokens_per_s": throughput(run_dir / "metrics.jsonl"), "final_accuracy": curve[-1][1]}
@@ -160,7 +171,7 @@ def main() -> int:
               "student_parameters": student_params[0], "size_ratio": round(teacher_params[0] / student_params[0], 2),
               "active_ratio": round(teacher_params[1] / student_params[1], 2),
               "teacher_accuracy": teacher_eval["accuracy"], "student_steps": args.student_steps,
-              "batch_size": args.batch_size, "prompts": args.prompts, "problems": args.problems,
+              "batch_size": args.batch_size, "prompts": args.prompts, "problems": teacher_eval["problems"],
               "final_accuracy": {m: runs[m]["final_accuracy"] for m in runs},
               "curves": {m: [[s, round(a, 4)] for s, a in c] for m, c in curves.items()},
               "runs": runs, "teacher_tokens_per_s": throughput(teacher_dir / "metrics.jsonl")}
@@ -243,11 +254,22 @@ def sft_run(init: Path, out: Path, task, args, *, steps: int, lr: float, prompts
     return sft(config, init, out, verbose=False)
 
 
-def distill_run(teacher: Path, student: Path, out: Path, mode: str, task, args, max_tokens: int, device):
+def reuse_teacher_answers(out: Path, run_dir: Path) -> None:
+    """Copy the sft run's teacher answers into run_dir: distill finds them made by the same teacher and
+    sampling, and trains on them instead of asking the teacher again."""
+    previous = out / "student-sft"
+    if (previous / "teacher_data.json").is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("teacher_data.jsonl", "teacher_data.json"):
+            shutil.copy(previous / name, run_dir / name)
+
+
+def distill_run(teacher: Path, student: Path, out: Path, mode: str, task, args, max_tokens: int, device,
+                steps: int | None = None):
     from daulat.config import load_config
     from daulat.train.distill import TRAIN_DEFAULTS, distill, schema
 
-    overrides = train_overrides(args, args.student_steps, args.student_lr, device, args.eval_every) + [
+    overrides = train_overrides(args, steps or args.student_steps, args.student_lr, device, args.eval_every) + [
         f"distill.mode=\"{mode}\"", f"distill.task=\"{task.name}\"", f"distill.prompts={args.prompts}",
         f"distill.teacher_max_tokens={max_tokens}", f"distill.student_max_tokens={max_tokens}",
         "distill.teacher_temperature=0.0", f"distill.kl_temperature={args.kl_temperature}", "train.seq_len=256"]
@@ -303,7 +325,8 @@ def plot(curves: dict, teacher_accuracy: float, task: str, path: Path, result: d
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     labels = {"baseline": "task data alone", "sft": "sft (teacher answers)", "fkl": "fkl (forward KL)",
-              "rkl": "rkl (on-policy reverse KL)"}
+              "rkl": "rkl (on-policy reverse KL)",
+              "sft+rkl": "sft, then rkl (half the steps each)"}
     for mode, curve in curves.items():
         steps, acc = zip(*curve)
         ax.plot(steps, acc, marker="o", markersize=3, label=labels[mode])

@@ -124,6 +124,11 @@ class LocalTeacher:
 
     def describe(self) -> dict:
         """Who the teacher is, for provenance: path, content hashes, size, how it was made."""
+        if getattr(self, "_description", None) is None:
+            self._description = self._describe()
+        return dict(self._description)
+
+    def _describe(self) -> dict:
         c = self.model.config
         weights = sorted(self.path.glob("*.safetensors"))
         size = sum(f.stat().st_size for f in weights)
