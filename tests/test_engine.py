@@ -286,3 +286,20 @@ async def _collect(handle):
         ids += delta.token_ids
         text += delta.text
     return ids, text
+
+
+def test_daulat_chat_one_shot_and_interactive(checkpoint, capsys, monkeypatch):
+    from daulat import cli
+
+    assert cli.main(["chat", str(checkpoint), "-p", "Hello", "--temperature", "0", "--max-tokens", "8"]) == 0
+    one_shot = capsys.readouterr().out
+    assert one_shot.endswith("\n") and len(one_shot) > 1
+
+    typed = iter(["Hello", "/clear", "/nonsense", "Hello", "/quit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    assert cli.main(["chat", str(checkpoint), "--temperature", "0", "--max-tokens", "8"]) == 0
+    out = capsys.readouterr()
+    # after /clear the same message gets the same greedy reply as the one-shot
+    assert out.out.count(one_shot) == 2
+    assert "new conversation" in out.err and "unknown command /nonsense" in out.err
+    assert next(typed) == "never read"

@@ -3,6 +3,7 @@ length, logprobs, seeds, keys and errors in OpenAI's shape, and a bounded load t
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -182,6 +183,28 @@ def test_32_concurrent_streaming_clients_all_finish(server):
     health = httpx.get(server.url + "/health")
     assert health.status_code == 200 and health.json()["requests_in_flight"] == 0
     assert max(before, health.json()["engine"]["peak_batch"]) >= 8  # requests shared decode steps
+
+
+def test_a_client_that_goes_away_frees_its_sequence(server):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=headers, timeout=30) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    for _ in range(100):  # bounded: the abort reaches the engine within a few steps
+        if httpx.get(server.url + "/health").json()["requests_in_flight"] == 0:
+            break
+        time.sleep(0.05)
+    assert httpx.get(server.url + "/health").json()["requests_in_flight"] == 0
+
+
+def test_serve_rejects_bad_input_in_one_line(tmp_path, checkpoint):
+    import subprocess
+    import sys
+
+    for args in (["serve", str(tmp_path / "missing")], ["serve", str(checkpoint), "--max-num-seqs", "0"]):
+        done = subprocess.run([sys.executable, "-m", "daulat.cli", *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "error" in done.stderr
 
 
 def test_health_is_503_while_loading_and_429_when_full(checkpoint):

@@ -334,7 +334,10 @@ class RequestHandle:
 
     def _push(self, deltas: list[Delta]) -> None:  # called on the engine's thread
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(self._queue.put_nowait, deltas)
+            try:
+                self.loop.call_soon_threadsafe(self._queue.put_nowait, deltas)
+            except RuntimeError:  # the consumer's event loop has closed: nobody is listening any more
+                pass
         else:
             self._queue.put(deltas)
 
