@@ -35,6 +35,7 @@ class ModelRunner:
         self.device, self.dtype = weight.device, weight.dtype
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self.decode_path = decode_path
+        _check_cache_fits(model.config, max_num_seqs, max_model_len, weight)
         self.cache = SlotCache(model.config, max_num_seqs, max_model_len, device=self.device, dtype=self.dtype)
 
     @property
@@ -196,6 +197,24 @@ class ModelRunner:
             rows.append(torch.mm(weights[b : b + 1], outs))  # the router-weighted sum of the K experts
         routed = torch.cat(rows) if B > 1 else rows[0]
         return routed + _swiglu(h, *w.shared) if w.shared is not None else routed
+
+
+def _check_cache_fits(config, slots: int, length: int, weight: torch.Tensor) -> None:
+    """A one-line error, rather than an allocation failure, when the cache cannot fit in memory."""
+    import os
+
+    from daulat.errors import DaulatError
+
+    needed = slots * length * config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * weight.element_size()
+    if weight.device.type == "cuda":
+        available = torch.cuda.mem_get_info(weight.device)[0]
+    elif hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    else:
+        return
+    if needed > available:
+        raise DaulatError(f"the latent KV cache for {slots} sequences of {length} tokens needs {needed / 2**30:.1f} GiB, "
+                          f"more than the {available / 2**30:.1f} GiB available: lower max_num_seqs or max_model_len")
 
 
 class SlotCache(LatentCache):
