@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from daulat import __version__
@@ -31,6 +32,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("daulat.inspect", "print a checkpoint's architecture, parameter counts and KV-cache size"),
     "card": ("daulat.report", "print a checkpoint's model card"),
 }
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*\.[A-Za-z_]\w*=")
 
 
 def _available(module: str) -> bool:
@@ -63,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `section.key=value` overrides may stand anywhere, e.g. between a command's options
+    if extra and hasattr(args, "overrides") and all(_OVERRIDE.match(e) for e in extra):
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0

@@ -102,3 +102,13 @@ def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
         ckpt.save_model(model, tmp_path / "c", info={"n": 2})
     assert (tmp_path / "c" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_overrides_may_stand_between_options(tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["init", "--out", str(out), "model.num_hidden_layers=3", "--seed", "1", "model.hidden_size=96"]) == 0
+    assert main(["inspect", str(out), "--json"]) == 0
+    import json
+
+    facts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert facts["layers"] == 3 and facts["hidden_size"] == 96
