@@ -4,18 +4,20 @@
              to the slots' rows of the cache through its cache protocol (`LatentCache.rows`)
     decode:  last tokens [B, 1] of any subset of slots -> absorbed attention against the cached latents
 
-The cache is `daulat.model.LatentCache` allocated once for `max_num_seqs` slots of `max_model_len`
-tokens: per token and layer it holds only kv_lora_rank + qk_rope_head_dim numbers (never per-head
-keys or values). Nothing the size of the cache is allocated after start-up.
+The cache (`SlotCache`, a `daulat.model.LatentCache`) is allocated once for `max_num_seqs` slots of
+`max_model_len` tokens: per token and layer it holds only kv_lora_rank + qk_rope_head_dim numbers
+(never per-head keys or values). Nothing the size of the cache is allocated after start-up.
 
 Decoding has two implementations of the same absorbed attention. `decode_path="model"` calls the
 model's own forward with the cache (`MLA._absorbed`). `decode_path="fast"` (the default) runs the
-same arithmetic from the same parameters, written for one token per sequence: plain `bmm`s instead
-of general einsums, the latent and RoPE key of a token in one cache row scored by one `bmm`, the cache read as a view when the batch's slots are
-contiguous, and routed experts computed only for the experts a small batch actually chose. On a CPU
-a decode step of a small model is mostly per-operator overhead, so this cuts it several-fold. It
-reads the parameters on every step (nothing is copied or folded), so it follows a model that is
-being trained between generations (GRPO). Tests pin both paths to the plain forward.
+same arithmetic from the same parameters, written for one token per sequence: a token's latent and
+RoPE key share one cache row, scored against [W_UK-absorbed query | rotated query] by one `bmm`;
+RoPE is one small matmul per layer with a rotation built once per step; the batch's rows are read as
+a view of the cache when its slots are consecutive; and a small batch runs only the experts it chose
+rather than a grouped GEMM over all of them. On a CPU a decode step of a small model is mostly
+per-operator overhead, and this halves it. Weights are read in place (views, nothing folded or
+copied), so the fast path follows a model trained between generations (GRPO). Tests pin both paths
+to the plain forward over a spread of configurations.
 """
 
 from __future__ import annotations
