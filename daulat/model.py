@@ -190,10 +190,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32 and scale in the input dtype, as transformers does
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # normalise in float32 and scale in the input dtype, as transformers does; F.rms_norm is the
+        # same x * rsqrt(mean(x^2) + eps) as one fused kernel instead of five elementwise ones
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -337,11 +337,16 @@ class MLA(nn.Module):
         k_nope, v = self.kv_b_proj(kv_latent).view(B, S, H, self.nope + self.v_dim).split([self.nope, self.v_dim], -1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, self.rope)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
+        qk_dim = self.nope + self.rope
+        if self.v_dim < qk_dim:
+            # SDPA's fused (flash) kernels need one head size for q, k and v and otherwise fall back
+            # to the unfused math path; zero columns of v only add zero columns to the output
+            v = F.pad(v, (0, qk_dim - self.v_dim))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, is_causal=mask is None, scale=self.scale,
-        )  # [B, H, T, v]
-        return out.transpose(1, 2)
+        )  # [B, H, T, max(v, n+r)]
+        return out[..., : self.v_dim].transpose(1, 2)
 
     def _absorbed(self, q_nope, q_pe, kv_latent, k_pe, mask):
         """Attention in latent space: kv_b_proj's key half is folded into the query and its value half
@@ -454,13 +459,18 @@ class MoE(nn.Module):
         order = expert_of_slot.argsort(stable=True)
         counts = torch.bincount(expert_of_slot, minlength=self.n_experts)
         token_of_slot = order // self.top_k
-        xs = flat[token_of_slot]  # [N*K, D], grouped by expert
+        # index_select rather than flat[idx]: its backward is an index_add, about half the cost on CPU
+        # of the accumulating index_put that advanced indexing's backward runs
+        xs = flat.index_select(0, token_of_slot)  # [N*K, D], grouped by expert
         gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), counts).chunk(2, dim=-1)
-        ys = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), counts)  # [N*K, D]
-        ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
-        out = torch.zeros_like(flat).index_add_(0, token_of_slot, ys)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
+        # the routing weight scales the [N*K, I] activation rather than the [N*K, D] output: the
+        # down projection is linear, and usually I < D
+        hidden = F.silu(gate) * up * weights.reshape(-1)[order, None].to(up.dtype)
+        ys = grouped_mm(hidden, self.down_proj.transpose(1, 2), counts)  # [N*K, D]
+        # routed outputs are summed into the shared experts' output in place (autograd allows it:
+        # a linear layer's backward does not need its own output)
+        out = self.shared_experts(flat) if self.shared_experts is not None else torch.zeros_like(flat)
+        out = out.index_add_(0, token_of_slot, ys)
         if self.training:
             self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype).detach()
             self.aux_loss = self._sequence_balance_loss(scores, topk_idx, B, T) if self.seq_aux_loss_alpha > 0 else None
@@ -513,6 +523,56 @@ class MTPModule(nn.Module):
     def forward(self, h_prev, emb_next, cos, sin):
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
         return self.block(h, cos, sin)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of the logits F.linear(h, weight) against targets: h [N, D], weight [V, D],
+    targets [N] -> scalar. The value and gradients of F.cross_entropy(logits.float(), targets).
+
+    When gradients are wanted, the logits are made a chunk of rows at a time and turned into their
+    gradient (softmax - one-hot) and then into h's and weight's at once, so that the [N, V] logits,
+    log-probabilities and their gradient never exist whole: each chunk stays in the CPU's cache
+    (about a third less time for the head and loss of the tiny preset on CPU), and a large
+    vocabulary does not need N * V floats several times over. The price: both gradients are made in
+    the forward pass and held until backward (weight's as float32). Under autocast (bf16 training on
+    GPU) the plain path runs, so that autocast alone picks the precision of each product.
+    """
+    wants_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    if not wants_grad or torch.is_autocast_enabled(h.device.type):
+        return F.cross_entropy(F.linear(h, weight).float(), targets, ignore_index=ignore_index)
+    return _LinearCrossEntropy.apply(h, weight, targets, ignore_index)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index):
+        valid = targets != ignore_index
+        n_valid = valid.sum()
+        # d(mean loss)/d(logits) = (softmax - one_hot) / n_valid on valid rows, 0 on ignored ones
+        row_scale = (valid / n_valid.clamp(min=1)).unsqueeze(1)  # [N, 1]
+        safe_targets = targets.masked_fill(~valid, 0).unsqueeze(1)  # [N, 1]
+        loss_sum = torch.zeros((), device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        rows = max(256, 2**19 // weight.shape[0])  # about 2 MiB of float32 logits per chunk
+        for start in range(0, h.shape[0], rows):
+            chunk = slice(start, start + rows)
+            logits = F.linear(h[chunk], weight).float()  # [n, V]
+            lse = logits.logsumexp(dim=-1, keepdim=True)  # [n, 1]
+            loss_sum += ((lse - logits.gather(1, safe_targets[chunk])) * valid[chunk, None]).sum()
+            grad = logits.sub_(lse).exp_()  # the softmax, in place of the logits
+            grad.scatter_add_(1, safe_targets[chunk], grad.new_full(lse.shape, -1.0))
+            grad *= row_scale[chunk]
+            grad_h[chunk] = grad.to(h.dtype) @ weight
+            grad_weight.addmm_(grad.t(), h[chunk].float())
+        ctx.save_for_backward(grad_h, grad_weight.to(weight.dtype))
+        return loss_sum / n_valid  # NaN when every target is ignored, as F.cross_entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_weight = ctx.saved_tensors
+        return grad_h * grad_loss, grad_weight * grad_loss, None, None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -594,8 +654,7 @@ class DeepseekV3(nn.Module):
         Returns (loss, stats) where stats holds detached floats: ce, mtp, balance.
         """
         h = self.hidden_states(input_ids)
-        logits = self.lm_head(self.norm(h))
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+        ce = linear_cross_entropy(self.norm(h).flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index)
         loss, stats = ce, {"ce": ce.detach()}
         if len(self.mtp):
             mtp_losses = []
@@ -606,9 +665,8 @@ class DeepseekV3(nn.Module):
                 positions = torch.arange(T - k, device=input_ids.device).expand(input_ids.shape[0], T - k)
                 cos, sin = self.rope(positions, h.dtype)
                 h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), cos, sin)
-                mtp_logits = self.lm_head(module.norm(h))
-                mtp_losses.append(F.cross_entropy(mtp_logits.flatten(0, 1).float(), targets[:, k:].flatten(),
-                                                  ignore_index=ignore_index))
+                mtp_losses.append(linear_cross_entropy(module.norm(h).flatten(0, 1), self.lm_head.weight,
+                                                       targets[:, k:].flatten(), ignore_index))
             if mtp_losses:
                 mtp = torch.stack(mtp_losses).mean()
                 loss = loss + self.config.mtp_loss_weight * mtp
