@@ -1,0 +1,224 @@
+"""Training-step throughput: daulat vs. transformers' DeepseekV3ForCausalLM, side by side in one run.
+
+One step = forward + cross-entropy + backward + AdamW step (+ daulat's router-bias update, which is
+part of its training step). Both models have the same config (transformers' DeepseekV3Config built
+from ModelConfig.to_hf_dict()) and the same weights (transformers loads the checkpoint daulat
+writes, and the script checks that the logits agree), see the same batches, and run in the same
+process with the same threads; their steps are interleaved so that drift in the machine's speed
+hits both alike. Warm-up steps are not timed; the figure is tokens / median step time.
+
+    python bench/train_step.py                                  # CPU, float32, the `tiny` preset
+    python bench/train_step.py --threads 1 --clock cpu          # a shared CPU: count only our CPU time
+    python bench/train_step.py --device cuda --dtype bf16       # GPU; also reports MFU
+
+Prints a summary, then one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from daulat.checkpoint import save_model
+from daulat.config import read_preset
+from daulat.model import DeepseekV3, ModelConfig
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+# keys of ModelConfig.to_hf_dict() that are daulat's own (or derived) and not DeepseekV3Config arguments
+DAULAT_ONLY_KEYS = ("model_type", "architectures", "qk_head_dim", "head_dim", "dtype", "mtp_loss_weight",
+                    "bias_update_speed", "seq_aux_loss_alpha", "num_nextn_predict_layers")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="tiny", help="model preset from daulat/recipes (default: tiny)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's train.batch_size, else 8")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the preset's train.seq_len, else 256")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="wall: elapsed time (default); cpu: this process's CPU time, which leaves out the time "
+                        "other processes hold the cores (one thread on CPU only)")
+    p.add_argument("--attn", default=None,
+                   help="transformers attn_implementation (default: transformers' own choice, sdpa where torch has it)")
+    p.add_argument("--experts", default=None,
+                   help="transformers experts_implementation (default: transformers' own choice)")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="accelerator peak dense TFLOP/s for MFU (default: H100 SXM bf16, 989)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> dict:
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "load_average_1m": round(os.getloadavg()[0], 2)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_flops_per_token(model: DeepseekV3, seq_len: int) -> int:
+    """6 * N_active (matmul weights a token touches, lm_head included, embedding lookup not) plus
+    attention's score and value matmuls, 6 * L * H * T * (qk_head_dim + v_head_dim), counted without
+    the causal half (PaLM's convention)."""
+    c = model.config
+    n_active = model.num_parameters(active=True, embeddings=False) + model.lm_head.weight.numel()
+    attention = 6 * c.num_hidden_layers * c.num_attention_heads * seq_len * (c.qk_head_dim + c.v_head_dim)
+    return 6 * n_active + attention
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"--device {args.device}: this torch build sees no CUDA device", file=sys.stderr)
+        return 2
+    if args.clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        print("--clock cpu measures one CPU thread: use it with --device cpu --threads 1", file=sys.stderr)
+        return 2
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    try:
+        import transformers
+    except ImportError:
+        print("bench/train_step.py needs transformers (pip install -e '.[test]')", file=sys.stderr)
+        return 2
+
+    preset = read_preset(args.preset)
+    config = ModelConfig(**preset["model"])
+    B = args.batch_size or preset.get("train", {}).get("batch_size", 8)
+    T = args.seq_len or preset.get("train", {}).get("seq_len", 256)
+    V = config.vocab_size
+    torch.manual_seed(args.seed)
+    ours = DeepseekV3(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(ours, Path(tmp) / "ckpt")
+        hf_config = {k: v for k, v in config.to_hf_dict().items() if k not in DAULAT_ONLY_KEYS}
+        load_kwargs = {"config": transformers.DeepseekV3Config(**hf_config), "dtype": torch.float32}
+        if args.attn:
+            load_kwargs["attn_implementation"] = args.attn
+        if args.experts:
+            load_kwargs["experts_implementation"] = args.experts
+        peer = transformers.DeepseekV3ForCausalLM.from_pretrained(Path(tmp) / "ckpt", **load_kwargs)
+    ours, peer = ours.to(device, dtype).train(), peer.to(device, dtype).train()
+    peer.config.use_cache = False
+
+    n_batches = args.warmup + args.steps
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    batches = [torch.randint(0, V, (B, T + 1), generator=gen).to(device) for _ in range(n_batches)]
+
+    # the same function: logits agree before any step is taken
+    with torch.no_grad():
+        ours.eval(), peer.eval()
+        ids = batches[0][:, :T]
+        logits_diff = (ours(ids).float() - peer(input_ids=ids).logits.float()).abs().max().item()
+        ours.train(), peer.train()
+
+    def ours_step(batch):
+        loss, _ = ours.training_loss(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        ours_opt.step()
+        ours_opt.zero_grad(set_to_none=True)
+        ours.update_router_bias()
+        return loss
+
+    def peer_step(batch):
+        logits = peer(input_ids=batch[:, :-1], use_cache=False).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        loss.backward()
+        peer_opt.step()
+        peer_opt.zero_grad(set_to_none=True)
+        return loss
+
+    # torch's default AdamW for both, as daulat's training loop builds it
+    ours_opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    peer_opt = torch.optim.AdamW(peer.parameters(), lr=1e-3)
+    times = {"daulat": [], "transformers": []}
+    losses = {"daulat": [], "transformers": []}
+    for i, batch in enumerate(batches):
+        for name, step in (("daulat", ours_step), ("transformers", peer_step)):
+            sync(device)
+            start = clock()
+            loss = step(batch)
+            sync(device)
+            elapsed = clock() - start
+            if i >= args.warmup:
+                times[name].append(elapsed)
+            losses[name].append(loss.item())
+
+    tokens = B * T
+    tok_s = {name: tokens / statistics.median(t) for name, t in times.items()}
+    ratio = tok_s["daulat"] / tok_s["transformers"]
+    experts_impl = getattr(peer.config, "_experts_implementation", None)
+    result = {
+        "bench": "train_step",
+        "daulat_tok_s": round(tok_s["daulat"], 1),
+        "transformers_tok_s": round(tok_s["transformers"], 1),
+        "ratio": round(ratio, 3),
+        "step_s": {name: [round(x, 4) for x in t] for name, t in times.items()},
+        "device": str(device), "dtype": args.dtype, "clock": args.clock,
+        "batch_size": B, "seq_len": T, "warmup": args.warmup, "steps": args.steps,
+        "preset": args.preset,
+        "params": {"total": ours.num_parameters(), "active": ours.num_parameters(active=True)},
+        "transformers": {"version": transformers.__version__, "attn_implementation": peer.config._attn_implementation,
+                         "experts_implementation": experts_impl},
+        "initial_logits_max_abs_diff": logits_diff,
+        "final_loss": {name: round(v[-1], 4) for name, v in losses.items()},
+        "config": config.to_hf_dict(),
+        "machine": machine(device),
+    }
+    if device.type == "cuda":
+        flops = train_flops_per_token(ours, T)
+        result["flops_per_token"] = flops
+        result["peak_tflops"] = args.peak_tflops
+        result["mfu"] = {name: round(flops * v / (args.peak_tflops * 1e12), 4) for name, v in tok_s.items()}
+
+    print(f"training step, preset {args.preset!r}: {ours.num_parameters() / 1e6:.2f}M parameters "
+          f"({ours.num_parameters(active=True) / 1e6:.2f}M active), batch {B} x {T} tokens, "
+          f"{args.dtype} on {device} ({result['machine']['cpu']}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, load average {result['machine']['load_average_1m']}, {args.clock} clock)")
+    print(f"transformers {transformers.__version__}: attention {result['transformers']['attn_implementation']}, "
+          f"experts {experts_impl}; initial logits max |diff| {logits_diff:.2e}")
+    for name in ("daulat", "transformers"):
+        step_ms = tokens / tok_s[name] * 1e3
+        line = f"  {name:13s} {tok_s[name]:10.1f} tok/s  (median of {args.steps} steps, {step_ms:.1f} ms/step)"
+        if "mfu" in result:
+            line += f"  MFU {100 * result['mfu'][name]:.1f}%"
+        print(line)
+    print(f"  ratio daulat / transformers: {ratio:.2f}x")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
