@@ -84,6 +84,14 @@ def check_llama_cpp(config) -> None:
                 refuse(f"rope_scaling.{key}", value, f"llama.cpp's deepseek2 always uses {default}")
 
 
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise DaulatError("GGUF export needs the gguf package: pip install 'daulat[export]'") from None
+    return gguf
+
+
 def _has_moe(config) -> bool:
     return config.first_k_dense_replace < config.num_hidden_layers
 
@@ -170,7 +178,7 @@ def gguf_tensors(model):
 
 def _tensor_type(name: str, array, dtype: str):
     """llama.cpp keeps norms, biases, 1-D tensors and the router in float32 whatever the file type."""
-    from gguf import GGMLQuantizationType as Q
+    Q = _gguf().GGMLQuantizationType
 
     if array.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or ".ffn_gate_inp." in name:
         return Q.F32
@@ -203,16 +211,16 @@ def _yarn_keys(config) -> dict:
 def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     """The tokenizer as llama.cpp reads it: tokens (padded to the model's vocab), token types, merges,
     special ids. A tokenizer llama.cpp would split differently is a DaulatError naming the field."""
-    import gguf
+    gguf = _gguf()
 
     spec = json.loads(tokenizer.tokenizer.to_str())
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise DaulatError(f"cannot export to GGUF: tokenizer model {model.get('type')!r}: only byte-level BPE is supported")
-    for key, ok in (("dropout", None), ("unk_token", None), ("continuing_subword_prefix", None),
-                    ("end_of_word_suffix", None), ("byte_fallback", False), ("ignore_merges", False)):
-        if model.get(key, ok) not in (ok, "") and not (key == "dropout" and model.get(key) == 0):
-            raise DaulatError(f"cannot export to GGUF: tokenizer model.{key} = {model.get(key)!r}: llama.cpp's BPE has no such option")
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback", "ignore_merges"):
+        if model.get(key):  # None, "", 0 and False are the plain BPE that llama.cpp runs
+            raise DaulatError(f"cannot export to GGUF: tokenizer model.{key} = {model.get(key)!r}: "
+                              "llama.cpp's BPE has no such option")
     if spec.get("normalizer") is not None:
         raise DaulatError(f"cannot export to GGUF: tokenizer normalizer {spec['normalizer'].get('type')!r}: "
                           "llama.cpp's byte-level BPE does not normalize")
@@ -281,7 +289,7 @@ def _chat_template(checkpoint: Path) -> str | None:
 def write_gguf(model, tokenizer, path, dtype: str = "f32", name: str = "daulat", chat_template: str | None = None) -> dict:
     """Write `model` + `tokenizer` as a llama.cpp deepseek2 GGUF file at `path`, atomically.
     Returns {"tensors": count, "bytes": file size, "types": {gguf type name: count}}."""
-    import gguf
+    gguf = _gguf()
 
     config = model.config
     check_llama_cpp(config)
