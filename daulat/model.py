@@ -413,6 +413,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     One grouped GEMM (`torch._grouped_mm`) where this build supports it for the device and dtype;
     otherwise one matmul per contiguous chunk of rows (still no masking over all tokens).
     """
+    # autocast does not cover _grouped_mm: give it the autocast dtype (bf16 training) or x's own
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    x, w = x.to(dtype), w.to(dtype)
     if _grouped_mm_ok(x, w):
         return torch._grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
     chunks = x.split(counts.tolist())
