@@ -121,7 +121,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     filtered = [i for i, p in enumerate(params) if not p.greedy and (p.top_k or p.top_p < 1)]
     for rows, filter_rows in ((plain, False), (filtered, True)):
         if rows:
-            index = torch.tensor(rows)
+            index = torch.tensor(rows, device=logits.device)
             picked = _draw(logits[index], [params[i] for i in rows], [generators[i] for i in rows], filter_rows)
             tokens[index] = picked
     token_logprobs = logprobs.gather(1, tokens[:, None])[:, 0]
@@ -139,18 +139,19 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[t
           filter_rows: bool) -> torch.Tensor:
     """Inverse-CDF sampling of one token per row of logits [b, V], with temperature and optional top-k/top-p."""
     b, V = logits.shape
-    scaled = logits / torch.tensor([p.temperature for p in params])[:, None]
+    dev = logits.device  # the filtering runs where the logits are; the draws come from CPU generators
+    scaled = logits / torch.tensor([p.temperature for p in params], device=dev)[:, None]
     order = None
     if filter_rows:  # filter in sorted order: ranks beyond k, then the tail beyond top_p of the mass
         scaled, order = scaled.sort(dim=-1, descending=True)
-        k = torch.tensor([p.top_k if p.top_k else V for p in params])
-        scaled = scaled.masked_fill(torch.arange(V)[None, :] >= k[:, None], float("-inf"))
+        k = torch.tensor([p.top_k if p.top_k else V for p in params], device=dev)
+        scaled = scaled.masked_fill(torch.arange(V, device=dev)[None, :] >= k[:, None], float("-inf"))
     probs = scaled.softmax(dim=-1)
     if filter_rows:
-        top_p = torch.tensor([p.top_p if p.top_p < 1 else float("inf") for p in params])
+        top_p = torch.tensor([p.top_p if p.top_p < 1 else float("inf") for p in params], device=dev)
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p[:, None], 0.0)
     cdf = probs.cumsum(dim=-1)  # [b, V], unnormalised after filtering
-    uniform = torch.stack([torch.rand((), generator=g) for g in generators])  # one draw per row
+    uniform = torch.stack([torch.rand((), generator=g) for g in generators]).to(dev)  # one draw per row
     pick = (cdf <= (uniform * cdf[:, -1])[:, None]).sum(dim=-1)
     last_kept = V - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(dim=-1)  # rounding can overshoot the top
     pick = torch.minimum(pick, last_kept)
