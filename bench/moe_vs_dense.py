@@ -14,7 +14,7 @@ Wall-clock time is reported too: on a CPU the MoE's routing and gather/scatter c
 FLOP count does not show.
 
     python bench/moe_vs_dense.py                  # 250 steps each
-    python bench/moe_vs_dense.py --steps 500 --threads 2
+    python bench/moe_vs_dense.py --steps 500 --threads 2 --seed 1
 
 Prints a summary, then one JSON line last.
 """
@@ -57,13 +57,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=250, help="optimizer steps of each run (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default: %(default)s)")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--out", help="directory for both runs (default: a temporary one)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    overrides = [f"train.steps={args.steps}", "train.save_every=0", f"train.eval_every={args.steps}",
+    overrides = [f"train.steps={args.steps}", f"train.seed={args.seed}", "train.save_every=0", f"train.eval_every={args.steps}",
                  "train.eval_batches=8", "data.val_fraction=0.02"]
     moe_cfg = load_config(schema(), preset=args.preset, overrides=overrides)
     results = {}
@@ -104,7 +105,7 @@ def main() -> int:
     moe, dense = results["moe"], results["dense"]
     winner = "moe" if moe["val_loss"] < dense["val_loss"] else "dense"
     result = {
-        "bench": "moe_vs_dense", "preset": args.preset, "steps": args.steps,
+        "bench": "moe_vs_dense", "preset": args.preset, "steps": args.steps, "seed": args.seed,
         "tokens_per_step": moe_cfg["train"].batch_size * moe_cfg["train"].seq_len,
         "moe": moe, "dense": dense,
         "val_loss_moe_minus_dense": round(moe["val_loss"] - dense["val_loss"], 4),
