@@ -173,3 +173,185 @@ def run(args) -> int:
     else:
         print(model_card(model, info))
     return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Report card of a pipeline run (daulat speedrun): tables and plots from the runs' own metrics files
+# ------------------------------------------------------------------------------------------------
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl (a torn last line from a killed run is skipped)."""
+    from pathlib import Path
+
+    records = []
+    file = Path(path)
+    if not file.is_file():
+        return records
+    for line in file.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _last(records: list[dict], key: str):
+    values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+    return values[-1] if values else None
+
+
+def stage_row(name: str, stage_dir, evaluation: dict | None) -> dict:
+    """One row of the report's stage table, every number read from the stage's files."""
+    from pathlib import Path
+
+    from daulat.checkpoint import load_info
+
+    stage_dir = Path(stage_dir)
+    records = read_metrics(stage_dir / "metrics.jsonl")
+    info = load_info(stage_dir / "final") if (stage_dir / "final").is_dir() else {}
+    compute = info.get("compute", {})
+    row = {
+        "stage": name,
+        "wall_time_s": compute.get("wall_time_s"),
+        "tokens": compute.get("tokens", _last(records, "tokens")),
+        "flops": compute.get("flops"),
+        "parameters_total": compute.get("parameters_total"),
+        "parameters_active": compute.get("parameters_active"),
+        "final_loss": _last(records, "loss"),
+        "final_val_loss": _last(records, "val_loss"),
+    }
+    if evaluation:  # held-out task accuracy of the stage's final checkpoint
+        row["accuracy"] = evaluation.get("accuracy")
+        for k, v in (evaluation.get("pass@k") or {}).items():
+            row[f"pass@{k}"] = v
+        row["answer_tokens"] = evaluation.get("mean_answer_tokens")
+    return row
+
+
+def plot_stages(stages: dict, out_dir) -> list[str]:
+    """PNG plots of the stages' metrics in out_dir; returns the file names written."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    written = []
+    metrics = {name: read_metrics(Path(d) / "metrics.jsonl") for name, d in stages.items()}
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, records in metrics.items():
+        if name == "grpo":  # a policy-gradient surrogate, not a likelihood: it has its own plot
+            continue
+        for key, style in (("loss", "-"), ("val_loss", "o--")):
+            x, y = _series(records, key)
+            if x:
+                ax.plot(x, y, style, label=f"{name} {key}")
+    if ax.lines:
+        ax.set(xlabel="step", ylabel="loss", title="Loss curves")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "loss.png", dpi=110)
+        written.append("loss.png")
+    plt.close(fig)
+
+    for name, records in metrics.items():
+        loads = [(r["step"], r["expert_load_max_over_mean"]) for r in records
+                 if isinstance(r.get("expert_load_max_over_mean"), list)]
+        if not loads:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for layer in range(len(loads[0][1])):
+            ax.plot([s for s, _ in loads], [v[layer] for _, v in loads], label=f"MoE layer {layer}")
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.set(xlabel="step", ylabel="max / mean tokens per expert", title=f"Expert load balance ({name})")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"expert_load_{name}.png", dpi=110)
+        written.append(f"expert_load_{name}.png")
+        plt.close(fig)
+
+    for name, records in metrics.items():
+        keys = [k for k in ("reward_mean", "accuracy", "eval_accuracy", "val_accuracy")
+                if _series(records, k)[0]]
+        if not keys or name == "pretrain":
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in keys:
+            x, y = _series(records, key)
+            ax.plot(x, y, marker="." if len(x) < 40 else None, label=key)
+        ax.set(xlabel="step", title=f"{name}: reward and accuracy")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"curves_{name}.png", dpi=110)
+        written.append(f"curves_{name}.png")
+        plt.close(fig)
+    return written
+
+
+def _table(rows: list[dict]) -> list[str]:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r.get(k)) for k in keys) + " |")
+    return lines
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int) and abs(v) >= 10000:
+        return f"{v:,}"
+    return str(v)
+
+
+def write_report(out_dir, stages: dict, evaluations: dict, title: str = "daulat report card",
+                 extra: dict | None = None) -> dict:
+    """OUT/report.md, OUT/report.html (self-contained: plots embedded) and the PNGs.
+
+    stages: name -> stage output directory (holding metrics.jsonl and final/);
+    evaluations: name -> the eval JSON of that stage's final checkpoint.
+    Returns {"rows": [...], "plots": [...]}.
+    """
+    import base64
+    import html
+    from pathlib import Path
+
+    out_dir = Path(out_dir)
+    rows = [stage_row(name, d, evaluations.get(name)) for name, d in stages.items()]
+    plots = plot_stages(stages, out_dir)
+    md = [f"# {title}", ""]
+    for key, value in (extra or {}).items():
+        md.append(f"- {key}: {value}")
+    md += ["", "## Stages", "", *_table(rows), "", "## Plots", ""]
+    md += [f"![{p}]({p})" for p in plots]
+    (out_dir / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+
+    body = [f"<h1>{html.escape(title)}</h1>", "<ul>"]
+    body += [f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in (extra or {}).items()]
+    body += ["</ul>", "<h2>Stages</h2>", "<table>"]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    body.append("<tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>")
+    for r in rows:
+        body.append("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(k)))}</td>" for k in keys) + "</tr>")
+    body += ["</table>", "<h2>Plots</h2>"]
+    for p in plots:
+        data = base64.b64encode((out_dir / p).read_bytes()).decode()
+        body.append(f'<figure><img alt="{p}" src="data:image/png;base64,{data}"><figcaption>{p}</figcaption></figure>')
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:right}th{background:#f3f3f3}img{max-width:100%}")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+    (out_dir / "report.html").write_text(page, encoding="utf-8")
+    return {"rows": rows, "plots": plots}
