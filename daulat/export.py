@@ -441,8 +441,16 @@ def export_gguf(checkpoint, out, dtype: str | None = None) -> dict:
     if tokenizer is None:
         raise DaulatError(f"checkpoint {checkpoint} has no tokenizer.json: a GGUF file carries its tokenizer")
     model = load_model(checkpoint)
-    return write_gguf(model, tokenizer, out, dtype or _stored_dtype(checkpoint), name=checkpoint.resolve().name,
+    return write_gguf(model, tokenizer, out, dtype or _stored_dtype(checkpoint), name=_model_name(checkpoint),
                       chat_template=_chat_template(checkpoint))
+
+
+def _model_name(checkpoint: Path) -> str:
+    """general.name: the checkpoint's directory, with its run's for a trainer's final/ or step-N/."""
+    path = checkpoint.resolve()
+    if path.name == "final" or path.name.startswith("step-"):
+        return f"{path.parent.name}-{path.name}"
+    return path.name
 
 
 def _tokenizer_or_none(checkpoint: Path):

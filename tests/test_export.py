@@ -301,11 +301,12 @@ def test_gguf_needs_the_tokenizer(tmp_path, capsys):
 
 
 def test_cli_gguf_default_dtype_is_the_checkpoints(tmp_path, tokenizer, capsys):
-    save_model(_model(), tmp_path / "ckpt", tokenizer=tokenizer)
-    assert main(["export", str(tmp_path / "ckpt"), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    save_model(_model(), tmp_path / "run" / "final", tokenizer=tokenizer)
+    assert main(["export", str(tmp_path / "run" / "final"), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
     assert "GGUF deepseek2" in capsys.readouterr().out
     kv, _ = _read(tmp_path / "m.gguf")
     assert kv["general.file_type"] == 0 and kv["tokenizer.chat_template"] == CHAT_TEMPLATE
+    assert kv["general.name"] == "run-final"
 
 
 # ------------------------------------------------------------------------------------------------ --format hf

@@ -27,6 +27,8 @@ llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python is not installed; `pip install -e '.[test]'` builds it from source "
                         "(needs cmake and a C++ compiler; pip's wheel cache makes later installs instant)")
 
+from daulat.checkpoint import save_model  # noqa: E402
+from daulat.cli import main  # noqa: E402
 from daulat.export import write_gguf  # noqa: E402
 from daulat.model import DeepseekV3, ModelConfig  # noqa: E402
 from daulat.tokenizer import CHAT_TEMPLATE, train_tokenizer  # noqa: E402
@@ -109,9 +111,13 @@ def trained(tokenizer):
 
 @pytest.fixture(scope="module")
 def llm(trained, tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("gguf") / "trained-f32.gguf"
-    write_gguf(trained, tokenizer, path, "f32", name="daulat-test", chat_template=CHAT_TEMPLATE)
+    """The trained model saved as a daulat checkpoint and exported with `daulat export --format gguf`."""
+    directory = tmp_path_factory.mktemp("export")
+    save_model(trained, directory / "ckpt", tokenizer=tokenizer)
+    path = directory / "trained-f32.gguf"
+    assert main(["export", str(directory / "ckpt"), "--format", "gguf", "--dtype", "f32", "--out", str(path)]) == 0
     model = _load(path)
+    assert model.metadata["tokenizer.chat_template"] == CHAT_TEMPLATE
     yield model
     model.close()
 
