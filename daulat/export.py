@@ -36,7 +36,6 @@ from pathlib import Path
 
 from daulat.errors import DaulatError
 
-LLAMA_CPP_VERIFIED = "llama.cpp 0c1e57098 (llama-cpp-python 0.3.36)"
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 HF_DTYPES = ("f32", "f16", "bf16")
 GGUF_PRE_TOKENIZER = "smollm"  # llama.cpp's name for: split off each digit, then GPT-2's byte-level regex
@@ -67,7 +66,8 @@ def check_llama_cpp(config) -> None:
                "which transformers and daulat fix at 1e-6; only 1e-6 exports exactly")
     if config.num_hidden_layers > 512:
         refuse("num_hidden_layers", config.num_hidden_layers, "llama.cpp takes at most 512 layers")
-    lite = config.num_hidden_layers in _LITE_LAYER_COUNTS or (config.num_hidden_layers == 48 and config.vocab_size == 128256)
+    layers = config.num_hidden_layers
+    lite = layers in _LITE_LAYER_COUNTS or (layers == 48 and config.vocab_size == 128256)
     if config.q_lora_rank is not None and lite:
         refuse("q_lora_rank", config.q_lora_rank, f"llama.cpp takes a {config.num_hidden_layers}-layer deepseek2 "
                "for DeepSeek-V2-Lite and ignores the low-rank query; use another layer count or no q_lora_rank")
@@ -124,7 +124,7 @@ def gguf_tensors(model):
     config = model.config
     H, n, r, v, c = (config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
                      config.v_head_dim, config.kv_lora_rank)
-    cos_factor = float(model.rope_attention_factor)
+    cos_factor, interleave = float(model.rope_attention_factor), config.rope_interleave
 
     def arr(t):
         return t.detach().float().contiguous().numpy()
@@ -135,13 +135,13 @@ def gguf_tensors(model):
         attn = layer.self_attn
         yield blk + "attn_norm.weight", arr(layer.input_layernorm.weight)
         if hasattr(attn, "q_proj"):
-            yield blk + "attn_q.weight", arr(_rope_rows(attn.q_proj.weight, H, n, r, cos_factor, config.rope_interleave))
+            yield blk + "attn_q.weight", arr(_rope_rows(attn.q_proj.weight, H, n, r, cos_factor, interleave))
         else:
             yield blk + "attn_q_a.weight", arr(attn.q_a_proj.weight)
             yield blk + "attn_q_a_norm.weight", arr(attn.q_a_layernorm.weight)
-            yield blk + "attn_q_b.weight", arr(_rope_rows(attn.q_b_proj.weight, H, n, r, cos_factor, config.rope_interleave))
+            yield blk + "attn_q_b.weight", arr(_rope_rows(attn.q_b_proj.weight, H, n, r, cos_factor, interleave))
         yield blk + "attn_kv_a_mqa.weight", arr(_rope_rows(attn.kv_a_proj_with_mqa.weight, 1, c, r, cos_factor,
-                                                           config.rope_interleave))
+                                                           interleave))
         yield blk + "attn_kv_a_norm.weight", arr(attn.kv_a_layernorm.weight)
         kv_b = attn.kv_b_proj.weight.detach().float().reshape(H, n + v, c)
         k_b, v_b = kv_b.split([n, v], dim=1)
@@ -216,7 +216,8 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     spec = json.loads(tokenizer.tokenizer.to_str())
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
-        raise DaulatError(f"cannot export to GGUF: tokenizer model {model.get('type')!r}: only byte-level BPE is supported")
+        raise DaulatError(f"cannot export to GGUF: tokenizer model {model.get('type')!r}: "
+                          "only byte-level BPE is supported")
     for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback", "ignore_merges"):
         if model.get(key):  # None, "", 0 and False are the plain BPE that llama.cpp runs
             raise DaulatError(f"cannot export to GGUF: tokenizer model.{key} = {model.get(key)!r}: "
@@ -225,8 +226,9 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
         raise DaulatError(f"cannot export to GGUF: tokenizer normalizer {spec['normalizer'].get('type')!r}: "
                           "llama.cpp's byte-level BPE does not normalize")
     if _pre_tokenizer_signature(spec.get("pre_tokenizer")) != ["digits", "bytelevel"]:
-        raise DaulatError("cannot export to GGUF: tokenizer pre_tokenizer differs from daulat's (each digit alone, "
-                          "then byte-level GPT-2 regex without prefix space), so llama.cpp would split text differently")
+        raise DaulatError("cannot export to GGUF: tokenizer pre_tokenizer differs from daulat's (each digit "
+                          "alone, then byte-level GPT-2 regex without prefix space): llama.cpp would split text "
+                          "differently")
 
     id_to_token = {i: t for t, i in model.get("vocab", {}).items()}
     special, user_defined = set(), set()
@@ -286,7 +288,8 @@ def _chat_template(checkpoint: Path) -> str | None:
 # ------------------------------------------------------------------------------------------------
 
 
-def write_gguf(model, tokenizer, path, dtype: str = "f32", name: str = "daulat", chat_template: str | None = None) -> dict:
+def write_gguf(model, tokenizer, path, dtype: str = "f32", name: str = "daulat",
+               chat_template: str | None = None) -> dict:
     """Write `model` + `tokenizer` as a llama.cpp deepseek2 GGUF file at `path`, atomically.
     Returns {"tensors": count, "bytes": file size, "types": {gguf type name: count}}."""
     gguf = _gguf()
@@ -474,7 +477,8 @@ def _stored_dtype(checkpoint: Path) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (daulat's or transformers' deepseek_v3)")
+    parser.add_argument("checkpoint", metavar="CKPT",
+                        help="checkpoint directory (daulat's or transformers' deepseek_v3)")
     parser.add_argument("--format", required=True, choices=["gguf", "hf"],
                         help="gguf: one file for llama.cpp and the tools built on it; hf: a transformers directory")
     parser.add_argument("--dtype", choices=GGUF_DTYPES,

@@ -20,7 +20,8 @@ BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermedia
             num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
             first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
             max_position_embeddings=256)
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0, "mscale_all_dim": 0.7}
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+        "mscale": 1.0, "mscale_all_dim": 0.7}
 SPREAD = {
     "plain": {},
     "q_lora_groups_yarn": {"q_lora_rank": 24, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3,
@@ -342,7 +343,8 @@ def test_hf_export_is_a_clean_transformers_directory_with_the_same_logits(tmp_pa
 
 def test_hf_export_dtypes_and_refusals(tmp_path, tokenizer, capsys):
     _full_checkpoint(tmp_path / "ckpt", tokenizer)
-    assert main(["export", str(tmp_path / "ckpt"), "--format", "hf", "--dtype", "bf16", "--out", str(tmp_path / "hf")]) == 0
+    ckpt = str(tmp_path / "ckpt")
+    assert main(["export", ckpt, "--format", "hf", "--dtype", "bf16", "--out", str(tmp_path / "hf")]) == 0
     from safetensors import safe_open
 
     with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
@@ -350,8 +352,8 @@ def test_hf_export_dtypes_and_refusals(tmp_path, tokenizer, capsys):
         assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
     capsys.readouterr()
-    assert main(["export", str(tmp_path / "ckpt"), "--format", "hf", "--dtype", "q8_0", "--out", str(tmp_path / "x")]) == 2
+    assert main(["export", ckpt, "--format", "hf", "--dtype", "q8_0", "--out", str(tmp_path / "x")]) == 2
     assert "q8_0 is a GGUF type" in capsys.readouterr().err
-    assert main(["export", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "ckpt")]) == 2
+    assert main(["export", ckpt, "--format", "hf", "--out", ckpt]) == 2
     assert "the checkpoint itself" in capsys.readouterr().err
     assert (tmp_path / "ckpt" / "train_state").is_dir()  # untouched

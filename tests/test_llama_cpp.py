@@ -50,7 +50,8 @@ SENTENCES = [
 PROMPTS = ["The cat sat", "Selamat pagi,", "東京は", "Counting: 1 2 3", "def add(a, b):"]
 STRINGS = SENTENCES + [
     "", " ", "  two  spaces\tand\ttabs\n\nnewlines\r\n", "trailing space ", "12345678901234567890",
-    "emoji 😀👍🏽👨‍👩‍👧 🇮🇩", "नमस्ते दुनिया", "e\u0301 combining", "zero\u200bwidth", "mixed日本語text123abc",
+    "emoji 😀👍🏽👨‍👩‍👧 🇮🇩", "नमस्ते दुनिया", "e\u0301 combining", "zero\u200bwidth",
+    "mixed日本語text123abc",
     "'s 've 're 'll 'd 'm 't", "x" * 300, "\x00\x01\x7f controls",
 ]
 VOCAB = 448  # the tokenizer uses fewer ids: the rest are padding rows ([PADn] tokens in the GGUF)
