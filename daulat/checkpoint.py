@@ -198,10 +198,14 @@ def save_model(model: DeepseekV3, path, tokenizer=None, info: dict | None = None
             tensors = {k: v.detach().cpu().contiguous() for k, v in train_state.get("tensors", {}).items()}
             save_file(tensors, tmp / TRAIN_STATE_DIR / "state.safetensors")
             write_json(tmp / TRAIN_STATE_DIR / "state.json", train_state.get("meta", {}))
-        for f in tmp.rglob("*"):
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.rglob("*"):  # readable as an ordinary file of this user would be, and durable
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
             if f.is_file():
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
+        os.chmod(tmp, 0o777 & ~umask)
         _fsync_dir(tmp)
         _replace_dir(tmp, path)
     except BaseException:
