@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from daulat.checkpoint import save_model
 from daulat.config import read_preset
 from daulat.model import DeepseekV3, ModelConfig
+from daulat.provenance import cpu_model
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 # keys of ModelConfig.to_hf_dict() that are daulat's own (or derived) and not DeepseekV3Config arguments
@@ -60,16 +61,6 @@ def parse_args(argv=None):
                    help="accelerator peak dense TFLOP/s for MFU (default: H100 SXM bf16, 989)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(device: torch.device) -> dict:

@@ -32,7 +32,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "git_commit": _git_commit(),
     }
@@ -47,7 +47,7 @@ def environment() -> dict:
     return env
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
