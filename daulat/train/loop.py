@@ -23,7 +23,7 @@ On disk, in the output directory:
 
     metrics.jsonl       one JSON object per logged step (step, loss, lr, tokens, tokens_per_s, ...) and
                         per validation (step, val_loss, ...)
-    step-NNNNNNN/       checkpoints (DESIGN.md format) with train_state/: optimizer moments, step,
+    step-NNNNNN/        checkpoints (DESIGN.md format) with train_state/: optimizer moments, step,
                         RNG states and the batch source's position; the last `keep_last` are kept
     final/              the finished model (no train_state)
     tensorboard/        when `tensorboard = true` and the package is installed
