@@ -474,9 +474,11 @@ class MoE(nn.Module):
         # a linear layer's backward does not need its own output)
         out = self.shared_experts(flat) if self.shared_experts is not None else torch.zeros_like(flat)
         out = out.index_add_(0, token_of_slot, ys)
+        self.aux_loss = None  # only a training forward has a balance term (never a stale one)
         if self.training:
             self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype).detach()
-            self.aux_loss = self._sequence_balance_loss(scores, topk_idx, B, T) if self.seq_aux_loss_alpha > 0 else None
+            if self.seq_aux_loss_alpha > 0:
+                self.aux_loss = self._sequence_balance_loss(scores, topk_idx, B, T)
         return out.view(B, T, D)
 
     def _sequence_balance_loss(self, scores, topk_idx, B, T):

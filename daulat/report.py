@@ -32,22 +32,23 @@ def _license(info: dict, stages: list[dict]) -> str:
     licences = set()
     for stage in stages:
         for source in (stage.get("data") or {}).get("manifest", {}).get("sources", []):
-            if source.get("license"):
-                licences.add(source["license"])
+            licence = source.get("licence") or source.get("license")  # the manifest spells it "licence"
+            if licence:
+                licences.add(licence)
     return licences.pop() if len(licences) == 1 else "other"
 
 
 def _data_summary(stage: dict) -> dict:
     data = dict(stage.get("data") or {})
     manifest = data.pop("manifest", None)
-    if manifest:
-        documents = manifest.get("documents", manifest.get("files", []))
-        data["documents"] = len(documents) if isinstance(documents, list) else documents
-        data["bytes"] = manifest.get("total_bytes", sum(d.get("bytes", 0) for d in documents)
-                                     if isinstance(documents, list) else None)
+    if manifest:  # daulat.data.corpus: sources, files [{path, bytes, sha256, licence}], documents, bytes, skipped
+        files = manifest.get("files", [])
+        data["files"] = len(files)
+        data["documents"] = manifest.get("documents", len(files))
+        data["bytes"] = manifest.get("bytes", sum(f.get("bytes", 0) for f in files))
         data["sources"] = manifest.get("sources", [])
-        data["skipped"] = manifest.get("skipped", {})
-        data["sha256"] = [d.get("sha256") for d in documents][:1000] if isinstance(documents, list) else None
+        data["skipped"] = {k: v for k, v in (manifest.get("skipped") or {}).items() if v}
+        data["sha256"] = [f.get("sha256") for f in files][:1000]
     return data
 
 
@@ -142,7 +143,8 @@ def model_card(model, info: dict) -> str:
                  if k not in ("stage", "sources", "sha256", "skipped") and isinstance(v, (int, float, str))]
         lines.append(f"- **{d['stage']}**: " + (", ".join(parts) or "see daulat.json"))
         for source in d.get("sources") or []:
-            lines.append(f"  - source `{source.get('path')}`: licence {source.get('license') or 'unspecified'}")
+            licence = source.get("licence") or source.get("license") or "unspecified"
+            lines.append(f"  - source `{source.get('path')}`: licence {licence}")
         if d.get("skipped"):
             lines.append(f"  - skipped: {json.dumps(d['skipped'])}")
     lines += ["", "The full manifest (every document's path, bytes and sha256) is in `daulat.json`.", "",

@@ -21,8 +21,8 @@ def _compute(model, tokens, seconds):
 
 def test_card_fills_every_annex_xi_field_and_keeps_history(tmp_path, capsys):
     model = _model()
-    manifest = {"sources": [{"path": "docs/", "license": "cc-by-4.0"}],
-                "documents": [{"path": "docs/a.txt", "bytes": 120, "sha256": "ab" * 32}], "total_bytes": 120}
+    manifest = {"sources": [{"path": "docs/", "licence": "cc-by-4.0"}], "documents": 1, "bytes": 120,
+                "files": [{"path": "docs/a.txt", "bytes": 120, "sha256": "ab" * 32, "licence": "cc-by-4.0"}]}
     pre = stage_info("pretrain", method="next-token prediction", config={"train": {"seed": 1}},
                      data={"manifest": manifest, "tokens": 1000}, compute=_compute(model, 1000, 10.0),
                      metrics={"val_loss": 2.5})
@@ -37,6 +37,7 @@ def test_card_fills_every_annex_xi_field_and_keeps_history(tmp_path, capsys):
     assert [s["stage"] for s in card["training_method"]] == ["pretrain", "sft"]
     assert card["compute_flops"] == pre["compute"]["flops"] + sft["compute"]["flops"]
     assert card["license"] == "cc-by-4.0"
+    assert card["data"][0]["documents"] == 1 and card["data"][0]["sha256"] == ["ab" * 32]
     assert card["parameters_active"] < card["parameters_total"]
 
     readme = (tmp_path / "sft" / "README.md").read_text()

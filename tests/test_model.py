@@ -162,3 +162,14 @@ def test_mtp_weights_round_trip(tmp_path):
     loaded = load_model(tmp_path / "m")
     for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_balance_term_belongs_to_training_forwards_only():
+    cfg = ModelConfig(**SMALL, seq_aux_loss_alpha=0.01)
+    model = DeepseekV3(cfg).train()
+    ids = torch.randint(0, 61, (2, 8))
+    model(ids)
+    assert all(m.aux_loss is not None for m in model.moe_layers())
+    model.eval()
+    _, stats = model.training_loss(ids[:, :-1], ids[:, 1:])
+    assert "balance" not in stats
