@@ -11,8 +11,9 @@ Phases, each through the same code as its command (and reused from OUT when alre
   2. SFT on the task for only --sft-steps steps, so that greedy accuracy on the held-out split stays
      well below pass@8                                              (daulat sft --task ...)
   3. greedy accuracy and pass@8 (8 samples at temperature 1) on --problems held-out problems
-  4. GRPO for at most --minutes of wall time (evaluations included), in chunks resumed from their
-     checkpoints, so that the run stops inside the budget        (daulat grpo --task ... --resume)
+  4. GRPO for at most --minutes of wall time, in chunks resumed from their checkpoints, each followed
+     by a greedy evaluation on 100 held-out problems for the curve (timed apart, not counted in the
+     budget), so that the run stops inside the budget          (daulat grpo --task ... --resume)
   5. greedy accuracy and pass@8 again, on the same problems
   6. the control: the same GRPO on a task whose pass@8 is about 0 (by default addition of 7-digit
      numbers, far beyond the 1-3 digits of pretraining and SFT): the reward has no variance to learn from
@@ -53,18 +54,26 @@ def evaluate(path, task: str, difficulty, problems: int, samples: int, max_token
     return result
 
 
+def eval_seconds(out: Path) -> float:
+    """Wall time the run spent in its held-out evaluations (instrumentation, not GRPO)."""
+    file = out / "metrics.jsonl"
+    if not file.is_file():
+        return 0.0
+    return sum(json.loads(line).get("eval_s", 0.0) for line in file.read_text().splitlines() if "eval_s" in line)
+
+
 def run_grpo(init, out: Path, task: str, difficulty, minutes: float, preset: str, overrides: list[str], chunk: int,
              log) -> dict:
-    """GRPO until `minutes` of wall time would be exceeded by the next chunk; returns timing and steps."""
+    """GRPO in chunks resumed from their checkpoints, each followed by a held-out evaluation, until the
+    next chunk would take the run past `minutes` of GRPO wall time (the evaluations' time is not
+    counted: it is measured and reported apart). The first chunk is one rollout's steps, to measure."""
     from daulat.train.grpo import grpo, schema
-    from daulat.train.loop import latest_checkpoint
     from daulat.train.sft import stage_config
 
-    budget, start, done = minutes * 60, time.time(), 0
-    previous = latest_checkpoint(out)
-    if previous is not None and (out / "final").is_dir():  # a finished run from before: reuse it
+    if (out / "final").is_dir():  # a finished run from before: reuse it
         log(f"reusing the GRPO run in {out}")
         return {"reused": True}
+    budget, start, done = minutes * 60, time.time(), 0
     base = [f"grpo.task={json.dumps(task)}", "grpo.eval_every=0"]
     if difficulty is not None:
         base.append(f"grpo.difficulty={difficulty}")
@@ -72,20 +81,22 @@ def run_grpo(init, out: Path, task: str, difficulty, minutes: float, preset: str
     per_rollout = config["grpo"].epochs * config["grpo"].prompts_per_rollout * config["grpo"].group_size // config["train"].batch_size
     chunk = max(per_rollout, chunk // per_rollout * per_rollout)
     while True:
-        elapsed = time.time() - start
-        steps = chunk
+        spent = time.time() - start - eval_seconds(out)
+        steps = per_rollout
         if done:
-            per_step = elapsed / done
-            steps = int((budget - elapsed) / per_step) // per_rollout * per_rollout
-            steps = min(chunk, steps)
+            per_step = 1.3 * spent / done  # a margin: the machine's speed drifts (other jobs, thermals)
+            steps = min(chunk, int((budget - spent) / per_step) // per_rollout * per_rollout)
             if steps < per_rollout:
                 break
         config = stage_config(schema(), stage_args(preset, base + overrides + [f"train.steps={done + steps}",
                                                                              f"train.save_every={done + steps}"]), "grpo", {})
         grpo(config, init, out, resume=done > 0, verbose=True)
         done += steps
-        log(f"GRPO: {done} steps after {time.time() - start:.0f}s of {budget:.0f}s")
-    return {"steps": done, "wall_time_s": round(time.time() - start, 1), "steps_per_rollout": per_rollout}
+        log(f"GRPO: {done} steps, {time.time() - start - eval_seconds(out):.0f}s of {budget:.0f}s "
+            f"(+{eval_seconds(out):.0f}s of held-out evaluations)")
+    wall = time.time() - start
+    return {"steps": done, "wall_time_s": round(wall, 1), "eval_time_s": round(eval_seconds(out), 1),
+            "grpo_time_s": round(wall - eval_seconds(out), 1), "steps_per_rollout": per_rollout}
 
 
 def curves(out: Path) -> dict:
@@ -114,7 +125,7 @@ def plot(main: dict, control: dict, start: dict, end: dict, path: Path, title: s
     ax.plot(main["step"], main["reward_mean"], alpha=0.25, color="C0")
     ax.plot(main["step"], smooth(main["reward_mean"]), color="C0", label="reward (rollouts, 5-step mean)")
     ax.plot(main["step"], smooth(main["accuracy"]), color="C1", label="accuracy (rollouts, 5-step mean)")
-    ax.plot(main["eval_step"], main["eval_accuracy"], "o-", color="C2", label="held-out greedy accuracy")
+    ax.plot(main["eval_step"], main["eval_accuracy"], "o-", color="C2", label="held-out greedy accuracy (100 problems)")
     ax.axhline(start["pass@k"]["8"], ls="--", color="C3", label=f"pass@8 at start ({start['pass@k']['8']:.2f})")
     ax.axhline(end["pass@k"]["8"], ls=":", color="C3", label=f"pass@8 at end ({end['pass@k']['8']:.2f})")
     ax.set_title(title)
@@ -125,7 +136,7 @@ def plot(main: dict, control: dict, start: dict, end: dict, path: Path, title: s
     ax.plot(control["step"], smooth(control["reward_mean"]), color="C0", label="reward (5-step mean)")
     ax.plot(control["step"], smooth(control["accuracy"]), color="C1", label="accuracy (5-step mean)")
     ax.plot(control["step"], smooth(control["zero_variance_frac"]), color="C4", label="zero-variance groups")
-    ax.plot(control["eval_step"], control["eval_accuracy"], "o-", color="C2", label="held-out greedy accuracy")
+    ax.plot(control["eval_step"], control["eval_accuracy"], "o-", color="C2", label="held-out greedy accuracy (100 problems)")
     ax.set_title("control: a task with pass@8 near 0")
     ax.set_xlabel("optimizer step")
     ax.set_ylim(-0.02, 1.02)
@@ -154,7 +165,7 @@ def main() -> int:
     parser.add_argument("--problems", type=int, default=200, help="held-out problems for greedy accuracy and pass@8")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=192)
-    parser.add_argument("--minutes", type=float, default=15.0, help="GRPO wall-time budget (evaluations included)")
+    parser.add_argument("--minutes", type=float, default=15.0, help="GRPO wall-time budget (held-out evaluations not counted)")
     parser.add_argument("--chunk", type=int, default=40, help="GRPO steps between held-out evaluations")
     parser.add_argument("--control-task", default="addition")
     parser.add_argument("--control-difficulty", type=int, default=7)
@@ -172,9 +183,9 @@ def main() -> int:
     def log(text):
         print(f"[{time.time() - t0:7.0f}s] {text}", flush=True)
 
-    # 1. pretrain
-    if args.pretrained:
-        pretrained = Path(args.pretrained)
+    # 1. pretrain (not needed when an SFT'd checkpoint is given)
+    if args.pretrained or args.sft:
+        pretrained = Path(args.pretrained) if args.pretrained else None
     else:
         pretrained = out / "pretrain" / "final"
         if not pretrained.is_dir():
@@ -240,14 +251,15 @@ def main() -> int:
         "pass@1_start": start["pass@k"]["1"], "pass@1_end": end["pass@k"]["1"],
         "gap_closed": closed, "target_gap_closed": closed >= 0.5,
         f"target_pass@{k}_held": end["pass@k"][k] >= start["pass@k"][k] - 2 * pass_se,
-        "grpo_steps": timing.get("steps"), "grpo_wall_time_s": timing.get("wall_time_s"),
+        "grpo_steps": timing.get("steps"), "grpo_time_s": timing.get("grpo_time_s"),
+        "grpo_eval_time_s": timing.get("eval_time_s"),
         "mean_rollout_s_per_step": sum(main_curves["rollout_s"]) / max(1, len(main_curves["rollout_s"])),
         "mean_update_s_per_step": sum(main_curves["update_s"][1:]) / max(1, len(main_curves["update_s"]) - 1),
         "control": {"task": args.control_task, "difficulty": control_start["difficulty"],
                     "greedy_start": control_start["accuracy"], "greedy_end": control_end["accuracy"],
                     f"pass@{k}_start": control_start["pass@k"][k], f"pass@{k}_end": control_end["pass@k"][k],
                     "mean_zero_variance_frac": sum(zero_var) / max(1, len(zero_var)),
-                    "grpo_steps": control_timing.get("steps"), "grpo_wall_time_s": control_timing.get("wall_time_s")},
+                    "grpo_steps": control_timing.get("steps"), "grpo_time_s": control_timing.get("grpo_time_s")},
         "png": str(png),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -261,7 +273,8 @@ def main() -> int:
     print(f"  greedy accuracy  {start['accuracy']:.3f} -> {end['accuracy']:.3f}   "
           f"(closes {closed:.0%} of the gap to the starting pass@{k}; target >= 50%)")
     print(f"  pass@{k}           {start['pass@k'][k]:.3f} -> {end['pass@k'][k]:.3f}")
-    print(f"  GRPO: {timing.get('steps')} steps in {timing.get('wall_time_s')}s")
+    print(f"  GRPO: {timing.get('steps')} steps in {timing.get('grpo_time_s')}s "
+          f"(+{timing.get('eval_time_s')}s of held-out evaluations for the curve)")
     print(f"control {c['task']} (difficulty {c['difficulty']}): greedy {c['greedy_start']:.3f} -> {c['greedy_end']:.3f}, "
           f"pass@{k} {c[f'pass@{k}_start']:.3f} -> {c[f'pass@{k}_end']:.3f}, "
           f"zero-variance groups {c['mean_zero_variance_frac']:.0%} of all")

@@ -23,8 +23,11 @@ the update will see (not taken from the engine's decode path), so with no update
 exactly 1. The engine's own log-probs are kept to report how far the two paths disagree.
 
 GRPO runs on the one training loop of daulat/train/loop.py: `RolloutSource` is its batch source
-(a rollout every `minibatches x epochs` steps, then one minibatch per step) and `GRPOObjective` its
-objective.
+(a rollout every `epochs x P x G / train.batch_size` optimizer steps, then one minibatch of
+train.batch_size samples per step) and `GRPOObjective` its objective. Per step, metrics.jsonl gets
+reward_mean, accuracy, zero_variance_frac, clip_frac, entropy, mean_length, kl (to the reference,
+when beta > 0), kl_rollout (to the rollout policy), rollout_s and update_s; held-out greedy
+evaluations are added as {"step", "eval_accuracy", ...} lines.
 """
 
 from __future__ import annotations
