@@ -192,7 +192,7 @@ def _read_documents(raw: bytes, gzipped: bool, kind: str, field: str, skipped_re
         return [], "not_utf8"
     if kind == "text":
         return ([text] if text.strip() else []), None
-    documents = []
+    values = []
     for line in text.split("\n"):  # not splitlines(): U+2028 may sit unescaped inside a JSON string
         if not line.strip():
             continue
@@ -201,14 +201,8 @@ def _read_documents(raw: bytes, gzipped: bool, kind: str, field: str, skipped_re
         except json.JSONDecodeError:
             skipped_records["bad_json"] += 1
             continue
-        value = record.get(field) if isinstance(record, dict) else None
-        if not isinstance(value, str):
-            skipped_records["no_text_field"] += 1
-        elif not value.strip():
-            skipped_records["empty"] += 1
-        else:
-            documents.append(value)
-    return documents, None
+        values.append(record.get(field) if isinstance(record, dict) else None)
+    return _texts(values, skipped_records), None
 
 
 def _parquet_documents(raw: bytes, field: str, skipped_records: Counter) -> tuple[list[str], str | None]:
@@ -222,6 +216,11 @@ def _parquet_documents(raw: bytes, field: str, skipped_records: Counter) -> tupl
         values = [v for batch in table.iter_batches(columns=[field]) for v in batch.column(0).to_pylist()]
     except (pyarrow.ArrowException, OSError):
         return [], "corrupt"
+    return _texts(values, skipped_records), None
+
+
+def _texts(values: list, skipped_records: Counter) -> list[str]:
+    """The non-empty strings among a file's record values; the others are counted by reason."""
     documents = []
     for value in values:
         if not isinstance(value, str):
@@ -230,4 +229,4 @@ def _parquet_documents(raw: bytes, field: str, skipped_records: Counter) -> tupl
             skipped_records["empty"] += 1
         else:
             documents.append(value)
-    return documents, None
+    return documents
