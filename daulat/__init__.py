@@ -7,6 +7,7 @@ Public API (imported lazily so that `import daulat` is cheap):
     daulat.save_model(model, path, tokenizer)  write a transformers `deepseek_v3` directory atomically
     daulat.load_model(path, device="cpu")      read one (daulat's own or transformers' save_pretrained)
     daulat.load_tokenizer(path)                the tokenizer of a checkpoint or tokenizer directory
+    daulat.load_checkpoint(path)               (model, tokenizer, info) of a checkpoint in one call
 """
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ _LAZY = {
     "save_model": "daulat.checkpoint",
     "load_model": "daulat.checkpoint",
     "load_tokenizer": "daulat.tokenizer",
+    "load_checkpoint": "daulat.checkpoint",
     "DaulatError": "daulat.errors",
 }
 

@@ -23,6 +23,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -338,6 +339,25 @@ def load_info(path) -> dict:
     """daulat.json of a checkpoint ({} when the directory was not written by daulat)."""
     file = Path(path) / INFO_FILE
     return read_json(file) if file.is_file() else {}
+
+
+class Checkpoint(NamedTuple):
+    """What a caller gets from `load_checkpoint`: the model, its tokenizer (None when the directory has
+    none) and its record (daulat.json; {} for a checkpoint daulat did not write)."""
+
+    model: DeepseekV3
+    tokenizer: object | None
+    info: dict
+
+
+def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None) -> Checkpoint:
+    """The one loader every command uses: `model, tokenizer, info = load_checkpoint(path)`."""
+    from daulat.tokenizer import load_tokenizer
+
+    path = Path(path)
+    model = load_model(path, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
+    return Checkpoint(model, tokenizer, load_info(path))
 
 
 def load_train_state(path) -> dict:
