@@ -271,8 +271,8 @@ def distill_run(teacher: Path, student: Path, out: Path, mode: str, task, args, 
 
     overrides = train_overrides(args, steps or args.student_steps, args.student_lr, device, args.eval_every) + [
         f"distill.mode=\"{mode}\"", f"distill.task=\"{task.name}\"", f"distill.prompts={args.prompts}",
-        f"distill.teacher_max_tokens={max_tokens}", f"distill.student_max_tokens={max_tokens}",
-        "distill.teacher_temperature=0.0", f"distill.kl_temperature={args.kl_temperature}", "train.seq_len=256"]
+        f"distill.teacher_sampling.max_tokens={max_tokens}", f"distill.student_sampling.max_tokens={max_tokens}",
+        "distill.teacher_sampling.temperature=0.0", f"distill.kl_temperature={args.kl_temperature}", "train.seq_len=256"]
     if args.difficulty is not None:
         overrides.append(f"distill.difficulty={args.difficulty}")
     if args.quick:  # an untrained teacher passes nothing: keep every answer so that each phase runs

@@ -33,14 +33,8 @@ import platform
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-
-
-def stage_args(preset: str, overrides: list[str]) -> SimpleNamespace:
-    """What a stage's `run(args)` would see: the common flags, unset, plus config overrides."""
-    return SimpleNamespace(preset=preset, config=None, overrides=list(overrides), steps=None, save_every=None, seed=None)
 
 
 def evaluate(path, task: str, difficulty, problems: int, samples: int, max_tokens: int) -> dict:
@@ -67,17 +61,17 @@ def run_grpo(init, out: Path, task: str, difficulty, minutes: float, preset: str
     """GRPO in chunks resumed from their checkpoints, each followed by a held-out evaluation, until the
     next chunk would take the run past `minutes` of GRPO wall time (the evaluations' time is not
     counted: it is measured and reported apart). The first chunk is one rollout's steps, to measure."""
+    from daulat.config import stage_config
     from daulat.train.grpo import grpo, schema
-    from daulat.train.sft import stage_config
 
     if (out / "final").is_dir():  # a finished run from before: reuse it
         log(f"reusing the GRPO run in {out}")
         return {"reused": True}
     budget, start, done = minutes * 60, time.time(), 0
-    base = [f"grpo.task={json.dumps(task)}", "grpo.eval_every=0"]
+    base = [f"grpo.task={json.dumps(task)}", "train.eval_every=0"]
     if difficulty is not None:
         base.append(f"grpo.difficulty={difficulty}")
-    config = stage_config(schema(), stage_args(preset, base + overrides), "grpo", {})
+    config = stage_config(schema(), "grpo", preset=preset, overrides=base + overrides, train_defaults={})
     per_rollout = config["grpo"].epochs * config["grpo"].prompts_per_rollout * config["grpo"].group_size // config["train"].batch_size
     chunk = max(per_rollout, chunk // per_rollout * per_rollout)
     while True:
@@ -88,8 +82,8 @@ def run_grpo(init, out: Path, task: str, difficulty, minutes: float, preset: str
             steps = min(chunk, int((budget - spent) / per_step) // per_rollout * per_rollout)
             if steps < per_rollout:
                 break
-        config = stage_config(schema(), stage_args(preset, base + overrides + [f"train.steps={done + steps}",
-                                                                             f"train.save_every={done + steps}"]), "grpo", {})
+        config = stage_config(schema(), "grpo", preset=preset, train_defaults={},
+                              overrides=base + overrides + [f"train.steps={done + steps}", f"train.save_every={done + steps}"])
         grpo(config, init, out, resume=done > 0, verbose=True)
         done += steps
         log(f"GRPO: {done} steps, {time.time() - start - eval_seconds(out):.0f}s of {budget:.0f}s "
@@ -199,15 +193,16 @@ def main() -> int:
     # 2. SFT
     sft_final = Path(args.sft) if args.sft else out / "sft" / "final"
     if not sft_final.is_dir():
+        from daulat.config import stage_config
         from daulat.train.sft import schema as sft_schema
-        from daulat.train.sft import sft, stage_config
+        from daulat.train.sft import sft
 
         overrides = [f"sft.task={json.dumps(args.task)}", f"train.steps={args.sft_steps}", "train.save_every=0"]
         if args.difficulty is not None:
             overrides.append(f"sft.difficulty={args.difficulty}")
         log(f"SFT on {args.task} for {args.sft_steps} steps")
-        sft(stage_config(sft_schema(), stage_args(args.preset, overrides), "sft", {}), pretrained, out / "sft",
-            resume=(out / "sft").is_dir())
+        sft(stage_config(sft_schema(), "sft", preset=args.preset, overrides=overrides, train_defaults={}), pretrained,
+            out / "sft", resume=(out / "sft").is_dir())
 
     # 3. start
     def cached_eval(name, path, task, difficulty):

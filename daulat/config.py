@@ -3,6 +3,11 @@
 A config is a dict of sections, each a dataclass: `{"model": ModelConfig, "train": TrainConfig, ...}`.
 The caller names the sections it understands (its `schema`); an unknown section or key, or a value
 of the wrong type, is a DaulatError naming it. Presets are TOML files shipped in daulat/recipes/.
+
+A field whose type is itself a dataclass is a sub-table: `[grpo.sampling]` in TOML,
+`grpo.sampling.temperature=0.7` as an override. An override is text (`section.key=value`, the value
+read as TOML) or a pair `("section.key", value)` with a Python value (None included): the latter is
+how command-line flags and tests pass plain values, validated like everything else.
 """
 
 from __future__ import annotations
@@ -39,17 +44,36 @@ def read_preset(name: str) -> dict:
     return read_toml(file)
 
 
-def parse_override(text: str) -> tuple[str, str, object]:
-    """'train.lr=3e-4' -> ('train', 'lr', 0.0003). Values are TOML; bare words are strings."""
-    if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise DaulatError(f"override {text!r}: expected section.key=value, e.g. train.lr=3e-4")
-    key, raw = text.split("=", 1)
+def parse_override(override) -> tuple[str, str, object]:
+    """'train.lr=3e-4' -> ('train', 'lr', 0.0003); ('sft.task', None) -> ('sft', 'task', None).
+    Text values are TOML; bare words are strings. The key may name a sub-table's field: 'a.b.c'."""
+    if isinstance(override, tuple):
+        key, value = override
+    else:
+        if "=" not in override or "." not in override.split("=", 1)[0]:
+            raise DaulatError(f"override {override!r}: expected section.key=value, e.g. train.lr=3e-4")
+        key, raw = override.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
     section, name = key.strip().split(".", 1)
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
     return section, name, value
+
+
+def nested(name: str, value) -> dict:
+    """'sampling.top_p', 0.9 -> {"sampling": {"top_p": 0.9}}: a dotted key as nested tables."""
+    head, _, rest = name.partition(".")
+    return {head: nested(rest, value) if rest else value}
+
+
+def _deep_update(target: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict):
+            target[key] = dict(target[key]) if isinstance(target.get(key), dict) else {}
+            _deep_update(target[key], value)
+        else:
+            target[key] = value
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -57,7 +81,7 @@ def merge(base: dict, update: dict) -> dict:
     for section, values in update.items():
         if not isinstance(values, dict):
             raise DaulatError(f"config: top-level key {section!r} must be a [section]")
-        out.setdefault(section, {}).update(values)
+        _deep_update(out.setdefault(section, {}), values)
     return out
 
 
@@ -82,13 +106,23 @@ def _check_type(section: str, name: str, value, annotation) -> object:
 
 
 def build_section(section: str, cls, values: dict):
+    """values (a TOML table) -> cls(**values), type-checked; a dataclass-typed field is a sub-table."""
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in values.items():
-        if name not in known:
-            raise DaulatError(f"config: unknown key {section}.{name} (known: {', '.join(sorted(known))})")
-        kwargs[name] = _check_type(section, name, value, hints[name])
+        if name not in fields:
+            raise DaulatError(f"config: unknown key {section}.{name} (known: {', '.join(sorted(fields))})")
+        if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, dict):
+                raise DaulatError(f"config {section}.{name} = {value!r}: expected a table of {section}.{name}.* keys")
+            # the table's keys go over the field's own default (e.g. a teacher's lower temperature)
+            f = fields[name]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            base = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
+            kwargs[name] = build_section(f"{section}.{name}", hints[name], {**base, **value})
+        else:
+            kwargs[name] = _check_type(section, name, value, hints[name])
     try:
         return cls(**kwargs)
     except ValueError as e:
@@ -96,7 +130,7 @@ def build_section(section: str, cls, values: dict):
 
 
 def load_config(schema: dict[str, type], preset: str | None = None, path=None,
-                overrides: list[str] = (), base: dict | None = None) -> dict:
+                overrides=(), base: dict | None = None) -> dict:
     """Merge base < preset < file < overrides and build each section's dataclass.
 
     Sections of a preset or file that this command does not know (e.g. [grpo] while pretraining)
@@ -107,12 +141,42 @@ def load_config(schema: dict[str, type], preset: str | None = None, path=None,
         raw = merge(raw, read_preset(preset))
     if path:
         raw = merge(raw, read_toml(path))
-    for text in overrides:
-        section, name, value = parse_override(text)
+    for override in overrides:
+        section, name, value = parse_override(override)
         if section not in schema:
-            raise DaulatError(f"override {text!r}: unknown section {section!r} (known: {', '.join(schema)})")
-        raw = merge(raw, {section: {name: value}})
+            raise DaulatError(f"override {override!r}: unknown section {section!r} (known: {', '.join(schema)})")
+        raw = merge(raw, {section: nested(name, value)})
     return {section: build_section(section, cls, raw.get(section, {})) for section, cls in schema.items()}
+
+
+# What a post-training stage takes from a recipe's [train] (written for pretraining): the machine and the
+# run's mechanics, never its optimisation (a pretraining learning rate would wreck a fine-tune).
+MACHINE_KEYS = ("device", "dtype", "compile", "tensorboard", "keep_last", "seed")
+
+
+def stage_config(schema: dict[str, type], stage: str, *, preset: str | None = None, path=None, overrides=(),
+                 train_defaults: dict | None = None) -> dict:
+    """The merged config of the training stage `stage`: the one entry point of every stage, whether
+    from the command line (whose flags arrive as overrides) or from Python with plain values.
+
+    train_defaults None (pretraining): preset < file < overrides, the sections as written.
+    train_defaults a dict (a post-training stage): `train_defaults` < the preset's [train] machine keys
+    (MACHINE_KEYS) < the preset's [STAGE.train] and [STAGE] < the file's [train], [STAGE.train] and
+    [STAGE] < overrides.
+    """
+    if train_defaults is None:
+        return load_config(schema, preset=preset, path=path, overrides=overrides)
+    base = {"train": dict(train_defaults)}
+    layers = ([(read_preset(preset), True)] if preset else []) + ([(read_toml(path), False)] if path else [])
+    for raw, is_preset in layers:
+        raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items() if k in schema}
+        stage_train = raw.get(stage, {}).pop("train", {})
+        if not isinstance(stage_train, dict):
+            raise DaulatError(f"config: [{stage}.train] must be a table of train.* keys")
+        if is_preset and "train" in raw:
+            raw["train"] = {k: v for k, v in raw["train"].items() if k in MACHINE_KEYS}
+        base = merge(merge(base, raw), {"train": stage_train})
+    return load_config(schema, overrides=overrides, base=base)
 
 
 def to_dict(config: dict) -> dict:
@@ -122,15 +186,23 @@ def to_dict(config: dict) -> dict:
 
 def to_toml(config: dict) -> str:
     lines = []
-    for section, values in to_dict(config).items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            if value is None:
-                lines.append(f"# {key} = (unset)")
-            else:
-                lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
+    for section, value in config.items():
+        lines += _toml_table(section, value)
     return "\n".join(lines)
+
+
+def _toml_table(name: str, section) -> list[str]:
+    """[name] with the section's plain keys, then a [name.field] table for each dataclass field."""
+    lines, tables = [f"[{name}]"], []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            tables += _toml_table(f"{name}.{f.name}", value)
+        elif value is None:
+            lines.append(f"# {f.name} = (unset)")
+        else:
+            lines.append(f"{f.name} = {_toml_value(value)}")
+    return lines + [""] + tables
 
 
 def _toml_value(value) -> str:

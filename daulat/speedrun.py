@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daulat.errors import DaulatError
+from daulat.generation import Sampling
 
 
 @dataclass
@@ -33,10 +34,11 @@ class SpeedrunConfig:
     grpo_steps: int | None = None
     distill_steps: int | None = None
     student_preset: str = "micro"  # the distilled student's architecture
-    distill_mode: str = "fkl"  # sft, fkl or rkl
+    distill_mode: str = "fkl"  # a mode of daulat.train.distill.MODES: sft, fkl or rkl
     eval_problems: int = 100  # held-out problems per evaluation
     eval_samples: int = 8  # samples per problem for pass@k
-    eval_max_tokens: int = 128  # longest answer an evaluation waits for
+    # [speedrun.eval_sampling]: how pass@k samples; its max_tokens also bounds the greedy answers
+    eval_sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=128))
     # extra `section.key=value` overrides for one stage, e.g. ["grpo.max_tokens=48"]
     pretrain_overrides: list = field(default_factory=list)
     sft_overrides: list = field(default_factory=list)
@@ -44,8 +46,12 @@ class SpeedrunConfig:
     distill_overrides: list = field(default_factory=list)
 
     def __post_init__(self):
-        if self.distill_mode not in ("sft", "fkl", "rkl"):
-            raise ValueError(f"config field 'distill_mode' = {self.distill_mode!r}: expected sft, fkl or rkl")
+        from daulat.train.distill import MODES
+
+        if self.distill_mode not in MODES:
+            raise ValueError(f"config field 'distill_mode' = {self.distill_mode!r}: expected one of {', '.join(MODES)}")
+        if self.eval_sampling.top_k:
+            raise ValueError("config field 'eval_sampling.top_k' is not used by the evaluation: leave it 0")
         for name in ("eval_problems", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config field {name!r} must be at least 1")
@@ -86,20 +92,41 @@ def _evaluate(ckpt: Path, task_name: str, cfg: SpeedrunConfig, seed: int, file: 
     """Greedy accuracy and pass@k of a checkpoint on the task's held-out split (cached in `file`)."""
     if file.is_file():
         return json.loads(file.read_text())
-    from daulat.checkpoint import load_model, write_json
+    from daulat.checkpoint import load_checkpoint, write_json
     from daulat.data.tasks import get_task
     from daulat.eval import evaluate_task
-    from daulat.tokenizer import load_tokenizer
 
-    model, tokenizer = load_model(ckpt), load_tokenizer(ckpt)
+    model, tokenizer, _ = load_checkpoint(ckpt)
+    sampling = cfg.eval_sampling
     result = evaluate_task(model, tokenizer, get_task(task_name), n=cfg.eval_problems, samples=cfg.eval_samples,
-                           max_tokens=cfg.eval_max_tokens, seed=seed)
+                           temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                           seed=seed)
     result = {k: v for k, v in result.items() if isinstance(v, (int, float, str, dict))}
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(".tmp")
     write_json(tmp, result)
     tmp.replace(file)
     return result
+
+
+def _plan(args, sr: SpeedrunConfig, out: Path) -> dict[str, list[str]]:
+    """The command line of each stage, as a user would type it."""
+    common = ["--preset", args.preset, "--seed", str(args.seed)] + (["--config", args.config] if args.config else [])
+
+    def steps(n):
+        return ["--steps", str(n)] if n is not None else []
+
+    return {
+        "pretrain": ["pretrain", "--out", str(out / "pretrain"), *common, *steps(sr.pretrain_steps)]
+        + (["--data", *args.data] if args.data else []),
+        "sft": ["sft", "--init", str(out / "pretrain" / "final"), "--task", sr.task, "--out", str(out / "sft"),
+                *common, *steps(sr.sft_steps)],
+        "grpo": ["grpo", "--init", str(out / "sft" / "final"), "--task", sr.task, "--out", str(out / "grpo"),
+                 *common, *steps(sr.grpo_steps)],
+        "distill": ["distill", "--teacher", str(out / "grpo" / "final"), "--task", sr.task, "--mode", sr.distill_mode,
+                    "--out", str(out / "distill"), "--preset", sr.student_preset, "--seed", str(args.seed),
+                    *(["--config", args.config] if args.config else []), *steps(sr.distill_steps)],
+    }
 
 
 def run(args) -> int:
@@ -115,26 +142,9 @@ def run(args) -> int:
     sr: SpeedrunConfig = cfg["speedrun"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = ["--preset", args.preset, "--seed", str(args.seed)]
-    if args.config:
-        common += ["--config", args.config]
+    plan = _plan(args, sr, out)
     started = time.time()
     timings = {}
-
-    def steps(n):
-        return ["--steps", str(n)] if n is not None else []
-
-    plan = {
-        "pretrain": ["pretrain", "--out", str(out / "pretrain"), *common, *steps(sr.pretrain_steps)]
-        + (["--data", *args.data] if args.data else []),
-        "sft": ["sft", "--init", str(out / "pretrain" / "final"), "--task", sr.task, "--out", str(out / "sft"),
-                *common, *steps(sr.sft_steps)],
-        "grpo": ["grpo", "--init", str(out / "sft" / "final"), "--task", sr.task, "--out", str(out / "grpo"),
-                 *common, *steps(sr.grpo_steps)],
-        "distill": ["distill", "--teacher", str(out / "grpo" / "final"), "--task", sr.task, "--mode", sr.distill_mode,
-                    "--out", str(out / "distill"), "--preset", sr.student_preset, "--seed", str(args.seed),
-                    *(["--config", args.config] if args.config else []), *steps(sr.distill_steps)],
-    }
     for name in STAGES:
         stage_out = out / name
         if (stage_out / "final").is_dir():

@@ -2,7 +2,7 @@
 
     teacher = open_teacher("runs/big/final")                  # weights on this machine
     teacher = open_teacher("http://127.0.0.1:8000/v1")        # daulat serve, vLLM, llama.cpp, ...
-    samples = teacher.generate([[{"role": "user", "content": "What is 2 + 3?"}]], TeacherSampling(n=4))
+    samples = teacher.generate([[{"role": "user", "content": "What is 2 + 3?"}]], SampleRequest(Sampling(), n=4))
 
 Both generate answers to conversations (sequence-level distillation works across tokenizers: the
 student re-reads the text with its own). Only a local teacher also gives its full next-token
@@ -24,34 +24,21 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from daulat.errors import DaulatError
+from daulat.generation import SampleRequest, Sampling  # noqa: F401 - what `generate` is asked with
 
 API_KEY_ENV = "DAULAT_TEACHER_API_KEY"
 _HASH_LIMIT_BYTES = 4 << 30  # weights larger than this are identified by size, not hashed
 
 
 @dataclass
-class TeacherSampling:
-    """How the teacher samples; recorded with every dataset it writes."""
-
-    n: int = 1  # samples per prompt
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 0  # 0: off (sent to an HTTP teacher only when set)
-    max_tokens: int = 256
-    seed: int = 0  # prompt i is sampled with seed + i, so results do not depend on batching
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
 class Sample:
-    """One teacher answer: its text, and whether it ended by itself ("stop") or hit max_tokens ("length")."""
+    """One teacher answer: its text, and whether it ended by itself (FINISH_STOP, "stop") or hit
+    max_tokens (FINISH_LENGTH, "length"), as daulat/infer/engine/sequence.py and the OpenAI API name them."""
 
     text: str
     finish_reason: str | None
@@ -69,23 +56,6 @@ def open_teacher(spec: str, *, device=None, model_name: str | None = None, concu
     return LocalTeacher(spec, device=device)
 
 
-def make_engine(model, tokenizer, **kwargs):
-    """An inference `Engine` over `model`. On a GPU the [B, V] logits of each step are handed to the
-    sampler on the CPU, where the sampler keeps its per-request generators and per-row settings (as
-    it stands it builds those on the CPU, so sampling at temperature > 0 from a model on a GPU would
-    mix devices); the copy is small next to the step, and the sampled ids go back to the CPU anyway."""
-    from daulat.infer import Engine
-
-    if next(model.parameters()).device.type == "cpu":
-        return Engine(model, tokenizer, **kwargs)
-
-    class HostSamplingEngine(Engine):
-        def _sample(self, logits, sequences, deltas):
-            return super()._sample(logits.float().cpu(), sequences, deltas)
-
-    return HostSamplingEngine(model, tokenizer, **kwargs)
-
-
 # ------------------------------------------------------------------------------------------------
 # A checkpoint on this machine
 # ------------------------------------------------------------------------------------------------
@@ -101,8 +71,7 @@ class LocalTeacher:
     def __init__(self, path, device=None):
         import torch
 
-        from daulat.checkpoint import load_info, load_model
-        from daulat.tokenizer import load_tokenizer
+        from daulat.checkpoint import load_checkpoint
 
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
@@ -110,9 +79,10 @@ class LocalTeacher:
                               f"nor an http(s):// URL of an OpenAI-compatible API")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.tokenizer = load_tokenizer(self.path)
-        self.model = load_model(self.path, device=device, dtype=dtype).eval().requires_grad_(False)
-        self.info = load_info(self.path)
+        model, self.tokenizer, self.info = load_checkpoint(self.path, device=device, dtype=dtype)
+        if self.tokenizer is None:
+            raise DaulatError(f"teacher {path} has no tokenizer (tokenizer.json)")
+        self.model = model.eval().requires_grad_(False)
         self.device = device
 
     def logits(self, input_ids):
@@ -148,11 +118,12 @@ class LocalTeacher:
                                  "vocab_size": c.vocab_size},
                 "stage": self.info.get("stage"), "created": self.info.get("created")}
 
-    def generate(self, conversations: list[Conversation], sampling: TeacherSampling,
+    def generate(self, conversations: list[Conversation], request: SampleRequest,
                  progress: Progress | None = None, chunk: int = 256) -> list[list[Sample]]:
-        """`sampling.n` answers to each conversation, with the engine (batched, continuous)."""
-        from daulat.infer import SamplingParams
+        """`request.n` answers to each conversation, with the engine (batched, continuous)."""
+        from daulat.generation import make_engine
 
+        sampling, n = request.sampling, request.n
         prompts = [self.tokenizer.render_chat(c, add_generation_prompt=True)[0] for c in conversations]
         if not prompts:
             return []
@@ -162,13 +133,10 @@ class LocalTeacher:
             raise DaulatError(f"prompt {too_long[0]} has {len(prompts[too_long[0]])} tokens, more than the teacher's "
                               f"context ({limit})")
         max_len = min(limit, max(len(p) for p in prompts) + sampling.max_tokens + 1)
-        engine = make_engine(self.model, self.tokenizer, max_num_seqs=max(sampling.n, min(64, len(prompts) * sampling.n)),
-                        max_model_len=max_len)
+        engine = make_engine(self.model, self.tokenizer, sequences=max(n, min(64, len(prompts) * n)), context=max_len)
         out: list[list[Sample]] = []
         for start in range(0, len(prompts), chunk):
-            params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                     top_k=sampling.top_k, max_tokens=min(sampling.max_tokens, max_len - len(p)),
-                                     seed=sampling.seed + start + i)
+            params = [sampling.params(n=n, seed=request.seed + start + i, max_tokens=min(sampling.max_tokens, max_len - len(p)))
                       for i, p in enumerate(prompts[start : start + chunk])]
             for result in engine.generate(prompts[start : start + chunk], params):
                 out.append([Sample(s.text, s.finish_reason) for s in result.samples])
@@ -246,13 +214,13 @@ class HTTPTeacher:
             raise DaulatError(f"teacher {self.base}/models lists no model; name one with --teacher-model")
         return ids[0]
 
-    def _answers(self, index: int, conversation: Conversation, sampling: TeacherSampling) -> list[Sample]:
-        """`sampling.n` answers to one conversation; servers that return fewer choices than asked
+    def _answers(self, index: int, conversation: Conversation, request: SampleRequest) -> list[Sample]:
+        """`request.n` answers to one conversation; servers that return fewer choices than asked
         (some ignore `n`) are asked again, one sample at a time with the next seeds."""
         samples: list[Sample] = []
-        seed = sampling.seed + index
-        while len(samples) < sampling.n:
-            want = sampling.n - len(samples)
+        sampling, seed = request.sampling, request.seed + index
+        while len(samples) < request.n:
+            want = request.n - len(samples)
             body = {"model": self.model, "messages": conversation, "n": want, "temperature": sampling.temperature,
                     "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "seed": seed}
             if sampling.top_k:
@@ -266,14 +234,14 @@ class HTTPTeacher:
             seed += 1000003  # a different draw for the samples still missing
         return samples
 
-    def generate(self, conversations: list[Conversation], sampling: TeacherSampling,
+    def generate(self, conversations: list[Conversation], request: SampleRequest,
                  progress: Progress | None = None, chunk: int = 64) -> list[list[Sample]]:
-        """`sampling.n` answers to each conversation, `concurrency` requests in flight at a time."""
+        """`request.n` answers to each conversation, `concurrency` requests in flight at a time."""
         out: list[list[Sample]] = []
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             for start in range(0, len(conversations), chunk):
                 part = conversations[start : start + chunk]
-                out += list(pool.map(lambda ic: self._answers(start + ic[0], ic[1], sampling), enumerate(part)))
+                out += list(pool.map(lambda ic: self._answers(start + ic[0], ic[1], request), enumerate(part)))
                 if progress is not None:
                     progress(len(out), len(conversations))
         return out

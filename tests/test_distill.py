@@ -13,7 +13,7 @@ from daulat.cli import main
 from daulat.data.tasks import get_task
 from daulat.teacher import HTTPTeacher, Sample, api_base
 from daulat.train.distill import (
-    TRAIN_DEFAULTS, ForwardKLObjective, ReverseKLObjective, forward_kl, reverse_kl, reverse_kl_policy_gradient, schema,
+    ForwardKLObjective, ReverseKLObjective, forward_kl, reverse_kl, reverse_kl_policy_gradient,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -133,12 +133,9 @@ class _ScriptedTeacher:
 
 def _config(*overrides, preset="micro"):
     """The config `daulat distill --preset PRESET OVERRIDES...` would run with."""
-    from types import SimpleNamespace
+    from daulat.train.distill import STAGE
 
-    from daulat.train.sft import stage_config
-
-    args = SimpleNamespace(preset=preset, config=None, overrides=list(overrides), steps=None, save_every=None, seed=None)
-    return stage_config(schema(), args, "distill", TRAIN_DEFAULTS)
+    return STAGE.config(preset=preset, overrides=overrides)
 
 
 def test_sft_keeps_only_answers_that_pass_the_checker_and_trains_on_them(checkpoint, tmp_path):
@@ -172,7 +169,7 @@ def test_sft_keeps_only_answers_that_pass_the_checker_and_trains_on_them(checkpo
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
     # the dataset is what `daulat sft --data` reads, and a rerun with the same teacher and prompts reuses it
-    from daulat.train.sft import read_conversations
+    from daulat.data.conversations import read_conversations
 
     assert len(read_conversations(out / "teacher_data.jsonl")) == 8
 
@@ -183,10 +180,10 @@ def test_a_fresh_student_from_a_checkpoint_teacher_records_its_lineage(checkpoin
     common = ["distill", "--teacher", str(checkpoint), "--preset", "micro", "--task", "addition", "--steps", "2"]
     settings = ["train.batch_size=4", "train.log_every=1", "train.eval_batches=0", "distill.prompts=8", *shape]
     assert main([*common, "--mode", "fkl", "--out", str(tmp_path / "fkl"), *settings, "distill.filter=false",
-                 "distill.drop_truncated=false", "distill.teacher_max_tokens=8", "distill.kl_temperature=2.0",
+                 "distill.drop_truncated=false", "distill.teacher_sampling.max_tokens=8", "distill.kl_temperature=2.0",
                  "distill.ce_weight=0.5"]) == 0
     assert main([*common, "--mode", "rkl", "--out", str(tmp_path / "rkl"), *settings,
-                 "distill.student_max_tokens=8"]) == 0
+                 "distill.student_sampling.max_tokens=8"]) == 0
     for mode in ("fkl", "rkl"):
         info = json.loads((tmp_path / mode / "final" / "daulat.json").read_text())
         assert info["mode"] == mode and info["teacher"]["path"] == str(checkpoint)
@@ -203,13 +200,14 @@ def test_a_fresh_student_from_a_checkpoint_teacher_records_its_lineage(checkpoin
 def test_on_policy_batches_resume_where_they_stopped(checkpoint):
     from daulat.checkpoint import load_model
     from daulat.tokenizer import load_tokenizer
+    from daulat.generation import Sampling
     from daulat.train.distill import DistillConfig, OnPolicyBatches, load_prompts
 
     prompts, task, _ = load_prompts(DistillConfig(task="addition", prompts=5))
     tok, model = load_tokenizer(checkpoint), load_model(checkpoint).train()
 
     def source():
-        s = OnPolicyBatches(prompts, tok, 3, max_tokens=6, task=task, seed=7)
+        s = OnPolicyBatches(prompts, tok, 3, Sampling(max_tokens=6), task=task, seed=7)
         s.model = model
         return s
 
@@ -276,8 +274,8 @@ def test_sft_from_a_daulat_serve_teacher_across_tokenizers(checkpoint, tmp_path)
         assert main(["distill", "--teacher", server.url + "/v1", "--student", str(student), "--data", str(chats),
                      "--mode", "sft", "--out", str(tmp_path / "run"), "--steps", "2", "train.batch_size=2",
                      "train.log_every=1", "train.eval_batches=0", "distill.samples_per_prompt=2",
-                     "distill.keep_per_prompt=2", "distill.teacher_max_tokens=6", "distill.drop_truncated=false",
-                     "distill.teacher_temperature=1.0"]) == 0
+                     "distill.keep_per_prompt=2", "distill.teacher_sampling.max_tokens=6", "distill.drop_truncated=false",
+                     "distill.teacher_sampling.temperature=1.0"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "teacher_data.jsonl").read_text().splitlines()]
     assert 5 <= len(rows) <= 10 and all(r["passed_checker"] is None for r in rows)
     assert all(r["messages"][0]["content"].startswith("Say ") and r["messages"][-1]["role"] == "assistant" for r in rows)

@@ -162,12 +162,13 @@ def rollout_source(coin, reward=None, **overrides):
     from daulat.checkpoint import load_model
     from daulat.data.tasks import get_task
     from daulat.tokenizer import load_tokenizer
+    from daulat.generation import Sampling
     from daulat.train.grpo import GRPOConfig, RolloutSource, load_reward
     from daulat.train.loop import TrainConfig
 
-    settings = dict(prompts_per_rollout=2, group_size=8, max_tokens=6, eval_problems=0)
+    settings = dict(prompts_per_rollout=2, group_size=8, eval_problems=0)
     settings.update(overrides)
-    cfg = GRPOConfig(**settings)
+    cfg = GRPOConfig(sampling=Sampling(max_tokens=settings.pop("max_tokens", 6)), **settings)
     train_cfg = TrainConfig(batch_size=8, steps=4)
     model = load_model(coin / "sft" / "final").train()
     source = RolloutSource(model, load_tokenizer(coin / "sft" / "final"), get_task(str(coin / "coin.jsonl")), cfg,
@@ -223,7 +224,7 @@ def test_grpo_makes_the_rewarded_answer_more_likely(coin):
     out = coin / "grpo"
     assert cli.main(["grpo", "--init", str(coin / "sft" / "final"), "--task", str(coin / "coin.jsonl"), "--out", str(out),
                      "--preset", "micro", "--steps", "8", "grpo.prompts_per_rollout=2", "grpo.group_size=8",
-                     "train.batch_size=16", "train.lr=3e-3", "train.log_every=1", "grpo.max_tokens=6",
+                     "train.batch_size=16", "train.lr=3e-3", "train.log_every=1", "grpo.sampling.max_tokens=6",
                      "grpo.eval_problems=1"]) == 0
     after = p_heads(out / "final")
     assert after > before + 0.15, (before, after)
@@ -245,7 +246,7 @@ def test_kl_to_the_reference_starts_at_zero(coin):
     out = coin / "grpo-kl"
     assert cli.main(["grpo", "--init", str(coin / "sft" / "final"), "--task", str(coin / "coin.jsonl"), "--out", str(out),
                      "--preset", "micro", "--steps", "2", "grpo.prompts_per_rollout=2", "grpo.group_size=4",
-                     "train.batch_size=8", "train.log_every=1", "grpo.max_tokens=6", "grpo.eval_problems=0",
+                     "train.batch_size=8", "train.log_every=1", "grpo.sampling.max_tokens=6", "grpo.eval_problems=0",
                      "grpo.beta=0.1", "grpo.loss_aggregation=sequence"]) == 0
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[0]["kl"] == 0 and steps[1]["kl"] >= 0

@@ -1,12 +1,13 @@
-"""What every training stage command shares: its flags, its config, its output directory.
+"""What every training stage command shares on the command line: its flags, and how they become config.
 
     daulat <stage> --out DIR [--preset NAME] [--config FILE.toml] [--steps N] [--save-every N] [--seed S]
                    [--resume] [--print-config] [section.key=value ...]
 
-A stage module calls `add_common_arguments(parser)` in its `add_arguments`, then in `run(args)`:
-`config = load_stage_config(SCHEMA, args)` (preset < file < overrides < the shortcut flags) and
-`out = prepare_output(args.out, args.resume)` once its inputs are known to be good, so that bad input
-leaves nothing behind.
+A stage module calls `add_common_arguments(parser)` in its `add_arguments`, and its `run(args)` is
+`run_command(STAGE, args, flags, start)`: the flags become `section.key` overrides (`--steps 5` is
+`train.steps=5`, `--task addition` is `sft.task="addition"`), merged by `daulat.config.stage_config`
+before anything is validated, so nothing is patched afterwards and Python callers (tests, benches)
+pass the same plain values without any argparse object.
 """
 
 from __future__ import annotations
@@ -14,14 +15,19 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
-from daulat.config import load_config, preset_names
+from daulat.config import preset_names
 from daulat.errors import DaulatError
 
-_OVERRIDE = re.compile(r"^([A-Za-z_]\w*)\.[A-Za-z_]\w*=")
+_OVERRIDE = re.compile(r"^([A-Za-z_]\w*)\.[A-Za-z_][\w.]*=")
+
+# the flags every stage has, and the config key each one sets
+COMMON_FLAGS = {"steps": "train.steps", "save_every": "train.save_every", "seed": "train.seed"}
+FLAG = object()  # in a flag table: "the flag's own value"
 
 
-def add_common_arguments(parser, default_preset: str = "tiny") -> None:
+def add_common_arguments(parser, default_preset: str | None = "tiny") -> None:
     parser.add_argument("--preset", default=default_preset,
                         help=f"recipe from daulat/recipes/ ({', '.join(preset_names())}; default: %(default)s)")
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file merged over the preset")
@@ -33,7 +39,7 @@ def add_common_arguments(parser, default_preset: str = "tiny") -> None:
     parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. train.lr=1e-3")
 
 
-def split_overrides(values: list[str] | None, schema: dict) -> tuple[list[str], list[str]]:
+def split_overrides(values: list[str] | None, schema) -> tuple[list[str], list[str]]:
     """(other values, overrides): `--data a b train.lr=1e-3` lets argparse swallow the override into
     --data; anything shaped `section.key=value` with a section of `schema` is taken back out."""
     rest, overrides = [], []
@@ -43,14 +49,34 @@ def split_overrides(values: list[str] | None, schema: dict) -> tuple[list[str], 
     return rest, overrides
 
 
-def load_stage_config(schema: dict[str, type], args, extra_overrides: list[str] = ()) -> dict:
-    """The merged config of a stage command: preset < --config file < overrides < --steps/--save-every/--seed."""
-    overrides = list(extra_overrides) + list(args.overrides or [])
-    for flag, key in (("steps", "train.steps"), ("save_every", "train.save_every"), ("seed", "train.seed")):
+def flag_overrides(args, flags: dict[str, dict[str, object] | str]) -> list[tuple[str, object]]:
+    """The overrides a command's flags stand for, after its `section.key=value` ones (flags win).
+
+    flags: flag name -> the key it sets, or -> {key: value or FLAG} when one flag sets several keys
+    (`--data` sets sft.data and clears sft.task: FLAG is the flag's value).
+    """
+    out = []
+    for flag, target in {**COMMON_FLAGS, **flags}.items():
         value = getattr(args, flag, None)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    return load_config(schema, preset=args.preset, path=args.config, overrides=overrides)
+        if value is None:
+            continue
+        targets = {target: FLAG} if isinstance(target, str) else target
+        out += [(key, value if v is FLAG else v) for key, v in targets.items()]
+    return out
+
+
+def run_command(stage, args, flags: dict, start: Callable[[dict], object], extra_overrides=()) -> int:
+    """A stage command: its config from --preset, --config, the overrides and the flags; printed with
+    --print-config, else `start(config)` runs the stage."""
+    from daulat.config import to_toml
+
+    config = stage.config(preset=args.preset, path=args.config,
+                          overrides=[*extra_overrides, *(args.overrides or []), *flag_overrides(args, flags)])
+    if args.print_config:
+        print(to_toml(config), end="")
+        return 0
+    start(config)
+    return 0
 
 
 def prepare_output(out, resume: bool) -> Path:

@@ -27,7 +27,9 @@ from itertools import islice
 from pathlib import Path
 
 from daulat.errors import DaulatError
-from daulat.train.common import add_common_arguments, load_stage_config, prepare_output, split_overrides
+from daulat.train.common import add_common_arguments, run_command, split_overrides
+from daulat.train.objectives import next_token_objective
+from daulat.train.stage import Stage, StageRun, Training
 
 
 @dataclass
@@ -60,13 +62,8 @@ def schema() -> dict[str, type]:
     return {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
 
 
+STAGE = Stage("pretrain", schema)  # the recipe's [train] as written
 METHOD = "next-token prediction (plus multi-token prediction when num_nextn_predict_layers > 0)"
-
-
-def next_token_objective(model, batch):
-    """Pretraining's objective: (inputs, targets) [B, T] -> model.training_loss (CE + MTP + balance)."""
-    inputs, targets = batch
-    return model.training_loss(inputs, targets)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,14 +82,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     data, moved = split_overrides(args.data, SECTIONS)
-    config = load_stage_config(schema(), args, extra_overrides=moved)
-    if args.print_config:
-        from daulat.config import to_toml
-
-        print(to_toml(config), end="")
-        return 0
-    pretrain(config, args.out, data=data or None, tokenizer=args.tokenizer, resume=args.resume)
-    return 0
+    return run_command(STAGE, args, {}, lambda config: pretrain(config, args.out, data=data or None,
+                                                                 tokenizer=args.tokenizer, resume=args.resume),
+                       extra_overrides=moved)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,24 +96,20 @@ def pretrain(config: dict, out, data: list[str] | None = None, tokenizer=None, r
              verbose: bool = True) -> dict:
     """Run (or resume) pretraining; returns the loop's summary plus the output path.
 
-    config: {"model": ModelConfig, "train": TrainConfig, "data": DataConfig} (see `load_stage_config`).
+    config: {"model": ModelConfig, "train": TrainConfig, "data": DataConfig} (see `STAGE.config`).
     data: files/folders (None: the built-in corpus). tokenizer: a tokenizer directory (None: train one).
     """
     import torch
 
-    from daulat.config import to_dict
-    from daulat.data.shards import BatchSampler, eval_batches, load_shards
+    from daulat.data.shards import BatchSampler, load_shards
     from daulat.model import DeepseekV3
-    from daulat.provenance import stage_info
     from daulat.tokenizer import load_tokenizer
-    from daulat.train.loop import Trainer, init_distributed, latest_checkpoint, run_on_main
+    from daulat.train.loop import run_on_main
 
     train_cfg, data_cfg = config["train"], config["data"]
-    if train_cfg.seq_len > config["model"].max_position_embeddings:
-        raise DaulatError(f"config train.seq_len = {train_cfg.seq_len} exceeds model.max_position_embeddings "
-                          f"= {config['model'].max_position_embeddings}")
-    d = init_distributed(train_cfg.device)
-    say = print if (verbose and d.is_main) else (lambda *a, **k: None)
+    run = StageRun(STAGE, config, out, resume=resume, verbose=verbose)
+    run.check_context(train_cfg.seq_len, config["model"].max_position_embeddings, whose="model.max_position_embeddings")
+    d, say = run.dist, run.say
 
     # Check every input before writing anything.
     corpus = None
@@ -130,10 +118,7 @@ def pretrain(config: dict, out, data: list[str] | None = None, tokenizer=None, r
 
         corpus = Corpus(data, text_field=data_cfg.text_field)
     given = load_tokenizer(tokenizer) if tokenizer is not None else None
-    out = Path(run_on_main(d, lambda: prepare_output(out, resume)) or out)
-    resume_from = latest_checkpoint(out) if resume else None
-    if resume and resume_from is None:
-        say(f"no checkpoint in {out} yet: starting from the beginning")
+    out = run.prepare_output()
 
     start = time.time()
     run_on_main(d, lambda: _prepare_data(out, config, corpus, given, resume, say))
@@ -142,44 +127,37 @@ def pretrain(config: dict, out, data: list[str] | None = None, tokenizer=None, r
     if d.is_main and time.time() - start > 1:
         say(f"data ready in {time.time() - start:.1f}s")
 
-    config = dict(config)
-    config["model"] = dataclasses.replace(config["model"], vocab_size=tok.vocab_size)
+    run.config = config = dict(config, model=dataclasses.replace(config["model"], vocab_size=tok.vocab_size))
     torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
     model = DeepseekV3(config["model"])
     batches = BatchSampler(shards.train, train_cfg.micro_batch_size, train_cfg.seq_len, seed=train_cfg.seed,
                            rank=d.rank, world_size=d.world_size)
-    val_batches = None
-    val_windows = (len(shards.val) - 1) // train_cfg.seq_len
-    if val_windows >= 1:
-        # The same validation sequences whatever the number of ranks and micro-batches: whole global
-        # batches of the split's first windows (one, padded, when the split is smaller than that)
-        n_micro = max(1, min(train_cfg.eval_batches, val_windows // train_cfg.batch_size)) * train_cfg.grad_accum
-
-        def val_batches():
-            return eval_batches(shards.val, train_cfg.micro_batch_size, train_cfg.seq_len, n_micro,
-                                rank=d.rank, world_size=d.world_size)
-    else:
-        say(f"the validation split holds {len(shards.val)} tokens, fewer than one sequence: no validation loss")
-
     splits = shards.index["splits"]
     data_info = {"manifest": shards.index.get("manifest"), "tokenizer_sha256": tok.sha256,
                  "train_tokens": splits["train"]["tokens"], "val_tokens": splits["val"]["tokens"]}
-    info = stage_info("pretrain", method=METHOD, config=to_dict(config), data=data_info, compute={}, metrics={},
-                      parameters=model.num_parameters(), active_parameters_per_token=model.num_parameters(active=True))
     say(f"model: {model.num_parameters():,} parameters, {model.num_parameters(active=True):,} active per token, "
         f"vocab {tok.vocab_size}; data: {splits['train']['tokens']:,} train + {splits['val']['tokens']:,} val tokens; "
         f"{train_cfg.batch_size} x {train_cfg.seq_len} tokens per step on {d.world_size} x {d.device.type}")
-    trainer = Trainer(model, train_cfg, next_token_objective, batches, out, val_batches=val_batches,
-                      tokenizer=tok, info=info, resume_from=resume_from, dist=d)
-    if resume_from is not None:
-        say(f"resuming from {resume_from} (step {trainer.step})")
-    summary = trainer.fit()
-    val = f", val_loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
-    loss = f"loss {summary['loss']:.4f}" if summary["loss"] is not None else "no steps run"
-    say(f"pretrained {summary['step']} steps, {summary['tokens']:,} tokens in {summary['wall_time_s']:.0f}s: "
-        f"{loss}{val} -> {out / 'final'}")
-    summary["out"] = str(out)
-    return summary
+    return run.train(Training(model, next_token_objective, batches, tok, METHOD, data_info,
+                              val_batches=_val_batches(shards, train_cfg, d, say)))
+
+
+def _val_batches(shards, train_cfg, d, say):
+    """The same validation sequences whatever the number of ranks and micro-batches: whole global
+    batches of the split's first windows (one, padded, when the split is smaller than that)."""
+    from daulat.data.shards import eval_batches
+
+    val_windows = (len(shards.val) - 1) // train_cfg.seq_len
+    if val_windows < 1:
+        say(f"the validation split holds {len(shards.val)} tokens, fewer than one sequence: no validation loss")
+        return None
+    n_micro = max(1, min(train_cfg.eval_batches, val_windows // train_cfg.batch_size)) * train_cfg.grad_accum
+
+    def val_batches():
+        return eval_batches(shards.val, train_cfg.micro_batch_size, train_cfg.seq_len, n_micro,
+                            rank=d.rank, world_size=d.world_size)
+
+    return val_batches
 
 
 def _prepare_data(out: Path, config: dict, corpus, given, resume: bool, say) -> None:
