@@ -49,7 +49,7 @@ def test_every_stage_record_has_created_environment_and_its_lineage(lineage):
         assert info["created"].startswith("20") and info["environment"]["python"] and info["environment"]["torch"]
         assert [h["stage"] for h in info["history"]] == history, stage
         assert all(h.get("created") and h.get("environment") for h in info["history"]), stage
-        assert info["parameters"] > 0 and info["tokenizer_sha256"] and info["compute"]["tokens"] > 0
+        assert info["parameters"] > 0 and info["tokenizer_sha256"] and "hardware" in info["compute"]
         assert info["config"]["train"]["steps"] == 1
     assert load_info(lineage / "sft" / "final")["init"] == str(lineage / "pretrain" / "final")
     sampling = load_info(lineage / "grpo" / "final")["config"]["grpo"]["sampling"]
