@@ -7,13 +7,17 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions (streaming SSE or not
 GET /health (public; 503 while the weights load), and the web chat page at /. The official
 `openai` client works unchanged (base_url="http://127.0.0.1:8000/v1").
 
-Every request becomes an engine request; the engine steps all of them together on its own thread
-(continuous batching) and hands deltas to the event loop, which never waits on the model. Errors
-have OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
+Every prompt of a request becomes an engine request (one scheduling group per API request, so that
+requests share the batch fairly); the engine steps all of them together on its own thread
+(continuous batching) and hands deltas to the event loop, which never waits on the model. A client
+that goes away, streaming or not, has its requests aborted. Errors have OpenAI's shape,
+{"error": {"message", "type", "param", "code"}}. What the server guarantees is in the README
+("Serving: what the server guarantees").
 """
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import os
 import secrets
@@ -39,7 +43,8 @@ class Limits:
     max_model_len: int | None = None  # context per sequence, prompt included (None: the model's)
     max_tokens: int = 4096  # new tokens a request may ask for
     max_num_seqs: int = 64  # sequences decoded together
-    max_queue: int = 256  # requests waiting for a slot before new ones get 429
+    max_queue: int = 256  # sequences waiting for a slot before new requests get 429
+    max_seqs_per_request: int = 256  # prompts x n of one request
     max_body_bytes: int = 1 << 20
     default_max_tokens_completions: int = 16  # OpenAI's default for /v1/completions
 
@@ -52,7 +57,9 @@ class ServerState:
     engine: object | None = None  # set once the weights are loaded
     tokenizer: object | None = None
     load_error: str | None = None
-    in_flight: int = 0
+    in_flight: int = 0  # sequences (prompts x n) of the requests being answered
+    requests: int = 0  # requests being answered
+    hosts: "HostCheck | None" = None  # without an API key, the Host names accepted (None: any)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -122,12 +129,47 @@ def _stop(body: dict) -> list[str]:
     return stop
 
 
+# OpenAI fields this server does not implement, with the values that ask for nothing and so are accepted
+UNSUPPORTED = {"presence_penalty": (0,), "frequency_penalty": (0,), "tools": ([],), "tool_choice": ("none",),
+               "functions": ([],), "function_call": ("none",),
+               "suffix": ("",), "audio": (), "modalities": (["text"],), "prediction": ()}
+
+
+def reject_unsupported(body: dict) -> None:
+    """A 400 naming the first field asked for that the server cannot honour, rather than ignoring it."""
+    for name, harmless in UNSUPPORTED.items():
+        if body.get(name) is not None and body[name] not in harmless:
+            raise _bad(name, f"'{name}' is not supported" + (f" (only {json.dumps(harmless[0])})" if harmless else ""))
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise _bad("response_format", "'response_format' is not supported: only {\"type\": \"text\"} (no JSON mode)")
+    best_of = body.get("best_of")
+    if best_of is not None and (best_of != 1 or body.get("n", 1) not in (None, 1)):
+        raise _bad("best_of", "'best_of' is not supported (only 1, with n = 1); ask for n samples instead")
+
+
+def parse_logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]} (JSON keys are strings)."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise _bad("logit_bias", "'logit_bias' must be an object mapping token ids to numbers between -100 and 100")
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+            raise _bad("logit_bias", f"'logit_bias' key {json.dumps(key)} is not a token id (0..{vocab_size - 1})")
+        if not _is_number(value) or not -100 <= value <= 100:
+            raise _bad("logit_bias", f"'logit_bias' for token {key} must be a number between -100 and 100, "
+                                     f"got {json.dumps(value)}")
+        out[int(key)] = float(value)
+    return out or None
+
+
 def parse_common(body: dict, state: ServerState, prompt_len: int, chat: bool) -> dict:
     """The sampling fields shared by both endpoints, checked and limited; keyword args for SamplingParams."""
     limits, engine = state.limits, state.engine
-    for penalty in ("presence_penalty", "frequency_penalty"):
-        if body.get(penalty) not in (None, 0, 0.0):
-            raise _bad(penalty, f"'{penalty}' is not supported (only 0)")
+    reject_unsupported(body)
     room = engine.max_model_len - prompt_len
     if room < 1:
         raise APIError(400, f"the prompt has {prompt_len} tokens but this model's context limit is "
@@ -154,7 +196,17 @@ def parse_common(body: dict, state: ServerState, prompt_len: int, chat: bool) ->
         stop=_stop(body),
         seed=_number(body, "seed", None, -(1 << 63), (1 << 63) - 1, integer=True),
         ignore_eos=_flag(body, "ignore_eos"),
+        logit_bias=parse_logit_bias(body, engine.vocab_size),
     )
+
+
+def check_sequences(prompts: int, n: int, limits: Limits) -> int:
+    """The sequences (prompts x n) a request asks for, within the per-request limit."""
+    sequences = prompts * n
+    if sequences > limits.max_seqs_per_request:
+        raise _bad("n", f"{prompts} prompt(s) x n={n} = {sequences} sequences; this server allows at most "
+                        f"{limits.max_seqs_per_request} per request")
+    return sequences
 
 
 def parse_messages(body: dict) -> list[dict]:
@@ -174,6 +226,9 @@ def parse_messages(body: dict) -> list[dict]:
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
                 raise _bad(f"messages[{i}].content", f"messages[{i}].content: only text parts are supported")
             content = "".join(p["text"] for p in content)
+        for name in ("tool_calls", "function_call", "tool_call_id", "audio"):
+            if message.get(name):
+                raise _bad(f"messages[{i}].{name}", f"messages[{i}].{name}: tool and function calls are not supported")
         if content is None and role == "assistant":
             content = ""
         if not isinstance(content, str):
@@ -192,8 +247,8 @@ def parse_prompts(body: dict, state: ServerState) -> list[list[int]]:
         prompts = prompt
     else:
         raise _bad("prompt", "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists")
-    if len(prompts) > state.limits.max_num_seqs:
-        raise _bad("prompt", f"at most {state.limits.max_num_seqs} prompts per request")
+    if len(prompts) > state.limits.max_seqs_per_request:
+        raise _bad("prompt", f"at most {state.limits.max_seqs_per_request} prompts per request")
     engine, out = state.engine, []
     for p in prompts:
         if isinstance(p, str):
@@ -233,10 +288,14 @@ class TokenText:
     def __init__(self, tokenizer):
         self.tokenizer, self.decoder, self.cache = tokenizer, _byte_decoder(), {}
 
+    def is_special(self, token_id: int) -> bool:
+        piece = self.tokenizer.id_to_token(token_id) or ""
+        return piece.startswith("<|") and piece.endswith("|>")
+
     def __call__(self, token_id: int) -> tuple[str, list[int]]:
         if token_id not in self.cache:
             piece = self.tokenizer.id_to_token(token_id) or ""
-            if piece.startswith("<|") and piece.endswith("|>") or not all(c in self.decoder for c in piece):
+            if self.is_special(token_id) or not all(c in self.decoder for c in piece):
                 raw = piece.encode("utf-8")
             else:
                 raw = bytes(self.decoder[c] for c in piece)
@@ -257,7 +316,15 @@ def chat_logprobs(delta_or_sample, token_text: TokenText) -> dict:
     return {"content": content}
 
 
-def completion_logprobs(delta_or_sample, token_text: TokenText, offset: int) -> dict:
+def completion_logprobs(delta_or_sample, token_text: TokenText, offset: int, echo: "Echo | None" = None) -> dict:
+    """/v1/completions' logprobs of generated tokens, after the prompt's own when echoed."""
+    if echo is not None and echo.logprobs is not None:
+        generated = completion_logprobs(delta_or_sample, token_text, offset + len(echo.text))
+        top = None
+        if echo.logprobs["top_logprobs"] is not None:
+            top = echo.logprobs["top_logprobs"] + (generated["top_logprobs"] or [{}] * len(generated["tokens"]))
+        return {key: echo.logprobs[key] + generated[key] for key in ("tokens", "token_logprobs", "text_offset")} | {
+            "top_logprobs": top}
     tokens, offsets = [], []
     for token in delta_or_sample.token_ids:
         text = token_text(token)[0]
@@ -266,8 +333,70 @@ def completion_logprobs(delta_or_sample, token_text: TokenText, offset: int) -> 
         offset += len(text)
     top = delta_or_sample.top_logprobs
     return {"tokens": tokens, "token_logprobs": list(delta_or_sample.logprobs),
-            "top_logprobs": [{token_text(t)[0]: lp for t, lp in alts.items()} for alts in top] if top else None,
+            "top_logprobs": [_top_by_text(alts, token_text) for alts in top] if top else None,
             "text_offset": offsets}
+
+
+def _top_by_text(alternatives: dict[int, float], token_text: TokenText) -> dict[str, float]:
+    """Completions' top_logprobs {token text: logprob}, most likely first; where two tokens have the
+    same text (two halves of different characters both show as U+FFFD) the likelier one is kept."""
+    out: dict[str, float] = {}
+    for token, logprob in sorted(alternatives.items(), key=lambda kv: -kv[1]):
+        out.setdefault(token_text(token)[0], logprob)
+    return out
+
+
+@dataclass
+class Echo:
+    """A /v1/completions prompt echoed back: its text and, when `logprobs` was asked, the log-probs of
+    its own tokens in completions' shape (None for the first token, which has no context)."""
+
+    text: str
+    tokens: int
+    logprobs: dict | None
+
+
+async def echo_prompt(state: ServerState, prompt_token_ids: list[int], logprobs: int | None) -> Echo:
+    """The prompt's text (special tokens such as an added <|bos|> left out) and, when asked, its
+    tokens' log-probs and `logprobs` most likely alternatives, from one forward on a worker thread."""
+    engine, token_text = state.engine, TokenText(state.tokenizer)
+    text = state.tokenizer.decode(prompt_token_ids, skip_special_tokens=True)
+    if logprobs is None:
+        return Echo(text, len(prompt_token_ids), None)
+    scored = await asyncio.to_thread(engine.prompt_logprobs, prompt_token_ids, logprobs)
+    tokens, offsets, offset = [], [], 0
+    for token in prompt_token_ids:
+        piece, _ = token_text(token)
+        tokens.append(piece)
+        offsets.append(offset)
+        offset += 0 if token_text.is_special(token) else len(piece)  # special tokens are not in `text`
+    top = None
+    if scored.top_logprobs is not None:
+        top = [None if alts is None else _top_by_text(alts, token_text) for alts in scored.top_logprobs]
+    return Echo(text, len(prompt_token_ids),
+                {"tokens": tokens, "token_logprobs": scored.logprobs, "top_logprobs": top, "text_offset": offsets})
+
+
+async def echo_only(state: ServerState, body: dict, prompts: list[list[int]], logprobs: int | None) -> dict:
+    """`echo` with `max_tokens: 0`: each prompt back n times with its log-probs, nothing generated."""
+    engine = state.engine
+    reject_unsupported(body)
+    n = _number(body, "n", 1, 1, engine.max_num_seqs, integer=True)
+    sequences = admit(state, check_sequences(len(prompts), n, state.limits))
+    if max(len(p) for p in prompts) > engine.max_model_len:
+        raise APIError(400, f"a prompt is longer than this model's context limit of {engine.max_model_len} tokens",
+                       param="prompt", code="context_length_exceeded")
+    state.in_flight += sequences
+    try:
+        echoes = [await echo_prompt(state, p, logprobs) for p in prompts]
+    finally:
+        state.in_flight -= sequences
+    choices = [{"index": i * n + j, "text": echo.text, "logprobs": echo.logprobs, "finish_reason": "length"}
+               for i, echo in enumerate(echoes) for j in range(n)]
+    prompt_tokens = sum(echo.tokens for echo in echoes)
+    return {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion", "created": int(time.time()),
+            "model": state.model_name, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,20 +404,85 @@ def completion_logprobs(delta_or_sample, token_text: TokenText, offset: int) -> 
 # ------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class HostCheck:
+    """The `Host` headers a keyless server answers, against DNS rebinding (as Jupyter checks them).
+
+    A web page from another site can make the browser send requests to 127.0.0.1, but they carry
+    its own host name in `Host` (after the attacker's DNS points that name here). Accepted: localhost
+    names and IP literals that are loopback or the bound address (any IP literal when bound to every
+    interface: a literal cannot be rebound), with the bound port or none, and the names in `names`.
+    """
+
+    bound_host: str
+    port: int
+    names: frozenset[str] = frozenset()
+
+    def allows(self, header: bytes | None) -> bool:
+        host = (header or b"").decode("latin-1").strip().lower()
+        if host.startswith("["):  # [v6]:port
+            name, _, rest = host[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else None
+        else:
+            name, _, port = host.partition(":") if host.count(":") == 1 else (host, "", "")
+            port = port or None
+        name = name.rstrip(".")
+        if name in self.names:
+            return True
+        if port is not None and port != str(self.port):
+            return False
+        if name in ("localhost", self.bound_host.lower()) or name.endswith(".localhost"):
+            return True
+        address, bound = _ip(name), _ip(self.bound_host)
+        if address is None:
+            return False
+        return address.is_loopback or address == bound or (bound is not None and bound.is_unspecified)
+
+
+def _ip(text: str):
+    try:
+        return ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+
+
 class Guard:
-    """ASGI middleware for /v1/*: the API key (constant-time compare) and the body size limit."""
+    """ASGI middleware: the Host check of a keyless server; for /v1/*, the API key (constant-time
+    compare), JSON bodies only (a cross-site form or `text/plain` POST is refused) and the size limit."""
 
     def __init__(self, app, state: ServerState):
         self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http":
             headers = dict(scope.get("headers") or [])
-            error = self._check_key(headers.get(b"authorization")) or self._check_size(headers.get(b"content-length"))
+            error = self._check_host(headers.get(b"host"))
+            if error is None and scope["path"].startswith("/v1/"):
+                error = (self._check_key(headers.get(b"authorization"))
+                         or self._check_type(scope["method"], headers.get(b"content-type"))
+                         or self._check_size(headers.get(b"content-length")))
             if error is not None:
                 await _error_response(error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def _check_host(self, header: bytes | None) -> APIError | None:
+        hosts = self.state.hosts
+        if self.state.api_keys or hosts is None or hosts.allows(header):
+            return None
+        return APIError(403, f"this server does not answer for the host {(header or b'').decode('latin-1')!r}: "
+                             "use localhost or its address, set an API key, or name the host with --allowed-host",
+                        type="permission_error", code="host_not_allowed")
+
+    @staticmethod
+    def _check_type(method: str, header: bytes | None) -> APIError | None:
+        if method != "POST":
+            return None
+        media_type = (header or b"").split(b";")[0].strip().lower()
+        if media_type != b"application/json":
+            return APIError(415, "the request body must be JSON, sent with 'Content-Type: application/json'",
+                            code="unsupported_media_type")
+        return None
 
     def _check_key(self, header: bytes | None) -> APIError | None:
         keys = self.state.api_keys
@@ -330,9 +524,38 @@ async def read_json(request, state: ServerState) -> dict:
         body = json.loads(b"".join(chunks))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, f"the request body nests deeper than {MAX_DEPTH} levels", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    check_json_text(body)
     return body
+
+
+MAX_DEPTH = 64  # nesting levels a request body may have (a chat request needs 5)
+
+
+def check_json_text(body) -> None:
+    """Refuse what JSON allows but the server cannot use: strings with lone surrogates (`"\\ud800"` is
+    valid JSON but not Unicode, and cannot be tokenized) and nesting beyond MAX_DEPTH. Iterative,
+    so no body can exhaust the stack."""
+    stack = [("", body, 0)]
+    while stack:
+        path, value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise APIError(400, f"the request body nests deeper than {MAX_DEPTH} levels", code="invalid_json")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _bad(path or None, f"{path or 'a key'} contains a lone UTF-16 surrogate, which is not "
+                                         "valid Unicode text") from None
+        elif isinstance(value, dict):
+            keys = {k: k.encode("utf-8", "backslashreplace").decode("utf-8") for k in value}  # printable paths
+            stack += [(f"{path}.{keys[k]}" if path else keys[k], v, depth + 1) for k, v in value.items()]
+            stack += [(path or "a key", k, depth + 1) for k in value]
+        elif isinstance(value, list):
+            stack += [(f"{path}[{i}]", v, depth + 1) for i, v in enumerate(value)]
 
 
 def create_app(state: ServerState, loader=None):
@@ -341,7 +564,7 @@ def create_app(state: ServerState, loader=None):
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @asynccontextmanager
@@ -378,6 +601,9 @@ def create_app(state: ServerState, loader=None):
         return _error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
     def ready():
+        if state.engine is None and state.load_error is not None:
+            raise APIError(503, f"the model failed to load: {state.load_error}", type="service_unavailable",
+                           code="model_load_failed")
         if state.engine is None:
             raise APIError(503, "the model is still loading", type="service_unavailable", code="model_loading")
         return state.engine
@@ -388,12 +614,6 @@ def create_app(state: ServerState, loader=None):
             raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
                            type="not_found_error", param="model", code="model_not_found")
 
-    def admit() -> None:
-        limits = state.limits
-        if state.in_flight >= limits.max_num_seqs + limits.max_queue:
-            raise APIError(429, f"the server is full ({state.in_flight} requests in flight); retry later",
-                           type="rate_limit_error", code="too_many_requests")
-
     @app.get("/", include_in_schema=False)
     async def index():
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
@@ -401,10 +621,13 @@ def create_app(state: ServerState, loader=None):
     @app.get("/health")
     async def health():
         if state.engine is None:
-            status = "failed" if state.load_error else "loading"
-            return JSONResponse({"status": status, "model": state.model_name}, status_code=503)
-        return {"status": "ok", "model": state.model_name, "requests_in_flight": state.in_flight,
-                "engine": dict(state.engine.stats)}
+            if state.load_error is not None:
+                return JSONResponse({"status": "failed", "model": state.model_name, "error": state.load_error},
+                                    status_code=503)
+            return JSONResponse({"status": "loading", "model": state.model_name}, status_code=503)
+        return {"status": "ok", "model": state.model_name, "requests_in_flight": state.requests,
+                "sequences_in_flight": state.in_flight, "engine": dict(state.engine.stats),
+                "engine_unfinished_sequences": state.engine.num_unfinished_sequences}
 
     def model_card():
         engine = state.engine
@@ -439,16 +662,21 @@ def create_app(state: ServerState, loader=None):
         engine = ready()
         body = await read_json(request, state)
         check_model(body)
-        if body.get("echo"):
-            raise _bad("echo", "'echo' is not supported")
         prompts = parse_prompts(body, state)
-        kwargs = parse_common(body, state, max(len(p) for p in prompts), chat=False)
         logprobs = body.get("logprobs")
         if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= 20):
             raise _bad("logprobs", "'logprobs' must be an integer between 0 and 20 (the number of most likely tokens)")
-        return await _respond(request, body, prompts, kwargs, logprobs or 0, logprobs is not None, chat=False)
+        echo = _flag(body, "echo")
+        if echo and _flag(body, "stream"):
+            raise _bad("echo", "'echo' is supported without 'stream' only")
+        if echo and body.get("max_tokens") == 0:  # only the prompt's log-probs (lm-evaluation-harness)
+            return JSONResponse(await echo_only(state, body, prompts, logprobs))
+        kwargs = parse_common(body, state, max(len(p) for p in prompts), chat=False)
+        echoes = [await echo_prompt(state, p, logprobs) for p in prompts] if echo else None
+        return await _respond(request, body, prompts, kwargs, logprobs or 0, logprobs is not None, chat=False,
+                              echoes=echoes)
 
-    async def _respond(request, body, prompts, kwargs, top, want_logprobs, chat):
+    async def _respond(request, body, prompts, kwargs, top, want_logprobs, chat, echoes=None):
         from daulat.infer.engine import InvalidParameter, SamplingParams
 
         engine = state.engine
@@ -457,31 +685,68 @@ def create_app(state: ServerState, loader=None):
         if not isinstance(options, dict):
             raise _bad("stream_options", "'stream_options' must be an object")
         include_usage = stream and _flag(options, "include_usage")
-        admit()
+        sequences = admit(state, check_sequences(len(prompts), kwargs["n"], state.limits))
         try:
             params = SamplingParams(**kwargs, logprobs=top)
-            handles = [engine.submit(p, params, asynchronous=True) for p in prompts]
+            group = engine.new_group()  # this request's prompts share the batch with other requests as one
+            handles = [engine.submit(p, params, asynchronous=True, group=group) for p in prompts]
         except InvalidParameter as e:
             raise _bad(e.param, str(e)) from None
-        state.in_flight += len(handles)
-        reply = Reply(state, handles, params.n, chat, want_logprobs, include_usage)
+        state.in_flight += sequences
+        state.requests += 1
+        reply = Reply(state, handles, params.n, chat, want_logprobs, include_usage, echoes)
         if stream:
             return StreamingResponse(reply.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            return JSONResponse(await reply.whole())
+            whole = await unless_disconnected(request, reply.whole())
+            return JSONResponse(whole) if whole is not None else Response(status_code=499)
         finally:
             reply.close()
 
     return app
 
 
-class Reply:
-    """The answer to one API request: its engine handles turned into OpenAI JSON or SSE chunks."""
+def admit(state: ServerState, sequences: int) -> int:
+    """429 when the sequences in flight and these would pass the batch plus the queue (a request alone
+    is always admitted, whatever its size within the per-request limit)."""
+    limits = state.limits
+    if state.in_flight and state.in_flight + sequences > limits.max_num_seqs + limits.max_queue:
+        raise APIError(429, f"the server is full ({state.in_flight} sequences in flight, {sequences} more asked "
+                            f"for); retry later", type="rate_limit_error", code="too_many_requests")
+    return sequences
 
-    def __init__(self, state: ServerState, handles, n: int, chat: bool, want_logprobs: bool, include_usage: bool):
+
+async def unless_disconnected(request, work):
+    """Await `work`, or return None as soon as the client closes the connection (the caller then
+    aborts the engine requests: nobody is left to read them, as vLLM does)."""
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        return None
+    finally:
+        watch.cancel()
+
+
+class Reply:
+    """The answer to one API request: its engine handles turned into OpenAI JSON or SSE chunks.
+
+    echoes: with /v1/completions' `echo`, per prompt its text and the log-probs of its own tokens.
+    """
+
+    def __init__(self, state: ServerState, handles, n: int, chat: bool, want_logprobs: bool, include_usage: bool,
+                 echoes: list["Echo"] | None = None):
         self.state, self.handles, self.n, self.chat = state, handles, n, chat
         self.want_logprobs, self.include_usage = want_logprobs, include_usage
+        self.echoes = echoes
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         self.token_text = TokenText(state.tokenizer)
@@ -490,7 +755,8 @@ class Reply:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.state.in_flight -= len(self.handles)
+            self.state.in_flight -= len(self.handles) * self.n
+            self.state.requests -= 1
             for handle in self.handles:
                 if not handle.request.finished:
                     handle.abort()
@@ -546,9 +812,10 @@ class Reply:
                     if self.want_logprobs:
                         choice["logprobs"] = chat_logprobs(sample, self.token_text)
                 else:
-                    choice["text"] = sample.text
+                    echo = self.echoes[i] if self.echoes else None
+                    choice["text"] = (echo.text if echo else "") + sample.text
                     if self.want_logprobs:
-                        choice["logprobs"] = completion_logprobs(sample, self.token_text, 0)
+                        choice["logprobs"] = completion_logprobs(sample, self.token_text, 0, echo)
                 choices.append(choice)
         choices.sort(key=lambda c: c["index"])
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
@@ -614,7 +881,12 @@ def add_arguments(p) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, help="most new tokens one request may ask for (default: %(default)s)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together in one batch (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=256,
-                   help="requests that may wait for a free sequence slot; beyond that, 429 (default: %(default)s)")
+                   help="sequences that may wait for a free slot; beyond that, 429 (default: %(default)s)")
+    p.add_argument("--max-seqs-per-request", type=int, default=256,
+                   help="most sequences (prompts x n) one request may ask for, else 400 (default: %(default)s)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="without an API key, also answer requests whose Host header names NAME (by default only "
+                        "localhost names and the bound address are answered, against DNS rebinding)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body, else 413 (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights' dtype (default: float32)")
@@ -646,7 +918,7 @@ def run(args) -> int:
     checkpoint = Path(args.checkpoint)
     config = load_config(checkpoint)  # fails fast, with one line, on a bad directory
     tokenizer = load_tokenizer(checkpoint)
-    for name in ("max_tokens", "max_num_seqs", "max_body_bytes"):
+    for name in ("max_tokens", "max_num_seqs", "max_body_bytes", "max_seqs_per_request"):
         if getattr(args, name) < 1:
             raise DaulatError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_queue < 0:
@@ -659,9 +931,11 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     limits = Limits(max_model_len=args.max_model_len or config.max_position_embeddings, max_tokens=args.max_tokens,
-                    max_num_seqs=args.max_num_seqs, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
+                    max_num_seqs=args.max_num_seqs, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                    max_seqs_per_request=args.max_seqs_per_request)
+    hosts = HostCheck(args.host, args.port, frozenset(h.lower().rstrip(".") for h in args.allowed_host))
     state = ServerState(model_name=args.served_model_name or checkpoint.resolve().name,
-                        api_keys=api_keys_from(args.api_key), limits=limits, tokenizer=tokenizer)
+                        api_keys=api_keys_from(args.api_key), limits=limits, tokenizer=tokenizer, hosts=hosts)
     try:
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -670,24 +944,21 @@ def run(args) -> int:
         raise DaulatError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     server = None
 
-    def load():
+    def build():
         from daulat.checkpoint import load_model
         from daulat.infer.engine import Engine
 
-        try:
-            model = load_model(checkpoint, device=args.device, dtype=dtype)
-            engine = Engine(model, tokenizer, max_num_seqs=limits.max_num_seqs, max_model_len=limits.max_model_len,
-                            seed=args.seed)
-            engine.start()
-            state.engine = engine
+        model = load_model(checkpoint, device=args.device, dtype=dtype)
+        return Engine(model, tokenizer, max_num_seqs=limits.max_num_seqs, max_model_len=limits.max_model_len,
+                      seed=args.seed)
+
+    def load():
+        if load_engine(state, build):
             where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
             print(f"daulat serve: {state.model_name} ready at {where} (OpenAI API under /v1, web chat at /)"
                   + (", API key required" if state.api_keys else ""), flush=True)
-        except Exception as e:  # a bad checkpoint: say so in one line and stop the server
-            state.load_error = f"{e}"
-            print(f"daulat serve: error: {e}", file=sys.stderr, flush=True)
-            if server is not None:
-                server.should_exit = True
+        elif server is not None:  # say why in one line (done by load_engine) and stop the server
+            server.should_exit = True
 
     app = create_app(state, loader=load)
     config_ = uvicorn.Config(app, log_level="warning", access_log=args.access_log, timeout_graceful_shutdown=5,
@@ -695,4 +966,27 @@ def run(args) -> int:
     server = uvicorn.Server(config_)
     print(f"daulat serve: loading {checkpoint} ...", flush=True)
     server.run(sockets=[sock])
-    return 2 if state.load_error else 0
+    return 2 if state.load_error is not None else 0
+
+
+def describe(error: BaseException) -> str:
+    """One line for a failure: a DaulatError's own message, else the exception's type and message
+    (some exceptions, such as a MemoryError, have no message at all)."""
+    if isinstance(error, DaulatError):
+        return str(error) or type(error).__name__
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def load_engine(state: ServerState, build) -> bool:
+    """Build the engine (`build()`) and start it; on failure record why in `state.load_error` (which
+    /health reports) and print it as one line. True when the engine is serving."""
+    try:
+        engine = build()
+        engine.start()
+    except Exception as e:  # a bad or too large checkpoint: /health and the exit status say so
+        state.load_error = describe(e)
+        print(f"daulat serve: error: {state.load_error}", file=sys.stderr, flush=True)
+        return False
+    state.engine = engine
+    return True

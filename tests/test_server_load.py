@@ -1,0 +1,138 @@
+"""`daulat serve` under load, through the real HTTP API on loopback: clients that give up stop costing
+anything, and a huge request does not starve a small one. The engine-level test pins what fairness
+costs: a preempted sequence comes back with exactly the tokens it would have produced."""
+
+import asyncio
+import statistics
+import threading
+import time
+
+import httpx
+import pytest
+from infer_fixtures import Server, checkpoint  # noqa: F401  (pytest fixtures)
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint):
+    with Server(checkpoint, "--threads", "1", "--max-num-seqs", "32", "--max-seqs-per-request", "1024",
+                "--max-queue", "2048", "--served-model-name", "micro") as s:
+        yield s
+
+
+def health(server) -> dict:
+    return httpx.get(server.url + "/health", timeout=10).json()
+
+
+def wait_idle(server, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while health(server)["sequences_in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_abandoned_non_streaming_requests_stop_within_a_second(served):
+    """32 non-streaming clients ask for long outputs and give up after 2 s: their sequences leave the
+    engine within a second and no token is generated for them afterwards."""
+    wait_idle(served)
+
+    async def impatient(client: httpx.AsyncClient, i: int) -> str:
+        body = {"model": "micro", "prompt": f"Story {i}:", "max_tokens": 480, "temperature": 1.0, "seed": i,
+                "ignore_eos": True}
+        try:
+            await client.post("/v1/completions", json=body, timeout=2.0)
+        except httpx.TimeoutException:
+            return "gave up"
+        return "finished"
+
+    async def main():
+        async with httpx.AsyncClient(base_url=served.url, limits=httpx.Limits(max_connections=64)) as client:
+            return await asyncio.gather(*[impatient(client, i) for i in range(32)])
+
+    assert asyncio.run(main()) == ["gave up"] * 32  # 32 x 480 tokens take far longer than 2 s here
+    gave_up = time.monotonic()
+    while time.monotonic() - gave_up < 1.0 and health(served)["engine_unfinished_sequences"]:
+        time.sleep(0.02)
+    released = time.monotonic() - gave_up
+    after = health(served)
+    assert after["engine_unfinished_sequences"] == 0 and after["sequences_in_flight"] == 0, after
+    assert after["requests_in_flight"] == 0
+    time.sleep(0.5)
+    later = health(served)
+    assert later["engine"]["generated_tokens"] == after["engine"]["generated_tokens"]  # nothing for nobody
+    print(f"abandoned: 32 clients released {released:.3f} s after giving up, "
+          f"{after['engine']['generated_tokens']} tokens generated in all")
+
+
+def small_request_seconds(server) -> float:
+    body = {"model": "micro", "prompt": "Hello", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    start = time.monotonic()
+    response = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 8
+    return time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_a_small_request_is_not_starved_behind_a_huge_one(served):
+    """A request of 32 prompts x n=16 = 512 sequences fills all 32 slots 16 times over; a one-sequence
+    request sent meanwhile is answered about as fast as alone, not after the huge one."""
+    wait_idle(served)
+    alone = statistics.median(small_request_seconds(served) for _ in range(5))
+    huge = {"model": "micro", "prompt": [f"Tale {i}:" for i in range(32)], "n": 16, "max_tokens": 24,
+            "temperature": 1.0, "seed": 7, "ignore_eos": True}
+    result = {}
+
+    def send_huge():
+        start = time.monotonic()
+        result["response"] = httpx.post(served.url + "/v1/completions", json=huge, timeout=300)
+        result["seconds"] = time.monotonic() - start
+
+    thread = threading.Thread(target=send_huge)
+    thread.start()
+    try:
+        for _ in range(400):  # bounded: until the huge request is generating
+            if health(served)["engine"]["peak_batch"] >= 32 and health(served)["sequences_in_flight"] == 512:
+                break
+            time.sleep(0.02)
+        during = [small_request_seconds(served) for _ in range(3)]
+    finally:
+        thread.join(timeout=300)
+    response = result["response"]
+    assert response.status_code == 200
+    choices = response.json()["choices"]
+    assert len(choices) == 512 and all(c["finish_reason"] == "length" for c in choices)
+    assert health(served)["engine"]["preemptions"] > 0
+    worst = max(during)
+    print(f"fairness: small request alone {alone:.3f} s, during the huge one {during} s, "
+          f"huge request {result['seconds']:.2f} s")
+    assert worst <= max(5 * alone, 0.25) and worst < result["seconds"] / 4
+
+
+def test_preempted_sequences_give_the_same_tokens(checkpoint):
+    """Engine level: a long group is preempted to seat a late one-sequence request; every sample of
+    the long group still equals what it gives when it runs alone (seeded sampling and greedy)."""
+    from daulat.infer import Engine, SamplingParams
+
+    engine = Engine.from_checkpoint(checkpoint, max_num_seqs=4, seed=0)
+    prompts = ["Once upon a time", "The quick brown fox"]
+    params = [SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=24, ignore_eos=True),
+              SamplingParams(n=2, temperature=0, max_tokens=24, ignore_eos=True)]
+    alone = engine.generate(prompts, params)
+    assert engine.stats["preemptions"] == 0
+
+    with engine:
+        start = engine.stats["decode_steps"]
+        group = engine.new_group()
+        handles = [engine.submit(p, sp, group=group) for p, sp in zip(prompts, params)]
+        for _ in range(2000):  # bounded: until the long group has generated a few tokens
+            if engine.stats["decode_steps"] >= start + 3:
+                break
+            time.sleep(0.005)
+        late = engine.submit("Hello", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        late_result = late.result(timeout=60)
+        results = [h.result(timeout=60) for h in handles]
+    assert engine.stats["preemptions"] > 0
+    assert len(late_result.token_ids) == 4
+    for got, want in zip(results, alone):
+        assert [s.token_ids for s in got.samples] == [s.token_ids for s in want.samples]
+        assert [s.text for s in got.samples] == [s.text for s in want.samples]
+
