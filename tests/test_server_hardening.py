@@ -19,9 +19,9 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def keyless(checkpoint):
-    """A keyless server with a small batch: 4 slots, 4 more sequences may queue, 16 per request."""
+    """A keyless server with a small batch: 4 slots, 4 more sequences may queue (256 per request)."""
     with Server(checkpoint, "--threads", "1", "--max-num-seqs", "4", "--max-queue", "4",
-                "--max-seqs-per-request", "16", "--served-model-name", "micro") as s:
+                "--served-model-name", "micro") as s:
         yield s
 
 
@@ -141,9 +141,9 @@ def test_a_keyless_server_answers_only_for_its_own_host_names(keyless, server):
 
 
 def test_sequences_per_request_are_limited_and_counted_in_the_queue_guard(keyless, client):
-    with pytest.raises(openai.BadRequestError) as info:  # 5 prompts x n=4 = 20 > 16 per request
-        client.completions.create(model="micro", prompt=["a", "b", "c", "d", "e"], n=4, max_tokens=2)
-    assert info.value.body["param"] == "n" and "20 sequences" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:  # 65 prompts x n=4 = 260 > 256 per request
+        client.completions.create(model="micro", prompt=["a"] * 65, n=4, max_tokens=2)
+    assert info.value.body["param"] == "n" and "260 sequences" in info.value.body["message"]
 
     # a long request of 4 prompts x n=2 = 8 sequences fills the 4 slots and the queue of 4
     body = {"model": "micro", "prompt": ["a", "b", "c", "d"], "n": 2, "max_tokens": 150, "ignore_eos": True}

@@ -114,8 +114,8 @@ def test_preempted_sequences_give_the_same_tokens(checkpoint):
 
     engine = Engine.from_checkpoint(checkpoint, max_num_seqs=4, seed=0)
     prompts = ["Once upon a time", "The quick brown fox"]
-    params = [SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=24, ignore_eos=True),
-              SamplingParams(n=2, temperature=0, max_tokens=24, ignore_eos=True)]
+    params = [SamplingParams(n=4, temperature=1.0, seed=11, max_tokens=16, ignore_eos=True),
+              SamplingParams(n=2, temperature=0, max_tokens=16, ignore_eos=True)]
     alone = engine.generate(prompts, params)
     assert engine.stats["preemptions"] == 0
 

@@ -564,8 +564,7 @@ def create_app(state: ServerState, loader=None):
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from fastapi.responses import HTMLResponse, JSONResponse
 
     @asynccontextmanager
     async def lifespan(app):
@@ -577,6 +576,40 @@ def create_app(state: ServerState, loader=None):
 
     app = FastAPI(title="daulat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, state=state)
+    _add_error_handlers(app)
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.get("/health")
+    async def health():
+        body, status = health_report(state)
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card(state)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        check_model(state, {"model": model_id})
+        return model_card(state)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await chat_completion(state, request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await completion(state, request)
+
+    return app
+
+
+def _add_error_handlers(app) -> None:
+    """Every error in OpenAI's shape: ours, bad values, bad input, unknown routes, and bugs (500)."""
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -600,111 +633,112 @@ def create_app(state: ServerState, loader=None):
     async def internal_error(request, exc):
         return _error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
 
-    def ready():
-        if state.engine is None and state.load_error is not None:
-            raise APIError(503, f"the model failed to load: {state.load_error}", type="service_unavailable",
-                           code="model_load_failed")
-        if state.engine is None:
-            raise APIError(503, "the model is still loading", type="service_unavailable", code="model_loading")
-        return state.engine
 
-    def check_model(body: dict) -> None:
-        model = body.get("model")
-        if model is not None and model != state.model_name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
-                           type="not_found_error", param="model", code="model_not_found")
+def ready(state: ServerState):
+    """The engine, or a 503 saying that the model is loading or failed to load."""
+    if state.engine is None and state.load_error is not None:
+        raise APIError(503, f"the model failed to load: {state.load_error}", type="service_unavailable",
+                       code="model_load_failed")
+    if state.engine is None:
+        raise APIError(503, "the model is still loading", type="service_unavailable", code="model_loading")
+    return state.engine
 
-    @app.get("/", include_in_schema=False)
-    async def index():
-        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
-    @app.get("/health")
-    async def health():
-        if state.engine is None:
-            if state.load_error is not None:
-                return JSONResponse({"status": "failed", "model": state.model_name, "error": state.load_error},
-                                    status_code=503)
-            return JSONResponse({"status": "loading", "model": state.model_name}, status_code=503)
-        return {"status": "ok", "model": state.model_name, "requests_in_flight": state.requests,
-                "sequences_in_flight": state.in_flight, "engine": dict(state.engine.stats),
-                "engine_unfinished_sequences": state.engine.num_unfinished_sequences}
+def check_model(state: ServerState, body: dict) -> None:
+    model = body.get("model")
+    if model is not None and model != state.model_name:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
+                       type="not_found_error", param="model", code="model_not_found")
 
-    def model_card():
-        engine = state.engine
-        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "daulat",
-                "max_model_len": engine.max_model_len if engine else None}
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [model_card()]}
+def model_card(state: ServerState) -> dict:
+    engine = state.engine
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "daulat",
+            "max_model_len": engine.max_model_len if engine else None}
 
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str):
-        check_model({"model": model_id})
-        return model_card()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        engine = ready()
-        body = await read_json(request, state)
-        check_model(body)
-        messages = parse_messages(body)
-        prompt = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        kwargs = parse_common(body, state, len(prompt), chat=True)
-        want_logprobs = _flag(body, "logprobs")
-        top = _number(body, "top_logprobs", 0, 0, 20, integer=True)
-        if top and not want_logprobs:
-            raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
-        return await _respond(request, body, [prompt], kwargs, top, want_logprobs, chat=True)
+def health_report(state: ServerState) -> tuple[dict, int]:
+    """/health's body and status: 200 once serving (with the load: requests and sequences in flight,
+    the engine's counters and its unfinished sequences), else 503 "loading" or "failed" with why."""
+    if state.engine is None:
+        if state.load_error is not None:
+            return {"status": "failed", "model": state.model_name, "error": state.load_error}, 503
+        return {"status": "loading", "model": state.model_name}, 503
+    engine = state.engine
+    return {"status": "ok", "model": state.model_name, "requests_in_flight": state.requests,
+            "sequences_in_flight": state.in_flight, "engine": dict(engine.stats),
+            "engine_unfinished_sequences": engine.num_unfinished_sequences}, 200
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        engine = ready()
-        body = await read_json(request, state)
-        check_model(body)
-        prompts = parse_prompts(body, state)
-        logprobs = body.get("logprobs")
-        if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= 20):
-            raise _bad("logprobs", "'logprobs' must be an integer between 0 and 20 (the number of most likely tokens)")
-        echo = _flag(body, "echo")
-        if echo and _flag(body, "stream"):
-            raise _bad("echo", "'echo' is supported without 'stream' only")
-        if echo and body.get("max_tokens") == 0:  # only the prompt's log-probs (lm-evaluation-harness)
-            return JSONResponse(await echo_only(state, body, prompts, logprobs))
-        kwargs = parse_common(body, state, max(len(p) for p in prompts), chat=False)
-        echoes = [await echo_prompt(state, p, logprobs) for p in prompts] if echo else None
-        return await _respond(request, body, prompts, kwargs, logprobs or 0, logprobs is not None, chat=False,
-                              echoes=echoes)
 
-    async def _respond(request, body, prompts, kwargs, top, want_logprobs, chat, echoes=None):
-        from daulat.infer.engine import InvalidParameter, SamplingParams
+async def chat_completion(state: ServerState, request):
+    ready(state)
+    body = await read_json(request, state)
+    check_model(state, body)
+    messages = parse_messages(body)
+    prompt = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    kwargs = parse_common(body, state, len(prompt), chat=True)
+    want_logprobs = _flag(body, "logprobs")
+    top = _number(body, "top_logprobs", 0, 0, 20, integer=True)
+    if top and not want_logprobs:
+        raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    return await respond(state, request, body, [prompt], kwargs, top, want_logprobs, chat=True)
 
-        engine = state.engine
-        stream = _flag(body, "stream")
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict):
-            raise _bad("stream_options", "'stream_options' must be an object")
-        include_usage = stream and _flag(options, "include_usage")
-        sequences = admit(state, check_sequences(len(prompts), kwargs["n"], state.limits))
-        try:
-            params = SamplingParams(**kwargs, logprobs=top)
-            group = engine.new_group()  # this request's prompts share the batch with other requests as one
-            handles = [engine.submit(p, params, asynchronous=True, group=group) for p in prompts]
-        except InvalidParameter as e:
-            raise _bad(e.param, str(e)) from None
-        state.in_flight += sequences
-        state.requests += 1
-        reply = Reply(state, handles, params.n, chat, want_logprobs, include_usage, echoes)
-        if stream:
-            return StreamingResponse(reply.stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            whole = await unless_disconnected(request, reply.whole())
-            return JSONResponse(whole) if whole is not None else Response(status_code=499)
-        finally:
-            reply.close()
 
-    return app
+async def completion(state: ServerState, request):
+    from fastapi.responses import JSONResponse
+
+    ready(state)
+    body = await read_json(request, state)
+    check_model(state, body)
+    prompts = parse_prompts(body, state)
+    logprobs = body.get("logprobs")
+    if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= 20):
+        raise _bad("logprobs", "'logprobs' must be an integer between 0 and 20 (the number of most likely tokens)")
+    echo = _flag(body, "echo")
+    if echo and _flag(body, "stream"):
+        raise _bad("echo", "'echo' is supported without 'stream' only")
+    if echo and body.get("max_tokens") == 0:  # only the prompt's log-probs (lm-evaluation-harness)
+        return JSONResponse(await echo_only(state, body, prompts, logprobs))
+    kwargs = parse_common(body, state, max(len(p) for p in prompts), chat=False)
+    echoes = [await echo_prompt(state, p, logprobs) for p in prompts] if echo else None
+    return await respond(state, request, body, prompts, kwargs, logprobs or 0, logprobs is not None, chat=False,
+                         echoes=echoes)
+
+
+async def respond(state: ServerState, request, body, prompts, kwargs, top, want_logprobs, chat, echoes=None):
+    """Submit the request's prompts to the engine (one group) and answer: SSE chunks or one JSON."""
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+    from daulat.infer.engine import InvalidParameter, SamplingParams
+
+    engine = state.engine
+    stream = _flag(body, "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise _bad("stream_options", "'stream_options' must be an object")
+    include_usage = stream and _flag(options, "include_usage")
+    sequences = admit(state, check_sequences(len(prompts), kwargs["n"], state.limits))
+    handles = []
+    try:
+        params = SamplingParams(**kwargs, logprobs=top)
+        group = engine.new_group()  # this request's prompts share the batch with other requests as one
+        for prompt in prompts:
+            handles.append(engine.submit(prompt, params, asynchronous=True, group=group))
+    except InvalidParameter as e:
+        for handle in handles:  # a later prompt was refused: the earlier ones must not run for nobody
+            handle.abort()
+        raise _bad(e.param, str(e)) from None
+    state.in_flight += sequences
+    state.requests += 1
+    reply = Reply(state, handles, params.n, chat, want_logprobs, include_usage, echoes)
+    if stream:
+        return StreamingResponse(reply.stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        whole = await unless_disconnected(request, reply.whole())
+        return JSONResponse(whole) if whole is not None else Response(status_code=499)
+    finally:
+        reply.close()
 
 
 def admit(state: ServerState, sequences: int) -> int:

@@ -79,6 +79,8 @@ class Scheduler:
 
     def _preempt_for_starving(self, held: Counter) -> None:
         """Free slots, from groups above their fair share, for groups that hold none and cannot fit."""
+        if not self.waiting:
+            return
         share = max(1, self.max_num_seqs // len(set(held) | set(self.waiting)))
         for group, queue in list(self.waiting.items()):  # preempting adds to self.waiting
             need = _size(queue[0]) - len(self.free_slots)
