@@ -209,3 +209,18 @@ def test_health_reports_a_failed_load(checkpoint):
     health, completion = asyncio.run(ask())
     assert health.status_code == 503 and health.json() == {"status": "failed", "model": "micro", "error": "MemoryError"}
     assert completion.status_code == 503
+
+
+def test_host_check_for_other_bindings():
+    """The Host rule for addresses the loopback test server cannot bind: every interface, IPv6, a name."""
+    from daulat.infer.server import HostCheck
+
+    everywhere = HostCheck("0.0.0.0", 8000)
+    assert everywhere.allows(b"192.168.1.20:8000") and everywhere.allows(b"localhost:8000")
+    assert not everywhere.allows(b"evil.example:8000") and not everywhere.allows(b"192.168.1.20:9000")
+    six = HostCheck("::1", 8000)
+    assert six.allows(b"[::1]:8000") and six.allows(b"localhost:8000") and not six.allows(b"[::2]:8000")
+    named = HostCheck("127.0.0.1", 8000, frozenset({"chat.internal"}))
+    assert named.allows(b"chat.internal") and named.allows(b"chat.internal:443") and not named.allows(b"other.internal")
+    assert HostCheck("myhost.lan", 8000).allows(b"myhost.lan:8000")
+    assert not HostCheck("127.0.0.1", 8000).allows(None)

@@ -143,3 +143,54 @@ def test_preempted_sequences_give_the_same_tokens(checkpoint):
         assert [s.token_ids for s in got.samples] == [s.token_ids for s in want.samples]
         assert [s.text for s in got.samples] == [s.text for s in want.samples]
 
+
+
+def test_scheduler_shares_slots_fairly_between_groups():
+    """The scheduler alone, on real requests: fewest-held group first, preemption only of a group
+    above its fair share and only for a group holding nothing, and aborts reach preempted sequences."""
+    from daulat.infer.engine.sampling import SamplingParams
+    from daulat.infer.engine.scheduler import Scheduler
+    from daulat.infer.engine.sequence import Request
+
+    def request(group, n=1, prompt=(1, 2, 3)):
+        return Request(list(prompt), SamplingParams(n=n), None, None, seed=0, group=group)
+
+    def generate_one_token(scheduler):
+        for seq in scheduler.running:
+            seq.token_ids.append(7)
+
+    scheduler = Scheduler(max_num_seqs=4, max_prefill_tokens=4096)
+    huge = [request(group=100, n=2) for _ in range(4)]  # 8 sequences for 4 slots
+    for r in huge:
+        scheduler.add(r)
+    admitted, resumed = scheduler.admit()
+    assert admitted == huge[:2] and resumed == [] and not scheduler.free_slots
+    generate_one_token(scheduler)
+    huge[0].sequences[0].token_ids.append(7)  # one sequence is further along than the others
+
+    small = request(group=200)
+    scheduler.add(small)
+    admitted, resumed = scheduler.admit()  # group 200 holds nothing: group 100 (4 > share 2) gives a slot up
+    assert admitted == [small] and scheduler.preemptions == 1
+    preempted = [s for r in huge[:2] for s in r.sequences if s.slot is None]
+    assert len(preempted) == 1 and preempted[0] is not huge[0].sequences[0]  # the fewest tokens lost
+    assert scheduler.admit() == ([], [])  # nothing frees up, and 200 is not starving: no more preemption
+
+    scheduler.release(small.sequences)  # the small request finishes: its slot goes back to group 100
+    admitted, resumed = scheduler.admit()
+    assert admitted == [] and resumed == preempted and scheduler.preemptions == 1
+
+    # a request aborted while one of its sequences is preempted leaves no trace
+    scheduler.add(request(group=300))
+    scheduler.admit()
+    victim = next(s for r in huge[:2] for s in r.sequences if s.slot is None)
+    assert scheduler.remove(victim.request.id) is victim.request
+    assert all(s.request is not victim.request for s in scheduler.running)
+    assert all(u is not victim and getattr(u, "request", None) is not victim.request
+               for queue in scheduler.waiting.values() for u in queue)
+
+    # with one group alone, every slot is used and nothing is preempted
+    alone = Scheduler(max_num_seqs=4, max_prefill_tokens=4096)
+    for _ in range(6):
+        alone.add(request(group=1))
+    assert len(alone.admit()[0]) == 4 and alone.preemptions == 0 and not alone.free_slots

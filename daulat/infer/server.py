@@ -952,16 +952,8 @@ def run(args) -> int:
     checkpoint = Path(args.checkpoint)
     config = load_config(checkpoint)  # fails fast, with one line, on a bad directory
     tokenizer = load_tokenizer(checkpoint)
-    for name in ("max_tokens", "max_num_seqs", "max_body_bytes", "max_seqs_per_request"):
-        if getattr(args, name) < 1:
-            raise DaulatError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_queue < 0:
-        raise DaulatError("--max-queue must be at least 0")
-    if args.max_model_len is not None and not 2 <= args.max_model_len:
-        raise DaulatError("--max-model-len must be at least 2")
+    check_arguments(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise DaulatError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     limits = Limits(max_model_len=args.max_model_len or config.max_position_embeddings, max_tokens=args.max_tokens,
@@ -1001,6 +993,19 @@ def run(args) -> int:
     print(f"daulat serve: loading {checkpoint} ...", flush=True)
     server.run(sockets=[sock])
     return 2 if state.load_error is not None else 0
+
+
+def check_arguments(args) -> None:
+    """The limits given on the command line, each within its range (else a one-line error)."""
+    for name in ("max_tokens", "max_num_seqs", "max_body_bytes", "max_seqs_per_request"):
+        if getattr(args, name) < 1:
+            raise DaulatError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_queue < 0:
+        raise DaulatError("--max-queue must be at least 0")
+    if args.max_model_len is not None and not 2 <= args.max_model_len:
+        raise DaulatError("--max-model-len must be at least 2")
+    if args.threads is not None and args.threads < 1:
+        raise DaulatError("--threads must be at least 1")
 
 
 def describe(error: BaseException) -> str:
