@@ -196,7 +196,7 @@ class Engine:
         requests). One plain forward `model(ids)` over the whole prompt, apart from the batch and its
         cache, taken between two steps (it holds the step lock); the engine does no arithmetic of its own.
         """
-        ids = torch.tensor([prompt_token_ids], dtype=torch.long, device=self.runner.device)
+        ids = torch.tensor([prompt_token_ids], dtype=torch.long, device=next(self.model.parameters()).device)
         with self._step_lock, torch.inference_mode():
             logits = self.model(ids)[0].float()  # [T, V]: row t predicts token t + 1
         logprobs = torch.log_softmax(logits[:-1], dim=-1)  # [T - 1, V]
