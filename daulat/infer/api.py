@@ -115,10 +115,12 @@ def reject_unsupported(body: dict) -> None:
     """A 400 naming the first field asked for that the server cannot honour, rather than ignoring it."""
     for name, harmless in UNSUPPORTED.items():
         if body.get(name) is not None and body[name] not in harmless:
-            raise bad_value(name, f"'{name}' is not supported" + (f" (only {json.dumps(harmless[0])})" if harmless else ""))
+            only = f" (only {json.dumps(harmless[0])})" if harmless else ""
+            raise bad_value(name, f"'{name}' is not supported{only}")
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
-        raise bad_value("response_format", "'response_format' is not supported: only {\"type\": \"text\"} (no JSON mode)")
+        raise bad_value("response_format",
+                        "'response_format' is not supported: only {\"type\": \"text\"} (no JSON mode)")
     best_of = body.get("best_of")
     if best_of is not None and (best_of != 1 or body.get("n", 1) not in (None, 1)):
         raise bad_value("best_of", "'best_of' is not supported (only 1, with n = 1); ask for n samples instead")
@@ -130,14 +132,15 @@ def parse_logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
     if bias is None:
         return None
     if not isinstance(bias, dict):
-        raise bad_value("logit_bias", "'logit_bias' must be an object mapping token ids to numbers between -100 and 100")
+        raise bad_value("logit_bias",
+                        "'logit_bias' must be an object mapping token ids to numbers between -100 and 100")
     out = {}
     for key, value in bias.items():
         if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
             raise bad_value("logit_bias", f"'logit_bias' key {json.dumps(key)} is not a token id (0..{vocab_size - 1})")
         if not is_number(value) or not -100 <= value <= 100:
             raise bad_value("logit_bias", f"'logit_bias' for token {key} must be a number between -100 and 100, "
-                                     f"got {json.dumps(value)}")
+                                          f"got {json.dumps(value)}")
         out[int(key)] = float(value)
     return out or None
 
@@ -181,7 +184,7 @@ def check_sequences(prompts: int, n: int, limits: Limits) -> int:
     sequences = prompts * n
     if sequences > limits.max_seqs_per_request:
         raise bad_value("n", f"{prompts} prompt(s) x n={n} = {sequences} sequences; this server allows at most "
-                        f"{limits.max_seqs_per_request} per request")
+                             f"{limits.max_seqs_per_request} per request")
     return sequences
 
 
@@ -195,8 +198,8 @@ def parse_messages(body: dict) -> list[dict]:
             raise bad_value(f"messages[{i}]", f"messages[{i}] must be an object with 'role' and 'content'")
         role = {"developer": "system"}.get(message.get("role"), message.get("role"))
         if role not in ("system", "user", "assistant"):
-            raise bad_value(f"messages[{i}].role", f"messages[{i}].role must be system, developer, user or assistant, "
-                                              f"got {json.dumps(message.get('role'))}")
+            raise bad_value(f"messages[{i}].role", f"messages[{i}].role must be system, developer, user or "
+                                                   f"assistant, got {json.dumps(message.get('role'))}")
         content = message.get("content")
         if isinstance(content, list):  # content parts: only text is understood
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
@@ -204,7 +207,8 @@ def parse_messages(body: dict) -> list[dict]:
             content = "".join(p["text"] for p in content)
         for name in ("tool_calls", "function_call", "tool_call_id", "audio"):
             if message.get(name):
-                raise bad_value(f"messages[{i}].{name}", f"messages[{i}].{name}: tool and function calls are not supported")
+                raise bad_value(f"messages[{i}].{name}",
+                                f"messages[{i}].{name}: tool and function calls are not supported")
         if content is None and role == "assistant":
             content = ""
         if not isinstance(content, str):

@@ -155,7 +155,7 @@ def check_json_text(body) -> None:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise bad_value(path or None, f"{path or 'a key'} contains a lone UTF-16 surrogate, which is not "
-                                         "valid Unicode text") from None
+                                              "valid Unicode text") from None
         elif isinstance(value, dict):
             keys = {k: k.encode("utf-8", "backslashreplace").decode("utf-8") for k in value}  # printable paths
             stack += [(f"{path}.{keys[k]}" if path else keys[k], v, depth + 1) for k, v in value.items()]

@@ -271,7 +271,8 @@ class Engine:
         """Prefill new requests (then sample their first tokens) and preempted sequences coming back
         (their prompt and tokens but the last, which the next decode feeds; nothing is sampled)."""
         self.runner.refresh()  # the model may have been trained (or its parameters replaced) since the last batch
-        prompts = [r.prompt_token_ids for r in admitted] + [s.request.prompt_token_ids + s.token_ids[:-1] for s in resumed]
+        prompts = [r.prompt_token_ids for r in admitted]
+        prompts += [s.request.prompt_token_ids + s.token_ids[:-1] for s in resumed]
         logits = self.runner.prefill(prompts, [r.sequences[0].slot for r in admitted] + [s.slot for s in resumed])
         self.stats["prefills"] += 1
         self.stats["prompt_tokens"] += sum(len(p) for p in prompts)
