@@ -5,15 +5,14 @@ same checkpoint in this process."""
 import httpx
 import pytest
 import torch
-from infer_fixtures import Server, checkpoint  # noqa: F401  (pytest fixtures)
+from infer_fixtures import checkpoint, keyless_server  # noqa: F401  (pytest fixtures)
 
 openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
-def served(checkpoint):
-    with Server(checkpoint, "--threads", "1", "--served-model-name", "micro") as s:
-        yield s
+def served(keyless_server):
+    return keyless_server
 
 
 @pytest.fixture(scope="module")

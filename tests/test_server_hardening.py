@@ -9,7 +9,7 @@ import threading
 
 import httpx
 import pytest
-from infer_fixtures import API_KEY, Server, checkpoint, server  # noqa: F401  (pytest fixtures)
+from infer_fixtures import API_KEY, checkpoint, keyless_server, server  # noqa: F401  (pytest fixtures)
 
 openai = pytest.importorskip("openai")
 
@@ -18,11 +18,9 @@ JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
-def keyless(checkpoint):
+def keyless(keyless_server):
     """A keyless server with a small batch: 4 slots, 4 more sequences may queue (256 per request)."""
-    with Server(checkpoint, "--threads", "1", "--max-num-seqs", "4", "--max-queue", "4",
-                "--served-model-name", "micro") as s:
-        yield s
+    return keyless_server
 
 
 @pytest.fixture(scope="module")
