@@ -108,3 +108,15 @@ def server(checkpoint, request) -> Server:
                                   "--max-num-seqs", "64", "--max-tokens", "256", "--served-model-name", "micro")
         request.addfinalizer(_BUILT["server"].stop)
     return _BUILT["server"]
+
+
+@pytest.fixture(scope="session")
+def keyless_server(checkpoint, request) -> Server:
+    """One keyless `daulat serve` with a small batch (4 slots, 4 more sequences may queue), shared by
+    the hardening and echo tests."""
+    if "keyless" not in _BUILT:
+        _BUILT["keyless"] = Server(checkpoint, "--threads", "1", "--max-num-seqs", "4", "--max-queue", "4",
+                                   "--served-model-name", "micro")
+        request.addfinalizer(_BUILT["keyless"].stop)
+    return _BUILT["keyless"]
+

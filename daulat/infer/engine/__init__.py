@@ -2,7 +2,8 @@
 
     sampling.py   SamplingParams and the batched sampler (per-request seeds, raw log-probs)
     sequence.py   a request's state, its samples, incremental detokenising, stop strings; result types
-    scheduler.py  waiting requests, running sequences, cache slots (continuous batching)
+    scheduler.py  waiting requests, running sequences, cache slots (continuous batching, fair between
+                  requests, with recompute preemption)
     runner.py     the model and its latent cache: batched prefill, batched absorbed decode
     engine.py     Engine: generate / stream / submit, stepping inline or on a background thread
 """

@@ -4,9 +4,10 @@
     results = engine.generate(prompts, SamplingParams(temperature=0.8, n=4, max_tokens=128))
     for delta in engine.stream(prompt, params): print(delta.text, end="")
 
-Each `step()` admits waiting requests (one batched prefill for all of them; a request with n
-samples is prefilled once and its latents copied to its other slots), then runs one batched decode
-for every running sequence, samples, and hands each request its deltas. Called from the caller's
+Each `step()` admits waiting requests, fairly between groups of requests (scheduler.py; one batched
+prefill for all of them; a request with n samples is prefilled once and its latents copied to its
+other slots), then runs one batched decode for every running sequence, samples, and hands each
+request its deltas. Called from the caller's
 thread (`generate`, `stream`) or from a background thread (`start()`), which lets other threads and
 an asyncio event loop submit requests and consume their deltas while the batch keeps stepping.
 """
@@ -20,6 +21,7 @@ import random
 import sys
 import threading
 import traceback
+from dataclasses import dataclass
 from typing import AsyncIterator, Iterable, Iterator
 
 import torch
@@ -28,7 +30,7 @@ from daulat.errors import DaulatError
 from daulat.infer.engine.runner import ModelRunner
 from daulat.infer.engine.sampling import InvalidParameter, SamplingParams, sample
 from daulat.infer.engine.scheduler import Scheduler
-from daulat.infer.engine.sequence import FINISH_ABORT, FINISH_ERROR, Delta, Request, Result, Sequence
+from daulat.infer.engine.sequence import FINISH_ABORT, FINISH_ERROR, Delta, Request, Result, Sequence, new_group
 
 Prompt = str | list[int]
 
@@ -59,6 +61,7 @@ class Engine:
         self.bos_token_id = tokenizer.bos_id if tokenizer is not None else config.bos_token_id
         self.add_bos = add_bos
         self.max_num_seqs = max_num_seqs
+        self.model = model
         self.runner = ModelRunner(model, max_num_seqs, self.max_model_len, decode_path)
         self.scheduler = Scheduler(max_num_seqs, max_prefill_tokens)
         self._rng = random.Random(seed)
@@ -69,7 +72,8 @@ class Engine:
         self._stopping = False
         self._requests: dict[int, Request] = {}  # unfinished, by id (owned by the stepping thread)
         # counters since start-up: prefill/decode steps, prompt and generated tokens, the largest decode batch
-        self.stats = {"prefills": 0, "decode_steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "peak_batch": 0}
+        self.stats = {"prefills": 0, "decode_steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "peak_batch": 0,
+                      "preemptions": 0}
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dtype: torch.dtype | None = None, **kwargs) -> "Engine":
@@ -104,30 +108,35 @@ class Engine:
                                              f"{self.max_model_len}, which leaves no room to generate")
         return ids
 
-    def _request(self, prompt: Prompt, params: SamplingParams | None, sink=None) -> Request:
+    def _request(self, prompt: Prompt, params: SamplingParams | None, sink=None, group: int | None = None) -> Request:
         params = params if params is not None else SamplingParams()
         if params.n > self.max_num_seqs:
             raise InvalidParameter("n", f"{params.n} samples do not fit in {self.max_num_seqs} sequence slots")
         if params.stop and self.tokenizer is None:
             raise InvalidParameter("stop", "stop strings need a tokenizer")
         return Request(self.encode(prompt), params, self.tokenizer, self.eos_token_id,
-                       seed=self._rng.getrandbits(63), sink=sink)
+                       seed=self._rng.getrandbits(63), sink=sink, group=group)
 
     def _post(self, message) -> None:
         self._inbox.append(message)
         self._wake.set()
 
-    def submit(self, prompt: Prompt, params: SamplingParams | None = None, *, asynchronous: bool = False) -> "RequestHandle":
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, *, asynchronous: bool = False,
+               group: int | None = None) -> "RequestHandle":
         """Queue one request and return its handle (iterate it for deltas, or `result()`).
 
         The request runs on the background thread (started if needed). With asynchronous=True the
         handle is consumed with `async for` from the running event loop, which never blocks.
+        group: an id from `new_group()` shared by requests that should share slots fairly with the
+        others as one (an API request's prompts); default: the request is a group of its own.
         """
         handle = RequestHandle(self, asyncio.get_running_loop() if asynchronous else None)
-        handle.request = self._request(prompt, params, handle._push)
+        handle.request = self._request(prompt, params, handle._push, group)
         self.start()
         self._post(("add", handle.request))
         return handle
+
+    new_group = staticmethod(new_group)
 
     def abort(self, request_id: int) -> None:
         """Cancel a request; its samples end with finish_reason "abort"."""
@@ -144,7 +153,8 @@ class Engine:
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise InvalidParameter("params", f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        requests = [self._request(p, sp) for p, sp in zip(prompts, per_prompt)]  # all checked before any runs
+        group = new_group()  # one call's prompts share slots fairly with other callers' requests as one
+        requests = [self._request(p, sp, group=group) for p, sp in zip(prompts, per_prompt)]  # checked before any runs
         if self.running_in_background:
             for request in requests:
                 self._post(("add", request))
@@ -179,6 +189,25 @@ class Engine:
                 self.abort(request.id)
                 self.step()
 
+    def prompt_logprobs(self, prompt_token_ids: list[int], top: int = 0) -> "PromptLogprobs":
+        """The model's log-probs of a prompt's own tokens: log p(prompt[t] | prompt[:t]) for t >= 1.
+
+        What /v1/completions' `echo` with `logprobs` returns (lm-evaluation-harness's loglikelihood
+        requests). One plain forward `model(ids)` over the whole prompt, apart from the batch and its
+        cache, taken between two steps (it holds the step lock); the engine does no arithmetic of its own.
+        """
+        ids = torch.tensor([prompt_token_ids], dtype=torch.long, device=next(self.model.parameters()).device)
+        with self._step_lock, torch.inference_mode():
+            logits = self.model(ids)[0].float()  # [T, V]: row t predicts token t + 1
+        logprobs = torch.log_softmax(logits[:-1], dim=-1)  # [T - 1, V]
+        targets = ids[0, 1:]
+        token = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        alternatives = None
+        if top:
+            values, indices = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+            alternatives = [None] + [dict(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+        return PromptLogprobs(list(prompt_token_ids), [None] + token, alternatives)
+
     # -- stepping ----------------------------------------------------------------------------------
 
     @property
@@ -190,6 +219,12 @@ class Engine:
         """Requests submitted and not yet finished (waiting or running)."""
         return len(self._requests) + sum(1 for kind, _ in list(self._inbox) if kind == "add")
 
+    @property
+    def num_unfinished_sequences(self) -> int:
+        """Samples submitted and not yet finished (waiting or running)."""
+        requests = list(self._requests.values()) + [item for kind, item in list(self._inbox) if kind == "add"]
+        return sum(1 for r in requests for s in r.sequences if not s.finished)
+
     def has_unfinished(self) -> bool:
         return bool(self._inbox) or self.scheduler.has_work
 
@@ -199,9 +234,10 @@ class Engine:
             deltas: dict[Request, list[Delta]] = collections.defaultdict(list)
             self._drain_inbox(deltas)
             try:
-                admitted = self.scheduler.admit()
-                if admitted:
-                    self._prefill(admitted, deltas)
+                admitted, resumed = self.scheduler.admit()
+                self.stats["preemptions"] = self.scheduler.preemptions
+                if admitted or resumed:
+                    self._prefill(admitted, resumed, deltas)
                 running = [s for s in self.scheduler.running if not s.finished]
                 if running:
                     self._decode(running, deltas)
@@ -214,7 +250,7 @@ class Engine:
                         if not seq.finished:
                             deltas[request].append(seq.abort(FINISH_ERROR))
                 self.scheduler.release(list(self.scheduler.running))
-                self.scheduler.waiting.clear()
+                self.scheduler.clear_waiting()
             self.scheduler.release([s for s in self.scheduler.running if s.finished])
             self._dispatch(deltas)
 
@@ -231,18 +267,23 @@ class Engine:
                         if not seq.finished:
                             deltas[request].append(seq.abort(FINISH_ABORT))
 
-    def _prefill(self, admitted: list[Request], deltas) -> None:
+    def _prefill(self, admitted: list[Request], resumed: list[Sequence], deltas) -> None:
+        """Prefill new requests (then sample their first tokens) and preempted sequences coming back
+        (their prompt and tokens but the last, which the next decode feeds; nothing is sampled)."""
         self.runner.refresh()  # the model may have been trained (or its parameters replaced) since the last batch
-        logits = self.runner.prefill([r.prompt_token_ids for r in admitted], [r.sequences[0].slot for r in admitted])
+        prompts = [r.prompt_token_ids for r in admitted]
+        prompts += [s.request.prompt_token_ids + s.token_ids[:-1] for s in resumed]
+        logits = self.runner.prefill(prompts, [r.sequences[0].slot for r in admitted] + [s.slot for s in resumed])
         self.stats["prefills"] += 1
-        self.stats["prompt_tokens"] += sum(len(r.prompt_token_ids) for r in admitted)
+        self.stats["prompt_tokens"] += sum(len(p) for p in prompts)
         rows, sequences = [], []
         for row, request in enumerate(admitted):
             first, *others = request.sequences
             self.runner.copy_slot(first.slot, [s.slot for s in others], len(request.prompt_token_ids))
             rows += [row] * len(request.sequences)
             sequences += request.sequences
-        self._sample(logits[rows], sequences, deltas)
+        if sequences:
+            self._sample(logits[rows], sequences, deltas)
 
     def _decode(self, running: list[Sequence], deltas) -> None:
         logits = self.runner.decode([s.token_ids[-1] for s in running], [s.last_position for s in running],
@@ -305,6 +346,16 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@dataclass
+class PromptLogprobs:
+    """A prompt's tokens [T], log p of each given the ones before (None for the first, which has no
+    context), and per position the `top` most likely tokens {token_id: logprob} (None: not asked)."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[dict[int, float] | None] | None = None
 
 
 class RequestHandle:

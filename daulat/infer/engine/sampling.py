@@ -4,7 +4,8 @@ One decode step gives logits [B, V] for B sequences that may each want different
 sampler filters and normalises all rows at once; only the final draw is per sequence, from that
 sequence's own `torch.Generator`, so a seeded request samples the same tokens whatever else shares
 its batch. Log-probabilities are those of the model itself (log_softmax of the raw logits, before
-temperature, top-k or top-p), which is what GRPO's importance ratios and distillation need.
+temperature, top-k or top-p), which is what GRPO's importance ratios and distillation need;
+a `logit_bias` changes which token is drawn, not the log-probs reported (as vLLM's raw log-probs).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class SamplingParams:
     logprobs: also return the log-probs of this many most likely tokens at each step (0: only the
         sampled token's, which is always returned).
     skip_special_tokens: leave special tokens out of `text`.
+    logit_bias: {token_id: bias} added to the logits before the draw (OpenAI's `logit_bias`: -100
+        bans a token in practice, +100 forces it); the reported log-probs stay the model's own.
     """
 
     n: int = 1
@@ -52,6 +55,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int = 0
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self):
         def is_int(v):
@@ -88,6 +92,12 @@ class SamplingParams:
             raise InvalidParameter("seed", f"must be an integer, got {self.seed!r}")
         if not is_int(self.logprobs) or not 0 <= self.logprobs <= 20:
             raise InvalidParameter("logprobs", f"must be an integer between 0 and 20, got {self.logprobs!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                    is_int(t) and t >= 0 and is_num(b) and -100 <= b <= 100 for t, b in self.logit_bias.items()):
+                raise InvalidParameter("logit_bias", "must map token ids to numbers between -100 and 100, "
+                                                     f"got {self.logit_bias!r}")
+            self.logit_bias = {t: float(b) for t, b in self.logit_bias.items()} or None
 
     @property
     def greedy(self) -> bool:
@@ -113,7 +123,8 @@ class SampledTokens:
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> SampledTokens:
     """Sample one token per row of logits [B, V] (float32), row i with params[i] and generators[i]."""
     B, V = logits.shape
-    logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+    logprobs = torch.log_softmax(logits, dim=-1)  # [B, V], the model's own: reported, never biased
+    logits = _biased(logits, params)
     tokens = logits.argmax(dim=-1)
     # Rows are split by how they sample, so that a row's token depends only on its own settings and
     # generator, never on which other requests share the batch.
@@ -133,6 +144,21 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         top = [dict(zip(ids[i][: p.logprobs], values[i][: p.logprobs])) if p.logprobs else None
                for i, p in enumerate(params)]
     return SampledTokens(tokens.tolist(), token_logprobs.tolist(), top)
+
+
+def _biased(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits [B, V] with each row's `logit_bias` added (a copy; the same tensor when no row has one)."""
+    rows = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    V = logits.shape[1]
+    for i, bias in rows:
+        ids = [t for t in bias if t < V]  # ids past the logits' width are padding the model never scores
+        if ids:
+            logits[i, torch.tensor(ids, device=logits.device)] += torch.tensor(
+                [bias[t] for t in ids], dtype=logits.dtype, device=logits.device)
+    return logits
 
 
 def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],

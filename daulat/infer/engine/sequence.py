@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -202,16 +202,23 @@ class Sequence:
 _request_ids = itertools.count()
 
 
+def new_group() -> int:
+    """An id for a group of requests, distinct from every request's own id (its default group)."""
+    return next(_request_ids)
+
+
 class Request:
     """A prompt, its sampling parameters, its samples, and where their deltas go.
 
     `sink(deltas)` is called from the engine's stepping thread with the deltas of one step; it must
-    not block (a queue's put, or `loop.call_soon_threadsafe`).
+    not block (a queue's put, or `loop.call_soon_threadsafe`). `group` names the requests the
+    scheduler shares slots between fairly (one API request's prompts; default: this request alone).
     """
 
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams, tokenizer, eos_token_id: int | None,
-                 seed: int, sink=None):
+                 seed: int, sink=None, group: int | None = None):
         self.id = next(_request_ids)
+        self.group = self.id if group is None else group
         self.prompt_token_ids = prompt_token_ids
         self.params, self.tokenizer, self.sink = params, tokenizer, sink
         stop_ids = set(params.stop_token_ids)
