@@ -272,7 +272,7 @@ def _peft_targets(model: nn.Module) -> tuple[list[str], list[str]]:
     return lists[0], lists[1]
 
 
-def _peft_config(model: nn.Module, base: str) -> dict:
+def adapter_config(model: nn.Module, base: str) -> dict:
     """adapter_config.json, as PEFT's LoraConfig.save_pretrained spells it."""
     config = model.lora.config
     modules, parameters = _peft_targets(model)
@@ -319,7 +319,7 @@ def save_adapter(model: nn.Module, path, base_path=None, info: dict | None = Non
     record["lora"] = {**trained, **(record.get("lora") or {}), "base": base,
                       "base_architecture": _architecture(model.config)}
     files = {ADAPTER_WEIGHTS: tensors if tensors is not None else adapter_state_dict(model),
-             ADAPTER_CONFIG: _peft_config(model, base), INFO_FILE: record}
+             ADAPTER_CONFIG: adapter_config(model, base), INFO_FILE: record}
     if model_card is None and info is not None:
         from daulat.report import model_card as render_card
 
