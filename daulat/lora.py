@@ -502,3 +502,19 @@ def load_adapter(path, device="cpu", dtype: torch.dtype | None = None, *, merge:
     if merge:
         merge_lora(model)
     return Checkpoint(model.eval(), tokenizer, info)
+
+
+def resume_into(model: nn.Module, path) -> None:
+    """The Trainer's resume of a LoRA run: `model` (prepared as the run was) gets the adapters of the step
+    checkpoint `path`, which must be an adapter directory trained on this base's architecture."""
+    path = Path(path)
+    if not is_adapter_dir(path):
+        raise DaulatError(f"cannot resume a LoRA run from {path}: it is not an adapter directory ({ADAPTER_CONFIG})")
+    recorded = (read_json(path / INFO_FILE).get("lora") or {}) if (path / INFO_FILE).is_file() else {}
+    ours = _architecture(model.config)
+    theirs = recorded.get("base_architecture") or ours
+    differ = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+    if differ:
+        k = differ[0]
+        raise DaulatError(f"cannot resume from {path}: its base's {k} is {theirs.get(k)!r}, this run's is {ours.get(k)!r}")
+    fill_adapter(model, path)

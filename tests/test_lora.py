@@ -319,3 +319,17 @@ def test_a_corrupt_adapter_file_is_named_and_the_previous_adapter_survives_a_fai
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(DaulatError, match=r"adapter_model\.safetensors: cannot read safetensors"):
         lora.load_adapter(tmp_path / "adapter")
+
+
+def test_resuming_into_a_lora_run_needs_an_adapter_of_the_same_architecture(base_dir, tmp_path):
+    lora.save_adapter(adapted(base_dir), tmp_path / "adapter")
+    model = adapted(base_dir, targets=["q_proj"])
+    with pytest.raises(DaulatError, match="is not an adapter directory"):
+        lora.resume_into(model, base_dir)
+    with pytest.raises(DaulatError, match=r"adapter_model\.safetensors: adapts 'model\.layers\.0\.mlp\.\w+_proj', "
+                                          "which this model does not adapt"):
+        lora.resume_into(model, tmp_path / "adapter")
+    other = load_model(make_base(tmp_path / "other", rope_theta=5e5))
+    lora.prepare(other, LoraConfig(rank=4, alpha=8.0), tmp_path / "other")
+    with pytest.raises(DaulatError, match=r"its base's rope_parameters is .*10000.*this run's is .*500000"):
+        lora.resume_into(other, tmp_path / "adapter")
