@@ -21,8 +21,11 @@ card. Like a checkpoint it is written to a temporary directory and renamed into 
 files are only ever read.
 
 Default targets: the attention projections (q_proj, or q_a_proj and q_b_proj; kv_a_proj_with_mqa,
-kv_b_proj, o_proj) and the dense and shared-expert SwiGLU MLPs (gate_proj, up_proj, down_proj). The
-routed experts (stacked [E, 2I, D] / [E, D, I] parameters) are not adapted: see `TARGETABLE`.
+kv_b_proj, o_proj) and the dense and shared-expert SwiGLU MLPs (gate_proj, up_proj, down_proj).
+`experts = true` also adapts the routed experts (the stacked `gate_up_proj` [E, 2I, D] and `down_proj`
+[E, D, I] of every MoE layer), each expert its own rank-r pair, in the layout PEFT uses for
+transformers 5's fused experts (see ExpertLora); like PEFT, daulat then forms W + dW for all experts
+at each forward, so this costs memory and time in proportion to the experts' size.
 The router's correction bias belongs to the frozen base, so `prepare` switches its balancing update
 off (restored by `merge_lora`).
 """
@@ -41,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn.utils import parametrize
 
 from daulat.checkpoint import (INFO_FILE, TRAIN_STATE_DIR, Checkpoint, _fsync_dir, _replace_dir, load_checkpoint,
                                load_config, read_json, read_safetensors, write_json)
@@ -50,9 +54,10 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 PEFT_PREFIX = "base_model.model.model."  # PeftModel > LoraModel > DeepseekV3ForCausalLM.model
 ATTENTION_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
-# The routed experts are left out: transformers 5 holds them as fused 3-D parameters, and PEFT maps an
-# adapter's `gate_proj` / `down_proj` onto those only for the model types it lists (not deepseek_v3).
 TARGETABLE = ATTENTION_TARGETS + MLP_TARGETS
+# the routed experts' stacked parameters -> the PEFT module that adapts them (transformers 5 holds them
+# fused in `mlp.experts`; PEFT nests its two wrappers there, gate_up_proj's inside down_proj's)
+EXPERT_PARAMETERS = {"gate_up_proj": "experts.base_layer", "down_proj": "experts"}
 
 
 @dataclass
@@ -63,6 +68,7 @@ class LoraConfig:
     alpha: float | None = None  # the update is scaled by alpha / rank; None: alpha = 2 * rank
     dropout: float = 0.0  # on the adapter's input only, while training
     targets: list[str] | None = None  # linear layers by name or dotted suffix; None: attention + dense/shared MLPs
+    experts: bool = False  # also the routed experts (no dropout there: PEFT has none for them either)
 
     def __post_init__(self):
         if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0):
@@ -72,7 +78,7 @@ class LoraConfig:
         if not 0 <= self.dropout < 1:
             raise DaulatError(f"config lora.dropout = {self.dropout!r}: must be in [0, 1)")
         if self.targets is not None:
-            if not self.targets or not all(isinstance(t, str) and t.strip(".") for t in self.targets):
+            if not (self.targets or self.experts) or not all(isinstance(t, str) and t.strip(".") for t in self.targets):
                 raise DaulatError(f"config lora.targets = {self.targets!r}: must be a non-empty list of layer names")
 
     @property
@@ -117,6 +123,35 @@ class LoraLinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.lora_A.out_features}, scaling={self.scaling:g}"
 
 
+class ExpertLora(nn.Module):
+    """LoRA on stacked routed experts, as a parametrization of MoE.gate_up_proj / down_proj:
+    forward(W [E, out, in]) -> W + (alpha / rank) dW, dW[e] = B_e A_e, in PEFT's fused-expert layout:
+    lora_A [E * rank, in] holds A_e in rows e * rank ...; lora_B [out, rank * E] holds B_e in columns
+    j * E + e (PEFT's ParamWrapper.get_delta_weight)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, scaling: float, peft_name: str):
+        super().__init__()
+        self.n_experts, (out_features, in_features) = weight.shape[0], weight.shape[1:]
+        self.rank, self.scaling, self.peft_name = rank, scaling, peft_name
+        E, device = self.n_experts, weight.device
+        self.lora_A = nn.Linear(in_features, E * rank, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(E * rank, out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.adapter_on = True
+
+    def delta_weight(self) -> torch.Tensor:
+        """dW [E, out, in] in float32."""
+        A = self.lora_A.weight.view(self.n_experts, self.rank, -1)  # [E, r, in]
+        B = self.lora_B.weight.view(-1, self.rank, self.n_experts)  # [out, r, E]
+        return torch.einsum("ore,eri->eoi", B, A) * self.scaling
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.adapter_on:
+            return weight
+        return weight + self.delta_weight().to(weight.dtype)
+
+
 @dataclass
 class _LoraState:
     """What `apply_lora` leaves on the model (as `model.lora`): its config, resolved targets and base."""
@@ -157,14 +192,32 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     if is_lora(model):
         raise DaulatError("this model already carries LoRA adapters")
     chosen = _target_linears(model, config.targets)
+    if config.experts and not _main_moe_layers(model):
+        raise DaulatError("config lora.experts = true: this model has no routed experts (no MoE layer)")
     for p in model.parameters():
         p.requires_grad_(False)
     for name, linear in chosen.items():
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, LoraLinear(linear, config.rank, config.scaling, config.dropout))
+    if config.experts:
+        _wrap_experts(model, config)
     leaves = sorted({n.rsplit(".", 1)[-1] for n in chosen})
     model.lora = _LoraState(config, leaves, modules=list(chosen))
     return model
+
+
+def _main_moe_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The MoE blocks of the main stack by module name (`layers.{i}.mlp`), MTP modules left out."""
+    return {f"layers.{i}.mlp": layer.mlp for i, layer in enumerate(model.layers) if hasattr(layer.mlp, "gate_up_proj")}
+
+
+def _wrap_experts(model: nn.Module, config: LoraConfig) -> None:
+    for prefix, moe in _main_moe_layers(model).items():
+        for name, peft_leaf in EXPERT_PARAMETERS.items():
+            weight = getattr(moe, name)
+            unit = ExpertLora(weight, config.rank, config.scaling, f"{prefix}.{peft_leaf}")
+            parametrize.register_parametrization(moe, name, unit, unsafe=True)
+            moe.parametrizations[name].original.requires_grad_(False)  # the base stays frozen
 
 
 def prepare(model: nn.Module, config: LoraConfig | None, base_path) -> dict | None:
@@ -189,10 +242,21 @@ def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
+def adapter_units(model: nn.Module) -> dict[str, nn.Module]:
+    """Every adapter (LoraLinear or ExpertLora) by the module name PEFT gives it (without "model.")."""
+    units = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLinear):
+            units[name] = m
+        elif isinstance(m, ExpertLora):
+            units[m.peft_name] = m
+    return units
+
+
 @contextmanager
 def adapters_disabled(model: nn.Module):
     """The base model alone for the duration (GRPO's frozen reference, with no second copy)."""
-    layers = list(lora_layers(model).values())
+    layers = list(adapter_units(model).values())
     before = [m.adapter_on for m in layers]
     for m in layers:
         m.adapter_on = False
@@ -215,6 +279,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
         plain.weight, plain.bias = layer.weight, layer.bias
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, plain)
+    for moe in _main_moe_layers(model).values():
+        for name in [n for n in EXPERT_PARAMETERS if parametrize.is_parametrized(moe, n)]:
+            parametrize.remove_parametrizations(moe, name, leave_parametrized=moe.parametrizations[name][0].adapter_on)
     if is_lora(model):
         if model.lora.bias_update_speed is not None:
             model.config.bias_update_speed = model.lora.bias_update_speed
@@ -239,7 +306,7 @@ def parameter_counts(model: nn.Module) -> dict:
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors under PEFT's names, on CPU. Gathers FSDP shards: call it on every rank."""
     out = {}
-    for name, layer in lora_layers(model).items():
+    for name, layer in adapter_units(model).items():
         for part in ("lora_A", "lora_B"):
             weight = getattr(layer, part).weight
             if hasattr(weight, "full_tensor"):
@@ -269,6 +336,8 @@ def _peft_targets(model: nn.Module) -> tuple[list[str], list[str]]:
         selected = {n for n in candidates for s in by_suffix if (n + tail).endswith("." + s)}
         everywhere = selected == {n for names in by_suffix.values() for n in names}
         lists.append(sorted(by_suffix) if everywhere else [f"model.{n}{tail}" for names in by_suffix.values() for n in names])
+    if model.lora.config.experts:
+        lists[1] += [f"mlp.experts.{name}" for name in EXPERT_PARAMETERS]
     return lists[0], lists[1]
 
 
@@ -437,7 +506,7 @@ def fill_adapter(model: nn.Module, path) -> None:
     and ranks the directory holds): for loading, and for resuming a LoRA run."""
     file = Path(path) / ADAPTER_WEIGHTS
     tensors = read_safetensors(file)
-    layers = lora_layers(model)
+    layers = adapter_units(model)
     for name in _adapter_modules(tensors, file):
         if name not in layers:
             raise DaulatError(f"{file}: adapts {'model.' + name!r}, which this model does not adapt")
@@ -485,6 +554,8 @@ def load_adapter(path, device="cpu", dtype: torch.dtype | None = None, *, merge:
     file = path / ADAPTER_WEIGHTS
     modules = _adapter_modules(read_safetensors(file), file)
     model, tokenizer, _ = load_checkpoint(base, device=device, dtype=dtype)
+    experts = [m for m in modules if m.endswith(tuple("." + leaf for leaf in EXPERT_PARAMETERS.values()))]
+    modules = [m for m in modules if m not in experts]
     candidates = _target_linears(model, None)
     missing = [m for m in modules if m not in candidates]
     if missing:
@@ -492,7 +563,7 @@ def load_adapter(path, device="cpu", dtype: torch.dtype | None = None, *, merge:
     info = read_json(path / INFO_FILE) if (path / INFO_FILE).is_file() else {}
     dropout = (info.get("lora") or {}).get("dropout", config.get("lora_dropout") or 0.0)  # as trained
     lora_config = LoraConfig(rank=config["r"], alpha=float(config.get("lora_alpha", 8)), dropout=float(dropout),
-                             targets=modules)
+                             targets=modules, experts=bool(experts))
     prepare(model, lora_config, base)
     fill_adapter(model, path)
     if (path / "tokenizer.json").is_file():

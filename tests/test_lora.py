@@ -43,7 +43,7 @@ def randomise_adapters(model, seed=1):
     """Non-zero B (a fresh adapter is the identity), so that comparisons mean something."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in lora.lora_layers(model).values():
+        for layer in lora.adapter_units(model).values():
             layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=gen) * 0.2)
             layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=gen) * 0.2)
 
@@ -333,3 +333,56 @@ def test_resuming_into_a_lora_run_needs_an_adapter_of_the_same_architecture(base
     lora.prepare(other, LoraConfig(rank=4, alpha=8.0), tmp_path / "other")
     with pytest.raises(DaulatError, match=r"its base's rope_parameters is .*10000.*this run's is .*500000"):
         lora.resume_into(other, tmp_path / "adapter")
+
+
+# ------------------------------------------------------------------------------------------------
+# Routed experts (optional): PEFT's fused-expert layout
+# ------------------------------------------------------------------------------------------------
+
+
+def test_routed_expert_adapters_load_in_peft_merge_and_switch_off(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base = make_base(tmp_path / "base")
+    before = file_hashes(base)
+    model = adapted(base, targets=["q_proj"], experts=True)
+    units = lora.adapter_units(model)
+    assert "layers.1.mlp.experts.base_layer" in units and "layers.2.mlp.experts" in units
+    lora.save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    ids = tokens()
+    with torch.no_grad():
+        ours = model(ids)
+        assert (ours - peft_model(input_ids=ids).logits).abs().max().item() <= 1e-4
+        for unit in lora.lora_layers(model).values():  # the experts' adapters alone change the output
+            unit.adapter_on = False
+        assert (model(ids) - load_model(base)(ids)).abs().max().item() > 1e-2
+        for unit in lora.lora_layers(model).values():
+            unit.adapter_on = True
+        with lora.adapters_disabled(model):
+            assert torch.equal(model(ids), load_model(base)(ids))
+        loaded = lora.load_adapter(tmp_path / "adapter").model
+        assert torch.equal(loaded(ids), ours)
+        lora.merge_lora(model)
+        assert (model(ids) - ours).abs().max().item() <= 1e-5
+    assert set(model.state_dict()) == set(load_model(base).state_dict())  # an ordinary model again
+    assert file_hashes(base) == before
+
+
+def test_experts_only_adapter_and_a_model_without_experts(tmp_path):
+    base = make_base(tmp_path / "base")
+    model = adapted(base, targets=[], experts=True)
+    assert not lora.lora_layers(model) and len(lora.adapter_units(model)) == 4
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".parametrizations." in n and ".lora_" in n for n in trainable)
+    lora.save_adapter(model, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(lora.load_adapter(tmp_path / "adapter").model(tokens()), model(tokens()))
+    dense = load_model(make_base(tmp_path / "dense", first_k_dense_replace=3))
+    with pytest.raises(DaulatError, match="lora.experts = true: this model has no routed experts"):
+        lora.apply_lora(dense, LoraConfig(rank=4, experts=True))
+    assert all(p.requires_grad for p in dense.parameters())
