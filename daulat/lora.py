@@ -221,17 +221,53 @@ def _wrap_experts(model: nn.Module, config: LoraConfig) -> None:
 
 
 def prepare(model: nn.Module, config: LoraConfig | None, base_path) -> dict | None:
-    """A stage's one call before building the Trainer. With LoRA on (config.rank set): apply it,
-    remember `base_path` for the adapter's `base_model_name_or_path`, keep the router's correction
-    bias frozen with the rest of the base; returns the record for daulat.json. Off: returns None."""
-    if config is None or not config.enabled:
+    """A stage's one call on the model it will train, right after loading it; returns `record(model)`.
+
+    LoRA on (config.rank set): a plain model gets new adapters on a frozen base (`base_path` becomes the
+    adapter's base_model_name_or_path, and the router's correction bias stays frozen with the rest of
+    the base); a model loaded from an adapter directory (`load_adapter`) keeps training its adapters
+    on their own base, if they have config.rank. LoRA off: a model loaded from an adapter is merged and
+    unfrozen for full fine-tuning; a plain model is left alone."""
+    enabled = config is not None and config.enabled
+    if is_lora(model) and not enabled:
+        merge_lora(model)
+        model.requires_grad_(True)
+    elif is_lora(model):
+        rank = model.lora.config.rank
+        if rank != config.rank:
+            raise DaulatError(f"config lora.rank = {config.rank}: the adapter this run starts from has rank {rank}")
+    elif enabled:
+        apply_lora(model, config)
+        model.lora.base_path = str(Path(base_path).resolve())
+        model.lora.bias_update_speed = model.config.bias_update_speed
+        model.config.bias_update_speed = 0.0  # the Trainer's balancing nudge would change the base
+    return record(model)
+
+
+def record(model: nn.Module) -> dict | None:
+    """The "lora" entry of a LoRA run's daulat.json (None for a model without adapters)."""
+    if not is_lora(model):
         return None
-    apply_lora(model, config)
     state = model.lora
-    state.base_path = str(Path(base_path).resolve())
-    state.bias_update_speed = model.config.bias_update_speed
-    model.config.bias_update_speed = 0.0  # the Trainer's balancing nudge would change the base
-    return {**asdict(config), "targets": state.targets, "base": state.base_path, **parameter_counts(model)}
+    return {**asdict(state.config), "targets": state.targets, "base": state.base_path, **parameter_counts(model)}
+
+
+class FrozenBase:
+    """The base under a LoRA model, called like a model: adapters off, no gradients. GRPO's KL
+    reference without a second copy of the weights: `reference = lora.FrozenBase(policy)`."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad(), adapters_disabled(self.model):
+            return self.model(*args, **kwargs)
+
+    def to(self, *args, **kwargs) -> "FrozenBase":
+        return self  # it lives wherever the policy does
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)  # config, num_parameters, ...
 
 
 def is_lora(model: nn.Module) -> bool:

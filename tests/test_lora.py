@@ -386,3 +386,31 @@ def test_experts_only_adapter_and_a_model_without_experts(tmp_path):
     with pytest.raises(DaulatError, match="lora.experts = true: this model has no routed experts"):
         lora.apply_lora(dense, LoraConfig(rank=4, experts=True))
     assert all(p.requires_grad for p in dense.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# What the stages call
+# ------------------------------------------------------------------------------------------------
+
+
+def test_prepare_continues_merges_or_leaves_alone_and_frozen_base_is_the_reference(base_dir, tmp_path):
+    plain = load_model(base_dir)
+    assert lora.prepare(plain, LoraConfig(), base_dir) is None and lora.prepare(plain, None, base_dir) is None
+    assert not lora.is_lora(plain) and all(p.requires_grad for p in plain.parameters())
+
+    model = adapted(base_dir)
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(lora.FrozenBase(model)(ids), plain(ids))  # the reference: the base, no copy
+    assert lora.FrozenBase(model).config is model.config and lora.lora_layers(model)["layers.0.self_attn.q_proj"].adapter_on
+    lora.save_adapter(model, tmp_path / "adapter")
+
+    again = lora.load_adapter(tmp_path / "adapter").model  # e.g. GRPO after a LoRA SFT: train the same adapter
+    record = lora.prepare(again, LoraConfig(rank=4), "ignored: the adapter names its base")
+    assert record["base"] == str(base_dir.resolve()) and record["rank"] == 4
+    with pytest.raises(DaulatError, match="lora.rank = 8: the adapter this run starts from has rank 4"):
+        lora.prepare(again, LoraConfig(rank=8), base_dir)
+    assert lora.prepare(again, None, base_dir) is None  # full fine-tuning from an adapter: merged, unfrozen
+    assert not lora.is_lora(again) and all(p.requires_grad for p in again.parameters())
+    with torch.no_grad():
+        assert (again(ids) - model(ids)).abs().max().item() <= 1e-5
