@@ -253,14 +253,37 @@ def record(model: nn.Module) -> dict | None:
 
 
 class FrozenBase:
-    """The base under a LoRA model, called like a model: adapters off, no gradients. GRPO's KL
-    reference without a second copy of the weights: `reference = lora.FrozenBase(policy)`."""
+    """The policy as it is now, frozen, called like a model (no gradients), with no second copy of the
+    base: GRPO's KL reference, `reference = lora.FrozenBase(policy)` before training starts.
+
+    With fresh adapters (every B zero: a new LoRA run) the reference is the base with the adapters
+    switched off. A run that continues an adapter (GRPO after a LoRA SFT) keeps a snapshot of the
+    adapter tensors only, and each call swaps it in and back out."""
 
     def __init__(self, model: nn.Module):
         self.model = model
+        units = adapter_units(model).values()
+        fresh = all(not unit.lora_B.weight.detach().any() for unit in units)
+        self.snapshot = None if fresh else [(w, w.detach().clone()) for u in units
+                                            for w in (u.lora_A.weight, u.lora_B.weight)]
+
+    @contextmanager
+    def _reference_weights(self):
+        if self.snapshot is None:
+            with adapters_disabled(self.model):
+                yield
+            return
+        live = [w.detach().clone() for w, _ in self.snapshot]
+        try:
+            for w, frozen in self.snapshot:
+                w.data.copy_(frozen)
+            yield
+        finally:
+            for (w, _), now in zip(self.snapshot, live):
+                w.data.copy_(now)
 
     def __call__(self, *args, **kwargs):
-        with torch.no_grad(), adapters_disabled(self.model):
+        with torch.no_grad(), self._reference_weights():
             return self.model(*args, **kwargs)
 
     def to(self, *args, **kwargs) -> "FrozenBase":

@@ -398,22 +398,35 @@ def test_prepare_continues_merges_or_leaves_alone_and_frozen_base_is_the_referen
     assert lora.prepare(plain, LoraConfig(), base_dir) is None and lora.prepare(plain, None, base_dir) is None
     assert not lora.is_lora(plain) and all(p.requires_grad for p in plain.parameters())
 
-    model = adapted(base_dir)
+    fresh = load_model(base_dir)
+    lora.prepare(fresh, LoraConfig(rank=4), base_dir)
+    reference = lora.FrozenBase(fresh)  # a new LoRA run's reference: the base with adapters off, no copy
     ids = tokens()
     with torch.no_grad():
-        assert torch.equal(lora.FrozenBase(model)(ids), plain(ids))  # the reference: the base, no copy
-    assert lora.FrozenBase(model).config is model.config and lora.lora_layers(model)["layers.0.self_attn.q_proj"].adapter_on
+        for layer in lora.adapter_units(fresh).values():
+            layer.lora_B.weight.add_(0.1)
+        assert torch.equal(reference(ids), plain(ids)) and not torch.equal(fresh(ids), plain(ids))
+    assert reference.snapshot is None and reference.config is fresh.config
+
+    model = adapted(base_dir)
     lora.save_adapter(model, tmp_path / "adapter")
 
     again = lora.load_adapter(tmp_path / "adapter").model  # e.g. GRPO after a LoRA SFT: train the same adapter
     record = lora.prepare(again, LoraConfig(rank=4), "ignored: the adapter names its base")
     assert record["base"] == str(base_dir.resolve()) and record["rank"] == 4
+    reference = lora.FrozenBase(again)  # the SFT policy, not the bare base: a snapshot of the adapters
+    with torch.no_grad():
+        start = again(ids)
+        for layer in lora.adapter_units(again).values():  # an optimizer step moves the live adapters
+            layer.lora_B.weight.add_(0.1)
+        moved = again(ids)
+        assert torch.equal(reference(ids), start) and torch.equal(again(ids), moved) and not torch.equal(moved, start)
     with pytest.raises(DaulatError, match="lora.rank = 8: the adapter this run starts from has rank 4"):
         lora.prepare(again, LoraConfig(rank=8), base_dir)
     assert lora.prepare(again, None, base_dir) is None  # full fine-tuning from an adapter: merged, unfrozen
     assert not lora.is_lora(again) and all(p.requires_grad for p in again.parameters())
     with torch.no_grad():
-        assert (again(ids) - model(ids)).abs().max().item() <= 1e-5
+        assert (again(ids) - moved).abs().max().item() <= 1e-5
 
 
 @pytest.mark.xfail(strict=True, reason="model.py's absorbed decode path reads kv_b_proj.weight directly, so a live "
