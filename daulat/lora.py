@@ -1,10 +1,14 @@
 """LoRA adapters (Hu et al. 2021, arXiv 2106.09685) on a frozen daulat model, saved as PEFT directories.
 
     model, tokenizer, info = load_checkpoint(base)
-    lora.apply_lora(model, LoraConfig(rank=16))        # freezes the base, wraps the target linears
+    lora.prepare(model, LoraConfig(rank=16), base)     # freezes the base, wraps the target linears
     ...train...                                        # only lora_A / lora_B have gradients
-    lora.save_adapter(model, "runs/x/final", base)     # adapter_config.json + adapter_model.safetensors
+    lora.save_adapter(model, "runs/x/final")           # adapter_config.json + adapter_model.safetensors
     model, tokenizer, info = lora.load_adapter("runs/x/final")   # base resolved from the directory
+
+Also: `adapters_disabled(model)` (the base alone), `FrozenBase(model)` (a KL reference without a
+second copy), `merge_lora(model)` (plain weights again), `parameter_counts`, and for the Trainer
+`adapter_state_dict`, `resume_into`.
 
 A wrapped linear computes  y = x W^T + b + (alpha / rank) * B A dropout(x),  with A [rank, in]
 Kaiming-uniform and B [out, rank] zero (PEFT's initialisation), so a fresh adapter leaves the model
