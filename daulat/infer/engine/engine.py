@@ -43,12 +43,10 @@ class Engine:
     max_prefill_tokens: padded prompt tokens prefilled in one step (more requests wait a step).
     seed: seeds the engine's own generator, which seeds requests that bring no seed of their own.
     add_bos: text prompts start with <|bos|> (as every training document does) unless they already do.
-    decode_path: "fast" (default) or "model": see daulat/infer/engine/runner.py; both give the same tokens.
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 64, max_model_len: int | None = None,
-                 max_prefill_tokens: int = 4096, seed: int | None = None, add_bos: bool = True,
-                 decode_path: str = "fast"):
+                 max_prefill_tokens: int = 4096, seed: int | None = None, add_bos: bool = True):
         config = model.config
         self.tokenizer = tokenizer
         self.max_model_len = int(max_model_len or config.max_position_embeddings)
@@ -59,7 +57,7 @@ class Engine:
         self.bos_token_id = tokenizer.bos_id if tokenizer is not None else config.bos_token_id
         self.add_bos = add_bos
         self.max_num_seqs = max_num_seqs
-        self.runner = ModelRunner(model, max_num_seqs, self.max_model_len, decode_path)
+        self.runner = ModelRunner(model, max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(max_num_seqs, max_prefill_tokens)
         self._rng = random.Random(seed)
         self._step_lock = threading.Lock()
@@ -232,7 +230,6 @@ class Engine:
                             deltas[request].append(seq.abort(FINISH_ABORT))
 
     def _prefill(self, admitted: list[Request], deltas) -> None:
-        self.runner.refresh()  # the model may have been trained (or its parameters replaced) since the last batch
         logits = self.runner.prefill([r.prompt_token_ids for r in admitted], [r.sequences[0].slot for r in admitted])
         self.stats["prefills"] += 1
         self.stats["prompt_tokens"] += sum(len(r.prompt_token_ids) for r in admitted)
