@@ -277,18 +277,22 @@ def rope_rotation(cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> tor
 
 
 def fast_call(module: nn.Module):
-    """A function of x equal to module(x), for decoding: a hook-free nn.Linear becomes F.linear over
-    its own weight and bias, a hook-free float32 RMSNorm one rms_norm call; anything else (an adapter,
-    a quantised or hooked layer) stays the module. On a CPU a decode step of a small model is mostly
-    per-call overhead, and a module call with its attribute look-ups costs about as much as the
-    product it makes."""
-    if module._forward_hooks or module._forward_pre_hooks:
+    """A function equal to calling the module, for decoding, where on a CPU a step of a small model
+    is mostly per-call overhead (a module call with its attribute look-ups costs about as much as the
+    product it makes): a hook-free nn.Linear becomes F.linear over its own weight and bias, a float32
+    RMSNorm one rms_norm call, any other hook-free module its bound forward (exactly what calling it
+    runs), a ModuleList a list of those. A module with hooks stays the module."""
+    if isinstance(module, nn.ModuleList):
+        return [fast_call(m) for m in module]
+    hooks = (module._forward_hooks, module._forward_pre_hooks,
+             nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
+    if any(hooks):
         return module
     if type(module) is nn.Linear:
         return functools.partial(F.linear, weight=module.weight, bias=module.bias)
     if type(module) is RMSNorm and module.weight.dtype == torch.float32:  # decoding runs in the model's dtype
         return functools.partial(torch.rms_norm, normalized_shape=module.weight.shape, weight=module.weight, eps=module.eps)
-    return module
+    return module.forward
 
 
 class DecodeCalls:
@@ -563,7 +567,7 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return False
 
 
-class MoE(nn.Module):
+class MoE(DecodeCalls, nn.Module):
     """DeepSeekMoE: shared experts for every token plus K of E fine-grained routed experts.
 
     Routed experts are stored stacked, as transformers holds them in memory:
@@ -587,10 +591,11 @@ class MoE(nn.Module):
         """x [B, T, D] or [N, D] -> the same shape."""
         D = x.shape[-1]
         flat = x if x.dim() == 2 else x.reshape(-1, D)
-        scores, weights, topk_idx = self.gate(flat)  # [N, E], [N, K], [N, K]
+        calls = self._decode_calls or self
+        scores, weights, topk_idx = calls.gate(flat)  # [N, E], [N, K], [N, K]
         if not self.training and flat.device.type == "cpu" and flat.shape[0] * self.top_k < self.n_experts:
             routed = self._chosen_experts(flat, weights, topk_idx)
-            out = routed if self.shared_experts is None else self.shared_experts(flat) + routed
+            out = routed if self.shared_experts is None else calls.shared_experts(flat) + routed
             return out if x.dim() == 2 else out.view(x.shape)
         expert_of_slot = topk_idx.reshape(-1)  # [N*K]: slot j = token j // K, its (j % K)-th expert
         order = expert_of_slot.argsort(stable=True)
@@ -659,8 +664,8 @@ class Block(DecodeCalls, nn.Module):
 
     def forward(self, x, cos, sin, positions=None, cache=None, absorb=None, rotation=None):
         calls = self._decode_calls or self
-        x = x + self.self_attn(calls.input_layernorm(x), cos, sin, positions, cache, absorb, rotation)
-        return x + self.mlp(calls.post_attention_layernorm(x))
+        x = x + calls.self_attn(calls.input_layernorm(x), cos, sin, positions, cache, absorb, rotation)
+        return x + calls.mlp(calls.post_attention_layernorm(x))
 
 
 class MTPModule(nn.Module):
@@ -809,12 +814,13 @@ class DeepseekV3(DecodeCalls, nn.Module):
         # decoding one new token per sequence runs as [B, D]: 2-D products are cheaper calls than 3-D ones
         one_token = T == 1 and cache is not None
         self._decoding(one_token)
-        x = self.embed_tokens(input_ids[:, 0] if one_token else input_ids)
+        calls = self._decode_calls or self
+        x = calls.embed_tokens(input_ids[:, 0] if one_token else input_ids)
         cos, sin = self.rope(positions, x.dtype, below=None if cache is None else cache.max_len)
         if absorb is None:
             absorb = one_token
         rotation = rope_rotation(cos, sin, self.config.rope_interleave) if absorb else None  # shared by the layers
-        for layer in self.layers:
+        for layer in calls.layers:
             x = layer(x, cos, sin, positions, cache, absorb, rotation)
         return x[:, None] if one_token else x
 
