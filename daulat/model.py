@@ -19,6 +19,12 @@ One forward serves training, prefill and decoding: `model(input_ids, positions, 
 knows nothing about distribution, optimizers or an engine's slots: a cache comes from
 `model.make_cache(batch_size, max_len, device, dtype)`, and LatentCache documents the interface an
 engine relies on (every architecture's cache implements it).
+
+A decode step of a small model is mostly per-call overhead, so decoding (one new token per sequence,
+with a cache) takes a few visible shortcuts in that same forward: activations are [B, D], RoPE is one
+rotation matrix per token built once per step from a table, the cache row [latent | RoPE key] is
+scored in one product, a few tokens run only their chosen experts, and child modules are reached
+through `fast_call` (a plain function where that is exactly what the module computes).
 """
 
 from __future__ import annotations
