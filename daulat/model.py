@@ -600,6 +600,7 @@ class MoE(DecodeCalls, nn.Module):
         calls = self._decode_calls or self
         scores, weights, topk_idx = calls.gate(flat)  # [N, E], [N, K], [N, K]
         if not self.training and flat.device.type == "cpu" and flat.shape[0] * self.top_k < self.n_experts:
+            self.aux_loss = None
             routed = self._chosen_experts(flat, weights, topk_idx)
             out = routed if self.shared_experts is None else calls.shared_experts(flat) + routed
             return out if x.dim() == 2 else out.view(x.shape)
