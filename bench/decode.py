@@ -2,12 +2,15 @@
 
     python bench/decode.py                        # a random `tiny` checkpoint made on the fly
     python bench/decode.py --checkpoint runs/sft --new-tokens 256 --threads 2
+    python bench/decode.py --set hidden_size=384 --set n_routed_experts=32   # a shape nobody tuned for
 
 Both generate exactly --new-tokens tokens after the same --prompt-tokens prompt (end-of-sequence
 ignored), after one warm-up run each; tokens/s counts new tokens over the whole call (prefill
 included, the same for both). The two take turns --repeats times and the best run of each counts,
 which keeps a busy machine from favouring either. Also reports the KV-cache bytes per token each one actually holds:
-daulat's latent cache vs transformers' per-head keys and values. Prints one JSON line last.
+daulat's latent cache vs transformers' per-head keys and values, and the memory-bandwidth bound: the
+bytes a decode step must read (the active weights: attention, dense and shared MLPs, the chosen
+experts, the output head) against the machine's measured copy bandwidth. Prints one JSON line last.
 """
 
 from __future__ import annotations
@@ -23,14 +26,47 @@ from pathlib import Path
 import torch
 
 
-def make_checkpoint(preset: str, directory: Path) -> Path:
+def make_checkpoint(preset: str, directory: Path, overrides: dict | None = None) -> Path:
+    import dataclasses
+
     from daulat.checkpoint import save_model
     from daulat.config import load_config
     from daulat.model import DeepseekV3, ModelConfig
 
     torch.manual_seed(0)
-    save_model(DeepseekV3(load_config({"model": ModelConfig}, preset=preset)["model"]), directory)
+    config = load_config({"model": ModelConfig}, preset=preset)["model"]
+    save_model(DeepseekV3(dataclasses.replace(config, **(overrides or {}))), directory)
     return directory
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """["hidden_size=384", ...] -> {"hidden_size": 384, ...} (values read as JSON: numbers, true, null)."""
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        out[key] = json.loads(value)
+    return out
+
+
+def bandwidth_bound(config, bytes_per_number: int = 4) -> dict:
+    """Bytes one decode step reads (active weights; the KV cache is small at these lengths) and the
+    tokens/s the machine's memory bandwidth allows for them."""
+    from daulat.model import DeepseekV3
+
+    with torch.device("meta"):
+        model = DeepseekV3(config)
+    head = config.vocab_size * config.hidden_size  # one embedding row is read, the whole head
+    weight_bytes = (model.num_parameters(active=True, embeddings=False) + head) * bytes_per_number
+    source = torch.ones(2**26)  # 256 MiB, far larger than any CPU cache; pages touched before timing
+    target = torch.zeros_like(source)
+    seconds = []
+    for _ in range(4):
+        start = time.perf_counter()
+        target.copy_(source)
+        seconds.append(time.perf_counter() - start)
+    bandwidth = 2 * source.numel() * source.element_size() / min(seconds)  # read + write
+    return {"active_weight_bytes_per_token": weight_bytes, "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+            "bandwidth_bound_tokens_per_s": round(bandwidth / weight_bytes, 1)}
 
 
 def daulat_runner(checkpoint: Path, prompt: list[int], new_tokens: int):
@@ -85,10 +121,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a model config field of the random --preset model (repeatable)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    overrides = parse_overrides(args.set)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = args.checkpoint or make_checkpoint(args.preset, Path(tmp) / args.preset)
+        checkpoint = args.checkpoint or make_checkpoint(args.preset, Path(tmp) / args.preset, overrides)
         from daulat.checkpoint import load_config
         from daulat.model import kv_cache_bytes_per_token
 
@@ -104,7 +143,7 @@ def main() -> None:
     best_theirs = min(theirs_runs, key=lambda r: r["seconds"])
     mla_bytes = kv_cache_bytes_per_token(config, bytes_per_number=4)
     result = {
-        "bench": "decode", "checkpoint": str(args.checkpoint or f"random {args.preset}"),
+        "bench": "decode", "checkpoint": str(args.checkpoint or f"random {args.preset}"), "overrides": overrides,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "batch": 1, "dtype": "float32",
         "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -126,6 +165,9 @@ def main() -> None:
     result["daulat_tokens_per_cpu_s"] = round(args.new_tokens / cpu_ours, 1)
     result["transformers_tokens_per_cpu_s"] = round(args.new_tokens / cpu_theirs, 1)
     result["speedup_cpu_time"] = round(cpu_theirs / cpu_ours, 2)
+    result.update(bandwidth_bound(config))
+    result["fraction_of_bandwidth_bound"] = round(result["daulat_decode_only_tokens_per_s"]
+                                                  / result["bandwidth_bound_tokens_per_s"], 3)
     print(f"daulat {result['daulat_tokens_per_s']} tok/s, transformers {result['transformers_tokens_per_s']} tok/s "
           f"({result['speedup']}x); KV cache {result['kv_bytes_per_token_daulat']} vs "
           f"{result['kv_bytes_per_token_transformers']} bytes/token (full per-head K/V: {result['kv_bytes_per_token_full_mha']})")

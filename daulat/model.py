@@ -15,13 +15,23 @@ Two attention paths over the same weights:
   * absorbed: kv_b_proj is folded into the query and the output, so attention runs directly against
     the cached latents; the cache holds only c + r numbers per token per layer (decoding).
 
-The model knows nothing about distribution, optimizers or caches' memory layout: a cache is any
-object with `update(layer_idx, kv_latent, k_pe, positions) -> (kv_all, pe_all)` (see LatentCache).
+One forward serves training, prefill and decoding: `model(input_ids, positions, cache)`. The model
+knows nothing about distribution, optimizers or an engine's slots: a cache comes from
+`model.make_cache(batch_size, max_len, device, dtype)`, and LatentCache documents the interface an
+engine relies on (every architecture's cache implements it).
+
+A decode step of a small model is mostly per-call overhead, so decoding (one new token per sequence,
+with a cache) takes a few visible shortcuts in that same forward: activations are [B, D], RoPE is one
+rotation matrix per token built once per step from a table, the cache row [latent | RoPE key] is
+scored in one product, a few tokens run only their chosen experts, and child modules are reached
+through `fast_call` (a plain function where that is exactly what the module computes).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -191,7 +201,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in float32 and scale in the input dtype, as transformers does; F.rms_norm is the
-        # same x * rsqrt(mean(x^2) + eps) as one fused kernel instead of five elementwise ones
+        # same x * rsqrt(mean(x^2) + eps) as one call instead of five (in float32 the scale goes in too)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -247,37 +259,124 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-class LatentCache:
-    """The MLA decode cache: per layer, the normalised latent [B, S_max, c] and the rotated RoPE key
-    [B, S_max, r]; nothing per head. The key stored at index s of a row has position s.
+@functools.lru_cache(maxsize=None)
+def _rope_basis(dim: int, interleave: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[r, r * r]: row i < r/2 is where cos_i goes in apply_rope's rotation matrix, row r/2 + i where sin_i goes."""
+    half = torch.arange(dim // 2)
+    x1, x2 = (2 * half, 2 * half + 1) if interleave else (half, half + dim // 2)
+    basis = torch.zeros(dim, dim, dim)
+    basis[half, x1, half] = 1  # out_i = x1_i cos_i - x2_i sin_i
+    basis[half, x2, half + dim // 2] = 1  # out_{h+i} = x2_i cos_i + x1_i sin_i
+    basis[half + dim // 2, x2, half] = -1
+    basis[half + dim // 2, x1, half + dim // 2] = 1
+    return basis.view(dim, dim * dim).to(device=device, dtype=dtype)
 
-    `rows` (optional LongTensor [B_active]) selects which cache rows the current batch writes to and
-    reads from, so an engine can keep a fixed pool of sequence slots and batch any subset of them.
+
+def rope_rotation(cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """apply_rope as one matrix per token: cos/sin [..., r/2] -> R [N, r, r] (N tokens), with
+    x @ R equal to apply_rope(x) for each token's heads x [h, r]. One matmul then rotates every head
+    of a token, in place of a dozen small elementwise operations (what a decode step is made of).
+    Exact: each entry of R is 0, +-cos or +-sin."""
+    r = 2 * cos.shape[-1]
+    table = torch.cat([cos, sin], dim=-1).reshape(-1, r)  # [N, r]
+    return torch.mm(table, _rope_basis(r, interleave, table.device, table.dtype)).view(-1, r, r)
+
+
+def fast_call(module: nn.Module):
+    """A function equal to calling the module, for decoding, where on a CPU a step of a small model
+    is mostly per-call overhead (a module call with its attribute look-ups costs about as much as the
+    product it makes): a hook-free nn.Linear becomes F.linear over its own weight and bias, a float32
+    RMSNorm one rms_norm call, any other hook-free module its bound forward (exactly what calling it
+    runs), a ModuleList a list of those. A module with hooks stays the module."""
+    if isinstance(module, nn.ModuleList):
+        return [fast_call(m) for m in module]
+    hooks = (module._forward_hooks, module._forward_pre_hooks,
+             nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
+    if any(hooks):
+        return module
+    if type(module) is nn.Linear:
+        return functools.partial(F.linear, weight=module.weight, bias=module.bias)
+    if type(module) is RMSNorm and module.weight.dtype == torch.float32:  # decoding runs in the model's dtype
+        return functools.partial(torch.rms_norm, normalized_shape=module.weight.shape, weight=module.weight, eps=module.eps)
+    return module.forward
+
+
+class DecodeCalls:
+    """A module whose forward reaches its children through `calls = self._decode_calls or self`:
+    while the model decodes (see DeepseekV3.hidden_states) `_decode_calls` holds each child as its
+    fast_call under the child's own name, so one forward serves every mode."""
+
+    _decode_calls = None
+
+    def make_decode_calls(self):
+        return types.SimpleNamespace(**{name: fast_call(child) for name, child in self.named_children()})
+
+
+class LatentCache:
+    """MLA's decode cache: per layer one buffer [batch_size, max_len, c + r] holding each token's
+    normalised latent and its rotated RoPE key side by side (one product scores both against the
+    absorbed query); nothing per head. The entry at index s of a row is the token at position s, and
+    a query at position p sees its row's entries 0..p (anything after p is stale or not yet written).
+
+    The cache interface. Every architecture's cache implements it (V3.2: latents plus the indexer's
+    keys; V4: a sliding-window ring plus compressed entries) and is made by its model's
+    `make_cache(batch_size, max_len, device, dtype)`. The engine uses only this part:
+
+        rows                      cache rows of the next forward's batch rows (batch row b reads and
+                                  writes cache row rows[b]; a list or LongTensor [B]); None: 0..B-1
+        copy_rows(source, targets, length)
+                                  give each target row the state of source's first `length` tokens
+                                  (a prompt prefilled once for n samples)
+        bytes_per_token()         memory of the whole cache / (batch_size * max_len), in bytes
+        batch_size, max_len
+
+    and the model's forward the rest, which belongs to the architecture:
+
+        begin(positions [B, T])   once per forward, before the layers: where the new tokens go;
+                                  sets `mask` (bool [B, T, S], True where a query may attend; None
+                                  when every query sees every key that `update` returns)
+        update(layer_idx, entries [B, T, c + r]) -> keys [B, S, c + r]
+                                  store the new tokens' entries; return the keys the batch sees
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (batch_size, max_len)
-        self.kv = [torch.zeros(*shape, config.kv_lora_rank, device=device, dtype=dtype)
-                   for _ in range(config.num_hidden_layers)]
-        self.pe = [torch.zeros(*shape, config.qk_rope_head_dim, device=device, dtype=dtype)
-                   for _ in range(config.num_hidden_layers)]
-        self.rows: torch.Tensor | None = None
+        self.batch_size, self.max_len = batch_size, max_len
+        width = config.kv_lora_rank + config.qk_rope_head_dim
+        self.entries = [torch.zeros(batch_size, max_len, width, device=device, dtype=dtype)
+                        for _ in range(config.num_hidden_layers)]
+        self.rows: list[int] | torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
 
-    def update(self, layer_idx: int, kv_latent: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor):
-        """Store kv_latent [B, T, c] and k_pe [B, T, r] at `positions` [B, T]; return every row's keys
-        up to the largest position: ([B, S, c], [B, S, r])."""
-        kv, pe = self.kv[layer_idx], self.pe[layer_idx]
-        rows = self.rows if self.rows is not None else torch.arange(kv_latent.shape[0], device=kv.device)
-        kv[rows[:, None], positions] = kv_latent.to(kv.dtype)
-        pe[rows[:, None], positions] = k_pe.to(pe.dtype)
-        length = int(positions.max()) + 1
-        return kv[rows, :length], pe[rows, :length]
+    def begin(self, positions: torch.Tensor) -> None:
+        B, T = positions.shape
+        rows = list(range(B)) if self.rows is None else [int(r) for r in self.rows]
+        device = self.entries[0].device
+        self._write_rows = torch.tensor(rows, device=device)[:, None]  # [B, 1]
+        # a batch of consecutive rows (always the case at batch 1) is read as a view, not gathered
+        self._read_rows = slice(rows[0], rows[0] + B) if rows == list(range(rows[0], rows[0] + B)) else self._write_rows[:, 0]
+        self._positions = positions
+        first, last = (int(p) for p in torch.aminmax(positions))
+        self._span = last + 1  # entries 0..last are read
+        self.mask = None
+        if T > 1 or first != last:  # some query must not see some key
+            self.mask = torch.arange(self._span, device=device) <= positions[:, :, None]
+
+    def update(self, layer_idx: int, entries: torch.Tensor) -> torch.Tensor:
+        buffer = self.entries[layer_idx]
+        buffer[self._write_rows, self._positions] = entries if entries.dtype == buffer.dtype else entries.to(buffer.dtype)
+        return buffer[self._read_rows, : self._span]
+
+    def copy_rows(self, source: int, targets: list[int], length: int) -> None:
+        if targets:
+            rows = torch.tensor(targets, device=self.entries[0].device)
+            for buffer in self.entries:
+                buffer[rows, :length] = buffer[source, :length]
 
     def bytes_per_token(self) -> int:
-        return sum(t[0, 0].numel() * t.element_size() for t in self.kv + self.pe)
+        return sum(t.shape[-1] * t.element_size() for t in self.entries)
 
 
-class MLA(nn.Module):
+class MLA(DecodeCalls, nn.Module):
     """Multi-head Latent Attention (DeepSeek-V2 arXiv 2405.04434, section 2.1)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -287,6 +386,7 @@ class MLA(nn.Module):
         self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         self.kv_lora_rank = config.kv_lora_rank
         self.interleave = config.rope_interleave
+        self.q_lora = config.q_lora_rank is not None
         qk_dim, bias = config.qk_head_dim, config.attention_bias
         if config.q_lora_rank is None:
             self.q_proj = nn.Linear(config.hidden_size, self.n_heads * qk_dim, bias=False)
@@ -302,36 +402,60 @@ class MLA(nn.Module):
         if config.rope_scaling is not None and config.rope_scaling.get("mscale_all_dim"):
             self.scale *= yarn_mscale(config.rope_scaling["factor"], config.rope_scaling["mscale_all_dim"]) ** 2
 
-    def forward(self, x, cos, sin, positions=None, cache=None, absorb=None):
-        """x [B, T, D]; cos/sin [B, T, 1, r/2]; positions [B, T] (needed with a cache). Returns [B, T, D].
+    def forward(self, x, cos, sin, positions=None, cache=None, absorb=None, rotation=None):
+        """x [B, T, D], or [B, D] for one new token per sequence (decoding: 2-D products are cheaper
+        calls); cos/sin [B, T, 1, r/2]; cache: see LatentCache (it holds the positions, from its
+        `begin`). Returns x's shape.
 
         absorb=None picks the absorbed path for single-token decoding with a cache, else expanded.
+        rotation: rope_rotation(cos, sin) when the caller made it once for every layer.
         """
-        B, T, _ = x.shape
-        H = self.n_heads
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(B, T, H, self.nope + self.rope)
-        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin, self.interleave)  # [B, T, H, r]
-        kv_latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
-        kv_latent = self.kv_a_layernorm(kv_latent)  # [B, T, c]
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)  # [B, T, r]
-
-        mask = None  # boolean [B, 1, T, S], True where a query may attend
-        if cache is not None:
-            kv_latent, k_pe = cache.update(self.layer_idx, kv_latent, k_pe, positions)  # [B, S, c], [B, S, r]
-            key_pos = torch.arange(kv_latent.shape[1], device=x.device)
-            mask = (key_pos[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+        B, T = (x.shape[0], 1) if x.dim() == 2 else x.shape[:2]
+        N = B * T  # tokens
+        H, n, r, c = self.n_heads, self.nope, self.rope, self.kv_lora_rank
+        calls = self._decode_calls or self
+        q = calls.q_b_proj(calls.q_a_layernorm(calls.q_a_proj(x))) if self.q_lora else calls.q_proj(x)
+        q_nope, q_pe = q.view(N, H, n + r).split([n, r], dim=-1)  # [N, H, n], [N, H, r]
+        kv_latent, k_pe = calls.kv_a_proj_with_mqa(x).view(N, c + r).split([c, r], dim=-1)  # [N, c], [N, r]
+        kv_latent = calls.kv_a_layernorm(kv_latent)
         if absorb is None:
             absorb = cache is not None and T == 1
-        if absorb:
-            out = self._absorbed(q_nope, q_pe, kv_latent, k_pe, mask)
+        if absorb:  # RoPE of the heads and of the shared key: one product per token
+            rotation = rope_rotation(cos, sin, self.interleave) if rotation is None else rotation  # [N, r, r]
+            pe = torch.bmm(torch.cat([q_pe, k_pe[:, None]], dim=1), rotation)  # [N, H + 1, r]
+            q_pe, k_pe = pe[:, :H], pe[:, H]
         else:
-            out = self._expanded(q_nope, q_pe, kv_latent, k_pe, mask)
-        return self.o_proj(out.reshape(B, T, H * self.v_dim))
+            cos, sin = cos.reshape(N, 1, r // 2), sin.reshape(N, 1, r // 2)
+            q_pe = apply_rope(q_pe, cos, sin, self.interleave)
+            k_pe = apply_rope(k_pe[:, None], cos, sin, self.interleave)[:, 0]
+        if cache is None:
+            if absorb:
+                raise ValueError("the absorbed path attends to cached latents: give a cache")
+            out = self._expanded(q_nope.view(B, T, H, n), q_pe.view(B, T, H, r), kv_latent.view(B, T, c),
+                                 k_pe.view(B, T, r), None, causal=True)
+        else:  # the cache returns every key the batch sees, its own new ones included
+            keys = cache.update(self.layer_idx, torch.cat([kv_latent, k_pe], dim=-1).view(B, T, c + r))  # [B, S, c + r]
+            if absorb:
+                out = self._absorbed(q_nope, q_pe, keys, cache.mask)  # [N, H, v]
+            else:
+                out = self._expanded(q_nope.view(B, T, H, n), q_pe.view(B, T, H, r), keys[..., :c], keys[..., c:],
+                                     cache.mask, causal=False)
+        return calls.o_proj(out.reshape(*x.shape[:-1], H * self.v_dim))
 
-    def _expanded(self, q_nope, q_pe, kv_latent, k_pe, mask):
-        """Per-head keys/values from the latent: K [B, H, S, n+r], V [B, H, S, v]."""
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, n, c] and W_UV [H, c, v]: views of kv_b_proj's weight, so they follow its in-place
+        updates (a wrapper of kv_b_proj must keep the effective matrix as `weight`)."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope], w[:, self.nope :].transpose(1, 2)
+
+    def make_decode_calls(self):
+        calls = super().make_decode_calls()
+        calls.absorbed_weights = self.absorbed_weights()
+        return calls
+
+    def _expanded(self, q_nope, q_pe, kv_latent, k_pe, mask, causal):
+        """Per-head keys/values from the latent: K [B, H, S, n+r], V [B, H, S, v]. mask [B, T, S] (True
+        where a query may attend) or None: every key, or with causal=True the causal mask (T == S)."""
         B, S, _ = kv_latent.shape
         H = self.n_heads
         k_nope, v = self.kv_b_proj(kv_latent).view(B, S, H, self.nope + self.v_dim).split([self.nope, self.v_dim], -1)
@@ -344,25 +468,35 @@ class MLA(nn.Module):
             v = F.pad(v, (0, qk_dim - self.v_dim))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask, is_causal=mask is None, scale=self.scale,
+            attn_mask=None if mask is None else mask[:, None], is_causal=causal, scale=self.scale,
         )  # [B, H, T, max(v, n+r)]
         return out[..., : self.v_dim].transpose(1, 2)
 
-    def _absorbed(self, q_nope, q_pe, kv_latent, k_pe, mask):
-        """Attention in latent space: kv_b_proj's key half is folded into the query and its value half
-        into the output, so per-head keys/values are never formed."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
-        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w[:, : self.nope])  # [B, T, H, c]
-        scores = torch.einsum("bthc,bsc->bhts", q_latent, kv_latent) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
-        scores = scores.float() * self.scale
+    def _absorbed(self, q_nope, q_pe, keys, mask):
+        """Attention in latent space (DeepSeek-V2 appendix C): kv_b_proj's key half W_UK is folded into
+        the query and its value half W_UV applied after attention, so per-head keys and values are
+        never formed. q_nope [N, H, n] and q_pe [N, H, r] (rotated) for N = B*T tokens, keys [B, S, c + r]
+        = [latent | rotated RoPE key] per cached token, mask [B, T, S] or None -> [N, H, v].
+
+        Written as batched matrix products over (token, head) rows: one scores the latent and RoPE
+        parts together, so a decode step is a handful of operations whatever the number of heads."""
+        N, H, n = q_nope.shape
+        B, S, _ = keys.shape
+        T, c = N // B, self.kv_lora_rank
+        w_uk, w_uv = self._decode_calls.absorbed_weights if self._decode_calls else self.absorbed_weights()
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, N, c]
+        query = torch.cat([q_latent.transpose(0, 1), q_pe], dim=-1)  # [N, H, c + r]
+        scores = torch.bmm(query.view(B, T * H, c + self.rope), keys.transpose(1, 2))  # [B, T*H, S]
+        scores = (scores if scores.dtype == torch.float32 else scores.float()) * self.scale
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1).to(q_nope.dtype)  # [B, H, T, S]
-        out_latent = torch.einsum("bhts,bsc->bthc", probs, kv_latent)
-        return torch.einsum("bthc,hvc->bthv", out_latent, w[:, self.nope :])  # [B, T, H, v]
+            scores = torch.where(mask[:, :, None], scores.view(B, T, H, S), float("-inf")).view(B, T * H, S)
+        probs = scores.softmax(dim=-1)
+        probs = probs if probs.dtype == keys.dtype else probs.to(keys.dtype)
+        out_latent = torch.bmm(probs, keys[..., :c])  # [B, T*H, c]
+        return torch.bmm(out_latent.view(N, H, c).transpose(0, 1), w_uv).transpose(0, 1)
 
 
-class MLP(nn.Module):
+class MLP(DecodeCalls, nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
@@ -372,7 +506,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        calls = self._decode_calls or self
+        return calls.down_proj(F.silu(calls.gate_proj(x)) * calls.up_proj(x))
 
 
 class Router(nn.Module):
@@ -392,7 +527,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x [N, D] -> (scores [N, E] float32, topk_weights [N, K] float32, topk_idx [N, K])."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        scores = F.linear(_float32(x), _float32(self.weight)).sigmoid()
         choice = scores + self.e_score_correction_bias
         if self.topk_group < self.n_group:
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
@@ -404,7 +539,11 @@ class Router(nn.Module):
         weights = scores.gather(1, topk_idx)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return scores, weights * self.scaling, topk_idx
+        return scores, weights if self.scaling == 1 else weights * self.scaling, topk_idx
+
+
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()  # skips a no-op call: decoding is made of small calls
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -434,7 +573,7 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return False
 
 
-class MoE(nn.Module):
+class MoE(DecodeCalls, nn.Module):
     """DeepSeekMoE: shared experts for every token plus K of E fine-grained routed experts.
 
     Routed experts are stored stacked, as transformers holds them in memory:
@@ -455,9 +594,16 @@ class MoE(nn.Module):
         self.aux_loss: torch.Tensor | None = None  # sequence-wise balance loss of the last forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        flat = x.reshape(-1, D)
-        scores, weights, topk_idx = self.gate(flat)  # [N, E], [N, K], [N, K]
+        """x [B, T, D] or [N, D] -> the same shape."""
+        D = x.shape[-1]
+        flat = x if x.dim() == 2 else x.reshape(-1, D)
+        calls = self._decode_calls or self
+        scores, weights, topk_idx = calls.gate(flat)  # [N, E], [N, K], [N, K]
+        if not self.training and flat.device.type == "cpu" and flat.shape[0] * self.top_k < self.n_experts:
+            self.aux_loss = None
+            routed = self._chosen_experts(flat, weights, topk_idx)
+            out = routed if self.shared_experts is None else calls.shared_experts(flat) + routed
+            return out if x.dim() == 2 else out.view(x.shape)
         expert_of_slot = topk_idx.reshape(-1)  # [N*K]: slot j = token j // K, its (j % K)-th expert
         order = expert_of_slot.argsort(stable=True)
         counts = torch.bincount(expert_of_slot, minlength=self.n_experts)
@@ -478,8 +624,24 @@ class MoE(nn.Module):
         if self.training:
             self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype).detach()
             if self.seq_aux_loss_alpha > 0:
-                self.aux_loss = self._sequence_balance_loss(scores, topk_idx, B, T)
-        return out.view(B, T, D)
+                self.aux_loss = self._sequence_balance_loss(scores, topk_idx, *x.shape[:2])
+        return out.view(x.shape)
+
+    def _chosen_experts(self, flat, weights, topk_idx):
+        """The routed experts for a few tokens (N * K < E: small decode batches on a CPU, where a
+        product costs its call more than its arithmetic): only the chosen experts run, one matmul pair
+        each, instead of sorting tokens for a grouped product over every expert. -> [N, D]"""
+        weights = weights if weights.dtype == flat.dtype else weights.to(flat.dtype)
+        rows = []
+        one = flat.shape[0] == 1
+        for token, experts in enumerate(topk_idx.tolist()):
+            x = flat if one else flat[token : token + 1]
+            outs = []
+            for e in experts:
+                gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+            rows.append(torch.mm(weights if one else weights[token : token + 1], torch.cat(outs)))  # weighted sum of the K
+        return rows[0] if one else torch.cat(rows)
 
     def _sequence_balance_loss(self, scores, topk_idx, B, T):
         """alpha * sum_i f_i P_i per sequence, averaged over the batch (DeepSeek-V3 eq. 17-20)."""
@@ -499,7 +661,7 @@ class MoE(nn.Module):
         return load
 
 
-class Block(nn.Module):
+class Block(DecodeCalls, nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -507,9 +669,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, positions=None, cache=None, absorb=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, absorb)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, positions=None, cache=None, absorb=None, rotation=None):
+        calls = self._decode_calls or self
+        x = x + calls.self_attn(calls.input_layernorm(x), cos, sin, positions, cache, absorb, rotation)
+        return x + calls.mlp(calls.post_attention_layernorm(x))
 
 
 class MTPModule(nn.Module):
@@ -585,7 +748,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------
 
 
-class DeepseekV3(nn.Module):
+class DeepseekV3(DecodeCalls, nn.Module):
     """Causal LM: `model(input_ids [B, T]) -> logits [B, T, V]`."""
 
     def __init__(self, config: ModelConfig):
@@ -602,6 +765,7 @@ class DeepseekV3(nn.Module):
                                  for k in range(config.num_nextn_predict_layers))
         inv_freq, self.rope_attention_factor = rope_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._rope_table: torch.Tensor | None = None  # [positions, 1, 1, r]: cos | sin (see `rope`)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -624,12 +788,26 @@ class DeepseekV3(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def rope(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [B, T] -> cos, sin [B, T, 1, r/2]."""
+    def rope(self, positions: torch.Tensor, dtype, below: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, T, 1, r/2]. With `below` (every position is known to be
+        under it, as in a cache of that length) they are read from a table made once."""
+        if below is not None:
+            table = self._rope_table
+            if table is None or len(table) < below or table.device != positions.device or table.dtype != dtype:
+                cos, sin = self.rope(torch.arange(below, device=positions.device)[:, None], dtype)
+                table = self._rope_table = torch.cat([cos, sin], dim=-1)  # [below, 1, 1, r]
+            return table[positions, 0].chunk(2, dim=-1)
         angles = positions[..., None].float() * self.inv_freq.float()
         cos = (angles.cos() * self.rope_attention_factor).to(dtype)
         sin = (angles.sin() * self.rope_attention_factor).to(dtype)
         return cos.unsqueeze(2), sin.unsqueeze(2)
+
+    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> LatentCache:
+        """The decode cache for `batch_size` sequences of up to `max_len` tokens (see LatentCache for
+        the interface every architecture's cache shares); device and dtype default to the model's."""
+        weight = self.embed_tokens.weight
+        return LatentCache(self.config, batch_size, max_len, device=weight.device if device is None else device,
+                           dtype=weight.dtype if dtype is None else dtype)
 
     def hidden_states(self, input_ids, positions=None, cache=None, absorb=None):
         """The trunk: input_ids [B, T] -> hidden states after the last block, before the final norm [B, T, D]."""
@@ -638,19 +816,46 @@ class DeepseekV3(nn.Module):
             if cache is not None:
                 raise ValueError("positions are required when a cache is given")
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rope(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, positions, cache, absorb)
-        return x
+        if cache is not None:
+            cache.begin(positions)
+        # decoding one new token per sequence runs as [B, D]: 2-D products are cheaper calls than 3-D ones
+        one_token = T == 1 and cache is not None
+        self._decoding(one_token)
+        calls = self._decode_calls or self
+        x = calls.embed_tokens(input_ids[:, 0] if one_token else input_ids)
+        cos, sin = self.rope(positions, x.dtype, below=None if cache is None else cache.max_len)
+        if absorb is None:
+            absorb = one_token
+        rotation = rope_rotation(cos, sin, self.config.rope_interleave) if absorb else None  # shared by the layers
+        for layer in calls.layers:
+            x = layer(x, cos, sin, positions, cache, absorb, rotation)
+        return x[:, None] if one_token else x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden states [..., D] (from hidden_states) -> logits [..., V]: the final norm and the output head."""
+        calls = self._decode_calls or self
+        return calls.lm_head(calls.norm(hidden))
+
+    def _decoding(self, on: bool) -> None:
+        """Single-token decoding reaches linear layers and norms through fast calls (see DecodeCalls).
+        They are made at the first decode step after any other forward (a prefill starts every
+        generation), so parameters replaced between generations are taken up; in-place updates
+        (an optimizer step) are followed anyway, the calls holding the parameters themselves."""
+        if on == (self._decode_calls is not None):
+            return
+        for module in self.modules():
+            if isinstance(module, DecodeCalls):
+                module._decode_calls = module.make_decode_calls() if on else None
 
     def forward(self, input_ids, positions=None, cache=None, absorb=None):
-        """input_ids [B, T] (LongTensor) -> logits [B, T, V].
+        """input_ids [B, T] (LongTensor) -> logits [B, T, V]. The one forward of training, prefill and decoding.
 
-        positions [B, T] default to 0..T-1; with a cache (see LatentCache) they are required and say
-        where each new token sits in its sequence.
+        positions [B, T] default to 0..T-1; with a cache (from `make_cache`) they are required and say
+        where each new token sits in its sequence; which cache rows the batch uses is the cache's
+        `rows`. With a cache, one new token per sequence runs the absorbed attention against the
+        cached latents, several run the expanded attention (absorb=True/False forces either).
         """
-        return self.lm_head(self.norm(self.hidden_states(input_ids, positions, cache, absorb)))
+        return self.logits(self.hidden_states(input_ids, positions, cache, absorb))
 
     def training_loss(self, input_ids, targets, ignore_index: int = -100):
         """Next-token cross-entropy plus the MTP and sequence-balance terms that are switched on.

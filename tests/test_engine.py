@@ -56,11 +56,10 @@ def greedy_plain_forward(model, ids: list[int], max_new: int, eos: int) -> list[
     return out
 
 
-@pytest.mark.parametrize("decode_path", ["fast", "model"])
-def test_greedy_equals_plain_forward_and_transformers(checkpoint, model, tokenizer, decode_path):
+def test_greedy_equals_plain_forward_and_transformers(checkpoint, model, tokenizer):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
-    engine = Engine(model, tokenizer, decode_path=decode_path)
+    engine = Engine(model, tokenizer)
     results = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24))
     for result in results:
         prompt = result.prompt_token_ids
@@ -80,47 +79,78 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_fast_decode_path_matches_the_models_own(name):
-    """The engine's fast decode path and the model's forward with the cache give the same tokens and
-    log-probs, across architecture options, with sequences joining and leaving non-adjacent slots."""
+def _config_model(name):
     from daulat.model import DeepseekV3, ModelConfig
 
     torch.manual_seed(0)
     base = dict(vocab_size=97, hidden_size=48, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
                 num_attention_heads=3, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
                 n_routed_experts=8, num_experts_per_tok=2, max_position_embeddings=128)
-    config = ModelConfig(**{**base, **CONFIGS[name]})
-    model = DeepseekV3(config).eval()
+    model = DeepseekV3(ModelConfig(**{**base, **CONFIGS[name]})).eval()
     with torch.no_grad():  # give the router's correction bias something to do
         for moe in model.moe_layers():
             moe.gate.e_score_correction_bias.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_batched_decode_matches_one_sequence_at_a_time_and_the_plain_forward(name):
+    """Decoding sequences together (joining and leaving non-adjacent slots, each at its own position)
+    gives the tokens and log-probs of decoding each alone, across architecture options, and both
+    equal the plain forward."""
+    model = _config_model(name)
     prompts = [[0] + [(7 * i + 5 * j) % 97 for i in range(3 + 4 * j)] for j in range(6)]
     params = [SamplingParams(temperature=0, max_tokens=6 + 5 * (j % 3), ignore_eos=True) for j in range(6)]
-    outs = {path: Engine(model, None, max_num_seqs=3, decode_path=path).generate(prompts, params)
-            for path in ("model", "fast")}
-    for fast, reference in zip(outs["fast"], outs["model"]):
-        assert fast.token_ids == reference.token_ids
-        assert fast.logprobs == pytest.approx(reference.logprobs, abs=1e-4)
-    # and both equal the plain forward
-    for prompt, result in zip(prompts, outs["fast"]):
+    batched = Engine(model, None, max_num_seqs=3).generate(prompts, params)
+    alone = Engine(model, None, max_num_seqs=1)
+    for prompt, sp, result in zip(prompts, params, batched):
+        reference = alone.generate([prompt], sp)[0]
+        assert result.token_ids == reference.token_ids
+        assert result.logprobs == pytest.approx(reference.logprobs, abs=1e-4)
         assert result.token_ids == greedy_plain_forward(model, prompt, len(result.token_ids), eos=-1)
 
 
-def test_fast_path_follows_weights_updated_between_generations(model, tokenizer):
-    """GRPO trains the model between rollouts with the same engine: the new weights must be used."""
+def test_decoding_honours_wrapped_and_hooked_layers():
+    """Decoding calls a plain linear layer's weights directly; a layer that is not plain (an adapter,
+    a quantised linear, a hook) must still be called as the module, exactly as the plain forward does."""
+    model = _config_model("q_lora+groups")
+    attention = model.layers[1].self_attn
+    attention.o_proj.register_forward_hook(lambda module, args, out: out * 3.0)
+    attention.q_b_proj = torch.nn.Sequential(attention.q_b_proj)  # a wrapper: not an nn.Linear any more
+    prompt = [0, 5, 9, 17, 3]
+    [result] = Engine(model, None).generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert result.token_ids == greedy_plain_forward(model, prompt, 12, eos=-1)
+
+
+def test_engine_measures_its_cache_from_the_cache_object(model):
+    from daulat.model import kv_cache_bytes_per_token
+
+    engine = Engine(model, None, max_num_seqs=2, max_model_len=16)
+    cache = engine.runner.cache
+    held = sum(t.numel() * t.element_size() for t in cache.entries)
+    assert engine.runner.cache_bytes_per_token == held // (2 * 16) == kv_cache_bytes_per_token(model.config, 4)["mla"]
+
+
+def test_decoding_follows_weights_updated_between_generations(model, tokenizer):
+    """GRPO trains the model between rollouts with the same engine: the new weights must be used,
+    whether updated in place (an optimizer step) or replaced."""
     import copy
 
     trained = copy.deepcopy(model)
     engine = Engine(trained, tokenizer)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    before = engine.generate(["Once upon a time"], params)[0].token_ids
+    before = engine.generate(["Once upon a time"], params)[0]
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # in place, like an optimizer step
-    after = engine.generate(["Once upon a time"], params)[0].token_ids
-    assert after != before
-    assert after == Engine(trained, tokenizer, decode_path="model").generate(["Once upon a time"], params)[0].token_ids
+    after = engine.generate(["Once upon a time"], params)[0]
+    assert after.token_ids != before.token_ids
+    assert after.token_ids == greedy_plain_forward(trained, after.prompt_token_ids, 12, eos=-1)
+    head = trained.lm_head
+    head.weight = torch.nn.Parameter(head.weight.detach().flip(0))  # a new parameter object
+    replaced = engine.generate(["Once upon a time"], params)[0]
+    assert replaced.token_ids != after.token_ids
+    assert replaced.token_ids == greedy_plain_forward(trained, replaced.prompt_token_ids, 12, eos=-1)
 
 
 def test_continuous_batching_gives_the_same_greedy_outputs_as_one_at_a_time(model, tokenizer):

@@ -173,3 +173,23 @@ def test_balance_term_belongs_to_training_forwards_only():
     model.eval()
     _, stats = model.training_loss(ids[:, :-1], ids[:, 1:])
     assert "balance" not in stats
+
+
+def test_the_cache_interface_an_engine_uses():
+    """make_cache, rows, copy_rows, bytes_per_token: a prompt prefilled into one row and copied to
+    another decodes there exactly as in its own row, and equals the plain forward."""
+    torch.manual_seed(3)
+    model = DeepseekV3(ModelConfig(**SMALL)).eval()
+    ids = torch.randint(0, 61, (1, 7))
+    with torch.no_grad():
+        reference = model(ids)[:, -1]
+        cache = model.make_cache(4, 16)
+        assert cache.bytes_per_token() == kv_cache_bytes_per_token(model.config, 4)["mla"]
+        assert model.make_cache(4, 16, "meta").bytes_per_token() == cache.bytes_per_token()
+        cache.rows = [1]
+        model(ids[:, :6], positions=torch.arange(6)[None], cache=cache)
+        cache.copy_rows(1, [3], 6)
+        cache.rows = [3, 1]  # not consecutive: the rows are gathered
+        out = model(ids[:, 6:].expand(2, 1), positions=torch.tensor([[6], [6]]), cache=cache)[:, -1]
+    assert (out[0] - reference[0]).abs().max() < 1e-5
+    assert (out[1] - reference[0]).abs().max() < 1e-5

@@ -45,12 +45,10 @@ class Engine:
     max_prefill_tokens: padded prompt tokens prefilled in one step (more requests wait a step).
     seed: seeds the engine's own generator, which seeds requests that bring no seed of their own.
     add_bos: text prompts start with <|bos|> (as every training document does) unless they already do.
-    decode_path: "fast" (default) or "model": see daulat/infer/engine/runner.py; both give the same tokens.
     """
 
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 64, max_model_len: int | None = None,
-                 max_prefill_tokens: int = 4096, seed: int | None = None, add_bos: bool = True,
-                 decode_path: str = "fast"):
+                 max_prefill_tokens: int = 4096, seed: int | None = None, add_bos: bool = True):
         config = model.config
         self.tokenizer = tokenizer
         self.max_model_len = int(max_model_len or config.max_position_embeddings)
@@ -62,7 +60,7 @@ class Engine:
         self.add_bos = add_bos
         self.max_num_seqs = max_num_seqs
         self.model = model
-        self.runner = ModelRunner(model, max_num_seqs, self.max_model_len, decode_path)
+        self.runner = ModelRunner(model, max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(max_num_seqs, max_prefill_tokens)
         self._rng = random.Random(seed)
         self._step_lock = threading.Lock()
@@ -270,7 +268,6 @@ class Engine:
     def _prefill(self, admitted: list[Request], resumed: list[Sequence], deltas) -> None:
         """Prefill new requests (then sample their first tokens) and preempted sequences coming back
         (their prompt and tokens but the last, which the next decode feeds; nothing is sampled)."""
-        self.runner.refresh()  # the model may have been trained (or its parameters replaced) since the last batch
         prompts = [r.prompt_token_ids for r in admitted]
         prompts += [s.request.prompt_token_ids + s.token_ids[:-1] for s in resumed]
         logits = self.runner.prefill(prompts, [r.sequences[0].slot for r in admitted] + [s.slot for s in resumed])
