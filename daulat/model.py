@@ -299,6 +299,7 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(config.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, config.hidden_size, bias=bias)
         self.scale = qk_dim**-0.5
+        self.max_logit: torch.Tensor | None = None  # [H] largest logit per head, tracked when set (QK-clip)
         if config.rope_scaling is not None and config.rope_scaling.get("mscale_all_dim"):
             self.scale *= yarn_mscale(config.rope_scaling["factor"], config.rope_scaling["mscale_all_dim"]) ** 2
 
@@ -337,6 +338,8 @@ class MLA(nn.Module):
         k_nope, v = self.kv_b_proj(kv_latent).view(B, S, H, self.nope + self.v_dim).split([self.nope, self.v_dim], -1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, self.rope)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
+        if self.max_logit is not None and torch.is_grad_enabled():  # training forwards only (daulat/train/muon.py)
+            self.max_logit = torch.maximum(self.max_logit, max_attention_logits(q, k, mask, self.scale))
         qk_dim = self.nope + self.rope
         if self.v_dim < qk_dim:
             # SDPA's fused (flash) kernels need one head size for q, k and v and otherwise fall back
@@ -360,6 +363,16 @@ class MLA(nn.Module):
         probs = scores.softmax(dim=-1).to(q_nope.dtype)  # [B, H, T, S]
         out_latent = torch.einsum("bhts,bsc->bthc", probs, kv_latent)
         return torch.einsum("bthc,hvc->bthv", out_latent, w[:, self.nope :])  # [B, T, H, v]
+
+
+@torch.no_grad()
+def max_attention_logits(q, k, mask, scale: float) -> torch.Tensor:
+    """q [B, T, H, d], k [B, S, H, d], mask [B, 1, T, S] or None (causal) -> [H]: each head's largest
+    logit q.k * scale over the pairs it may attend."""
+    scores = torch.einsum("bthd,bshd->bhts", q, k).float() * scale
+    if mask is None:
+        mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()  # as SDPA is_causal
+    return scores.masked_fill(~mask, float("-inf")).amax(dim=(0, 2, 3))
 
 
 class MLP(nn.Module):
