@@ -14,7 +14,7 @@ For each optimizer: a learning-rate sweep (one seed per rate), then more seeds a
 
 A PNG of the curves goes to bench/results/muon_<preset>.png (when matplotlib is installed).
 
-    python bench/muon.py                                  # micro, 5 rates, 3 seeds, 200 steps
+    python bench/muon.py                                  # micro, 5 rates, 3 seeds, 100 steps
     python bench/muon.py --preset tiny --steps 300 --seeds 2
 
 Prints a summary, then one JSON line last.
@@ -44,7 +44,7 @@ RESULTS = Path(__file__).parent / "results"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="micro")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--lrs", default="1e-3,2e-3,4e-3,8e-3,1.6e-2", help="comma-separated peak rates, both optimizers")
@@ -62,7 +62,7 @@ class Runs:
     def __init__(self, root: Path, args):
         self.root, self.args = root, args
         self.base = [f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.seq_len={args.seq_len}",
-                     f"train.eval_every={args.eval_every}", "train.eval_batches=8", "train.log_every=10",
+                     f"train.eval_every={args.eval_every}", "train.eval_batches=4", "train.log_every=10",
                      "train.save_every=0", "train.warmup_steps=10", "train.log_max_logit=true", "data.val_fraction=0.05"]
         pretrain(load_config(schema(), preset=args.preset, overrides=self.base + ["train.steps=1"]), root / "data",
                  verbose=False)
@@ -91,9 +91,14 @@ def tokens_to_reach(curve, target: float) -> float | None:
     return None
 
 
+def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """The seeds' validation curves averaged point by point (all runs validate at the same tokens)."""
+    return [(points[0][0], statistics.mean(v for _, v in points)) for points in zip(*curves)]
+
+
 def train_tokens_per_s(records) -> float:
-    rates = [r["tokens_per_s"] for r in records if "loss" in r][1:]  # the first window holds warm-up
-    return statistics.median(rates)
+    rates = [r["tokens_per_s"] for r in records if "loss" in r]
+    return statistics.median(rates[1:] or rates)  # the first window holds warm-up
 
 
 def optimizer_step_times(preset: str, repeats: int = 20) -> dict:
@@ -182,10 +187,10 @@ def main(argv=None) -> int:
     step_times = optimizer_step_times(args.preset)
 
     finals = {opt: [val_curve(r)[-1][1] for r in rs] for opt, rs in records.items()}
-    target = statistics.mean(finals["adamw"])
-    need = {opt: [tokens_to_reach(val_curve(r), target) for r in rs] for opt, rs in records.items()}
-    mean_need = {opt: (statistics.mean(v) if all(x is not None for x in v) else None) for opt, v in need.items()}
-    ratio = mean_need["muon"] / mean_need["adamw"] if mean_need["muon"] and mean_need["adamw"] else None
+    mean_curves = {opt: mean_curve([val_curve(r) for r in rs]) for opt, rs in records.items()}
+    target = mean_curves["adamw"][-1][1]  # AdamW's best final val loss: its seeds' mean at its best lr
+    need = {opt: tokens_to_reach(curve, target) for opt, curve in mean_curves.items()}
+    ratio = need["muon"] / need["adamw"] if need["muon"] and need["adamw"] else None
     tok_s = {opt: statistics.mean(train_tokens_per_s(r) for r in rs) for opt, rs in records.items()}
     logits = {"no clip": [(r["step"], r["max_logit"]) for r in unclipped if "max_logit" in r],
               f"QK-clip tau={tau:g}": [(r["step"], r["max_logit"]) for r in clipped if "max_logit" in r]}
@@ -196,13 +201,15 @@ def main(argv=None) -> int:
         "lrs": lrs, "sweep_final_val_loss": {o: {f"{lr:g}": round(v, 4) for lr, v in s.items()} for o, s in sweep.items()},
         "best_lr": best, "seeds": args.seeds,
         "final_val_loss_at_best_lr": {o: [round(v, 4) for v in f] for o, f in finals.items()},
-        "target_val_loss": round(target, 4), "tokens_to_target": need, "mean_tokens_to_target": mean_need,
+        "target_val_loss": round(target, 4), "tokens_to_target": need,
+        "mean_val_curve": {o: [(t, round(v, 4)) for t, v in c] for o, c in mean_curves.items()},
         "muon_over_adamw_tokens": round(ratio, 3) if ratio else None, "goal_ratio": 0.75,
         "optimizer_step_s": {o: round(t, 5) for o, t in step_times.items()},
         "optimizer_step_overhead": round(step_times["muon"] / step_times["adamw"], 2),
         "train_tokens_per_s": {o: round(t, 1) for o, t in tok_s.items()},
         "train_step_time_ratio_muon_over_adamw": round(tok_s["adamw"] / tok_s["muon"], 3),
         "max_logit": {"no_clip": max_unclipped, "qk_clip": max(m for _, m in logits[f"QK-clip tau={tau:g}"]),
+                      "last_window": {name: series[-1][1] for name, series in logits.items()},
                       "tau": tau, "clipped_heads": sum(r.get("qk_clipped_heads", 0) for r in clipped),
                       "final_val_loss_with_clip": round(val_curve(clipped)[-1][1], 4)},
         "plot": str(png) if plotted else None,
@@ -212,7 +219,7 @@ def main(argv=None) -> int:
     }
     print(f"AdamW best lr {best['adamw']:g}: final val {finals['adamw']}; Muon best lr {best['muon']:g}: final val "
           f"{finals['muon']}")
-    print(f"tokens to AdamW's {target:.4f}: AdamW {mean_need['adamw']}, Muon {mean_need['muon']} -> ratio {ratio} (goal 0.75)")
+    print(f"tokens to AdamW's {target:.4f} (mean curves): AdamW {need['adamw']}, Muon {need['muon']} -> ratio {ratio} (goal 0.75)")
     print(f"optimizer step: AdamW {step_times['adamw'] * 1e3:.2f} ms, Muon {step_times['muon'] * 1e3:.2f} ms; "
           f"training tokens/s AdamW {tok_s['adamw']:.0f}, Muon {tok_s['muon']:.0f}")
     print(f"max logit: {max_unclipped:.3f} without QK-clip, {result['max_logit']['qk_clip']:.3f} with tau {tau:g}")
