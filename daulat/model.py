@@ -399,6 +399,7 @@ class MLA(DecodeCalls, nn.Module):
         self.kv_b_proj = nn.Linear(config.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, config.hidden_size, bias=bias)
         self.scale = qk_dim**-0.5
+        self.max_logit: torch.Tensor | None = None  # [H] largest logit per head, tracked when set (QK-clip)
         if config.rope_scaling is not None and config.rope_scaling.get("mscale_all_dim"):
             self.scale *= yarn_mscale(config.rope_scaling["factor"], config.rope_scaling["mscale_all_dim"]) ** 2
 
@@ -461,6 +462,8 @@ class MLA(DecodeCalls, nn.Module):
         k_nope, v = self.kv_b_proj(kv_latent).view(B, S, H, self.nope + self.v_dim).split([self.nope, self.v_dim], -1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, self.rope)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
+        if self.max_logit is not None and torch.is_grad_enabled():  # training forwards only (daulat/train/muon.py)
+            self.max_logit = torch.maximum(self.max_logit, max_attention_logits(q, k, mask, causal, self.scale))
         qk_dim = self.nope + self.rope
         if self.v_dim < qk_dim:
             # SDPA's fused (flash) kernels need one head size for q, k and v and otherwise fall back
@@ -494,6 +497,20 @@ class MLA(DecodeCalls, nn.Module):
         probs = probs if probs.dtype == keys.dtype else probs.to(keys.dtype)
         out_latent = torch.bmm(probs, keys[..., :c])  # [B, T*H, c]
         return torch.bmm(out_latent.view(N, H, c).transpose(0, 1), w_uv).transpose(0, 1)
+
+
+@torch.no_grad()
+def max_attention_logits(q, k, mask, causal: bool, scale: float) -> torch.Tensor:
+    """q [B, T, H, d], k [B, S, H, d], mask [B, T, S] or None (every key, or the causal mask when
+    `causal`), as MLA._expanded takes them -> [H]: each head's largest logit q.k * scale over the pairs
+    it may attend."""
+    scores = torch.einsum("bthd,bshd->bhts", q, k).float() * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    elif causal:  # as SDPA's is_causal
+        allowed = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.amax(dim=(0, 2, 3))
 
 
 class MLP(DecodeCalls, nn.Module):

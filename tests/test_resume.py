@@ -42,9 +42,12 @@ def logged_steps(out: Path) -> int:
         return 0
 
 
-def test_sigkill_mid_run_then_resume_matches_uninterrupted_run_bitwise(tmp_path):
+# AdamW, and Muon with QK-clip (micro's logits start near 0.1: tau 0.09 clips heads at most steps):
+# Muon's momentum buffers and the clipped weights must come back exactly too
+@pytest.mark.parametrize("optimizer", [(), ("train.optimizer=muon", "train.qk_clip=0.09")], ids=["adamw", "muon"])
+def test_sigkill_mid_run_then_resume_matches_uninterrupted_run_bitwise(tmp_path, optimizer):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    ref_proc, victim = pretrain(reference), pretrain(killed)  # side by side: one core each
+    ref_proc, victim = pretrain(reference, *optimizer), pretrain(killed, *optimizer)  # side by side: one core each
     deadline = time.time() + 240
     while logged_steps(killed) < 10:  # past a few checkpoints, in the middle of the run
         assert victim.poll() is None and time.time() < deadline, "the run ended before it could be killed"
@@ -55,8 +58,10 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run_bitwise(tmp_path)
     assert not (killed / "final").exists()
     lost = logged_steps(killed)
 
-    wait_ok(pretrain(killed, "--resume"))
+    wait_ok(pretrain(killed, "--resume", *optimizer))
     wait_ok(ref_proc)
+    if optimizer:
+        assert sum(r.get("qk_clipped_heads", 0) for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())) > 0
 
     assert losses(killed) == losses(reference)  # every logged loss and val loss, bitwise
     assert logged_steps(killed) == STEPS and lost < STEPS

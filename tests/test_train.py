@@ -185,3 +185,89 @@ def test_checkpoints_are_never_overwritten_and_a_corrupt_one_is_named(micro_run,
     assert main(["pretrain", "--preset", "micro", "--out", str(out), "--resume"]) == 2
     assert "step-000060/config.json" in capsys.readouterr().err
     assert sorted(p.name for p in out.rglob("*")) == before  # nothing added, nothing removed
+
+
+class _BindingSource:
+    """Random token batches; records what the Trainer hands it through bind()."""
+
+    def __init__(self, vocab: int):
+        self.vocab_size, self.bound, self.batches_before_bind, self.batches = vocab, [], None, 0
+
+    def bind(self, trainer):
+        self.bound.append({"model": trainer.model, "optimizer": hasattr(trainer, "optimizer"), "step": trainer.step,
+                           "device": trainer.device, "dist": trainer.dist, "autocast": trainer.autocast()})
+        self.batches_before_bind = self.batches
+        trainer.log({"bound": True})
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.batches += 1
+        ids = torch.randint(0, self.vocab_size, (4, 17))
+        return ids[:, :-1], ids[:, 1:]
+
+
+def test_trainer_seam_bind_evaluate_and_log(tmp_path):
+    from daulat.model import DeepseekV3, ModelConfig
+    from daulat.train.loop import Trainer
+
+    torch.manual_seed(0)
+    model = DeepseekV3(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                   num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+                                   qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2))
+    config = TrainConfig(steps=4, batch_size=4, seq_len=16, warmup_steps=0, log_every=1, eval_every=2, device="cpu",
+                         threads=1)
+    source = _BindingSource(64)
+    seen = []
+
+    def evaluate(m):
+        seen.append({"same_model": m is model, "training": m.training, "grad": torch.is_grad_enabled()})
+        return {"held_out_accuracy": 0.25 * len(seen), "answers": len(seen)}
+
+    threads = torch.get_num_threads()
+    try:
+        trainer = Trainer(model, config, lambda m, batch: m.training_loss(*batch), source, tmp_path / "run",
+                          evaluate=evaluate)
+        assert torch.get_num_threads() == 1  # train.threads is applied when the Trainer starts
+        trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
+
+    assert len(source.bound) == 1 and source.batches_before_bind == 0  # once, before the first batch
+    bound = source.bound[0]
+    assert bound["model"] is trainer.model and bound["optimizer"] and bound["step"] == 0
+    assert bound["device"] == trainer.device and bound["dist"] is trainer.dist
+    with bound["autocast"]:  # a context manager (float32 on CPU: no autocast)
+        pass
+    assert seen == [{"same_model": True, "training": False, "grad": False}] * 2  # eval mode, no grad, main rank
+    assert trainer.model.training  # back in training mode afterwards
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0] == {"step": 0, "bound": True}  # trainer.log writes through the Trainer's writer
+    validation = [r for r in records if "held_out_accuracy" in r]
+    assert [(r["step"], r["held_out_accuracy"], r["answers"]) for r in validation] == [(2, 0.25, 1), (4, 0.5, 2)]
+    assert all("val_loss" not in r and "loss" not in r and r["tokens"] > 0 for r in validation)  # no val_batches
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_evaluate_merges_into_the_validation_loss_line(tmp_path):
+    from daulat.model import DeepseekV3, ModelConfig
+    from daulat.train.loop import Trainer
+
+    torch.manual_seed(0)
+    model = DeepseekV3(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                   num_hidden_layers=1, num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+                                   qk_rope_head_dim=8, v_head_dim=8, first_k_dense_replace=1))
+    config = TrainConfig(steps=2, batch_size=4, seq_len=16, warmup_steps=0, log_every=1, eval_every=0,
+                         eval_batches=1, device="cpu", optimizer="muon", log_max_logit=True)
+    val = torch.randint(0, 64, (4, 17))
+    trainer = Trainer(model, config, lambda m, batch: m.training_loss(*batch), _BindingSource(64), tmp_path / "run",
+                      val_batches=lambda: [(val[:, :-1], val[:, 1:])], evaluate=lambda m: {"exact_match": 0.5})
+    trainer.fit()
+    trainer.log({"note": "after fit"})  # outside fit() the line is appended too
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "val_loss" in r]
+    assert len(last) == 1 and last[0]["step"] == 2 and last[0]["exact_match"] == 0.5 and last[0]["val_loss"] > 0
+    assert all(r["max_logit"] > 0 for r in records if "loss" in r)  # logged per step when asked
+    assert records[-1] == {"step": 2, "note": "after fit"}
