@@ -671,11 +671,11 @@ def run(args) -> int:
     server = None
 
     def load():
-        from daulat.checkpoint import load_model
+        from daulat.checkpoint import load_checkpoint
         from daulat.infer.engine import Engine
 
         try:
-            model = load_model(checkpoint, device=args.device, dtype=dtype)
+            model = load_checkpoint(checkpoint, device=args.device, dtype=dtype, need_tokenizer=True).model
             engine = Engine(model, tokenizer, max_num_seqs=limits.max_num_seqs, max_model_len=limits.max_model_len,
                             seed=args.seed)
             engine.start()

@@ -514,10 +514,10 @@ class Trainer:
         weights = {k: _full(v) for k, v in self.model.state_dict().items()} if d.distributed else None
         state = self._train_state() if train_state else None
         if d.is_main:
-            from daulat.checkpoint import save_model
+            from daulat.report import save_documented  # the writer, plus the model card from the record
 
             model = self.model if not d.distributed else _plain_model(self.model_config, weights)
-            save_model(model, path, tokenizer=self.tokenizer, info=self.record(), train_state=state)
+            save_documented(model, path, tokenizer=self.tokenizer, info=self.record(), train_state=state)
         d.barrier()
 
     def record(self) -> dict:
