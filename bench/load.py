@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,24 +32,28 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def child(loader: str, path: str) -> dict:
-    """Load `path` with `loader` in this (fresh) process and measure."""
+def child(loader: str, path: str, warmup: str) -> dict:
+    """Load `path` with `loader` in this (fresh) process and measure. A tiny checkpoint of the same
+    architecture is loaded first, so that both loaders' lazy imports (torch._dynamo, which torch.nn.init
+    pulls in; transformers' model modules) are in the baseline rather than in the peak."""
     import torch
 
     if loader == "daulat":
         from daulat.checkpoint import load_model
 
-        def load():
-            return load_model(path, dtype=torch.bfloat16)
+        def load(where):
+            return load_model(where, dtype=torch.bfloat16)
     else:
         import transformers
 
-        def load():
-            return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        def load(where):
+            return transformers.AutoModelForCausalLM.from_pretrained(where, dtype=torch.bfloat16)
+    warmup_model = load(warmup)
+    del warmup_model
     baseline = _rss_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     start = time.perf_counter()
-    model = load()
+    model = load(path)
     seconds = time.perf_counter() - start
     peak = _rss_kb("VmHWM")
     unique = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}  # tied: once
@@ -76,20 +81,23 @@ def make_checkpoints(directory: Path, mb: int, fp8: bool) -> dict[str, Path]:
         config.num_hidden_layers = 3
         per_layer = DeepseekV3(config).num_parameters() - two
     config.num_hidden_layers = max(2, round((mb * 2**20 / 2 - (two - 2 * per_layer)) / per_layer))
-    torch.manual_seed(0)
-    model = DeepseekV3(config).to(torch.bfloat16)
-    out = {"bf16": save_model(model, directory / "bf16")}
-    if fp8:
-        weights, extra = fp8_weights(to_hf_state_dict(model)[0])
-        out["fp8"] = save_model(model, directory / "fp8", weights=weights, extra_config=extra)
+    out = {}
+    for kind, shape in (("warmup", replace(config, num_hidden_layers=2, vocab_size=512)), ("bf16", config)):
+        torch.manual_seed(0)
+        model = DeepseekV3(shape).to(torch.bfloat16)
+        out[kind] = save_model(model, directory / kind)
+        if fp8:  # the same model in DeepSeek's FP8 layout
+            weights, extra = fp8_weights(to_hf_state_dict(model)[0])
+            out[f"{kind}_fp8"] = save_model(model, directory / f"{kind}_fp8", weights=weights, extra_config=extra)
+        del model
     return out
 
 
-def run_child(loader: str, path: Path) -> dict:
+def run_child(loader: str, path: Path, warmup: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    proc = subprocess.run([sys.executable, __file__, "--child", loader, str(path)], capture_output=True, text=True,
-                          env=env)
+    proc = subprocess.run([sys.executable, __file__, "--child", loader, str(path), str(warmup)],
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"loader": loader, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -99,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=512, help="checkpoint size in MB of bf16 (default: %(default)s)")
     parser.add_argument("--fp8", action="store_true", help="also load an FP8 block-scaled checkpoint into bf16")
-    parser.add_argument("--child", nargs=2, metavar=("LOADER", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("LOADER", "PATH", "WARMUP"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
@@ -108,11 +116,14 @@ def main() -> None:
 
     results = {"machine": os.uname().machine, "cpus": os.cpu_count(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind, path in make_checkpoints(Path(tmp), args.mb, args.fp8).items():
+        paths = make_checkpoints(Path(tmp), args.mb, args.fp8)
+        for kind in ("bf16", "fp8") if args.fp8 else ("bf16",):
+            path, warmup = paths["bf16" if kind == "bf16" else "bf16_fp8"], paths[
+                "warmup" if kind == "bf16" else "warmup_fp8"]
             files = sum(f.stat().st_size for f in path.glob("*.safetensors"))
             row = {"checkpoint_mb": round(files / 2**20, 1)}
             for loader in ("daulat", "transformers"):
-                row[loader] = run_child(loader, path)
+                row[loader] = run_child(loader, path, warmup)
                 print(f"{kind:5} {loader:12} {json.dumps(row[loader])}", flush=True)
             results[kind] = row
     ratios = [results[k]["daulat"].get("ratio") for k in ("bf16", "fp8") if k in results]

@@ -411,14 +411,14 @@ def _stream(plan: dict, expected: dict[str, torch.Tensor], quant: BlockFP8 | Non
 
 
 def _read(reader: TensorReader, piece: _Piece, quant: BlockFP8 | None, device, dtype) -> torch.Tensor:
-    tensor = reader.read(piece.entry)
-    if piece.scale is not None:  # FP8: dequantize block by block on the target device
-        scale = reader.read(piece.scale).to(device)
-        tensor = dequantize(tensor.to(device), scale, quant.block, dtype=dtype)
-        check_finite(tensor, piece.entry.name, piece.entry.file)
-        return tensor
+    """One checkpoint tensor in `dtype` on `device`: FP8 dequantized block by block, every value finite."""
+    if piece.scale is None:
+        tensor = reader.read(piece.entry, dtype, device)
+    else:  # the one-byte weight and its scales first, then the product in the working dtype
+        weight, scale = reader.read(piece.entry, device=device), reader.read(piece.scale, device=device)
+        tensor = dequantize(weight, scale, quant.block, dtype=dtype)
     check_finite(tensor, piece.entry.name, piece.entry.file)
-    return tensor.to(device=device, dtype=dtype)
+    return tensor
 
 
 def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> DeepseekV3:

@@ -304,89 +304,12 @@ def write_gguf(model, tokenizer, path, dtype: str = "f32", name: str = "daulat",
         raise DaulatError(f"--out {path} is a directory: give a file name such as model.gguf")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    cos_factor = float(model.rope_attention_factor)
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2])
     try:
-        # -- general
-        writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name)
-        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        # -- shapes
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        # -- MLA: llama.cpp runs it as MQA over the latent: one KV head of c + r (keys) and c (values)
-        writer.add_head_count(config.num_attention_heads)
-        writer.add_head_count_kv(1)
-        writer.add_q_lora_rank(config.q_lora_rank or 0)
-        writer.add_kv_lora_rank(config.kv_lora_rank)
-        writer.add_key_length(config.kv_lora_rank + config.qk_rope_head_dim)
-        writer.add_value_length(config.kv_lora_rank)
-        writer.add_key_length_mla(config.qk_nope_head_dim + config.qk_rope_head_dim)
-        writer.add_value_length_mla(config.v_head_dim)
-        # -- RoPE
-        writer.add_rope_dimension_count(config.qk_rope_head_dim)
-        writer.add_rope_freq_base(config.rope_theta)
-        if config.rope_scaling is None:
-            writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
-        else:
-            yarn = _yarn_keys(config)
-            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-            writer.add_rope_scaling_factor(yarn["factor"])
-            writer.add_rope_scaling_orig_ctx_len(yarn["original_context_length"])
-            if "yarn_log_multiplier" in yarn:
-                writer.add_rope_scaling_yarn_log_mul(yarn["yarn_log_multiplier"])
-            if "attn_factor" in yarn:
-                writer.add_rope_scaling_attn_factors(yarn["attn_factor"])
-        # -- DeepSeekMoE
-        writer.add_leading_dense_block_count(min(config.first_k_dense_replace, config.num_hidden_layers))
-        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
-        if _has_moe(config):
-            writer.add_expert_count(config.n_routed_experts)
-            writer.add_expert_used_count(config.num_experts_per_tok)
-            writer.add_expert_shared_count(max(config.n_shared_experts, 1))  # see gguf_tensors
-            writer.add_expert_weights_scale(config.routed_scaling_factor)
-            writer.add_expert_weights_norm(bool(config.norm_topk_prob))
-            writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-            # llama.cpp requires used < count when count > 1; topk_group == n_group limits nothing
-            limited = config.topk_group < config.n_group
-            writer.add_expert_group_count(config.n_group if limited else 1)
-            writer.add_expert_group_used_count(config.topk_group if limited else 1)
-        else:  # every layer dense
-            writer.add_expert_count(0)
-            writer.add_expert_used_count(0)
-            writer.add_expert_shared_count(0)
-        # -- tokenizer
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(GGUF_PRE_TOKENIZER)
-        writer.add_token_list(vocab["tokens"])
-        writer.add_token_types(vocab["types"])
-        writer.add_token_merges(vocab["merges"])
-        writer.add_bos_token_id(vocab["bos"])
-        writer.add_eos_token_id(vocab["eos"])
-        writer.add_pad_token_id(vocab["pad"])
-        writer.add_add_bos_token(True)
-        writer.add_add_eos_token(False)
-        if chat_template:
-            writer.add_chat_template(chat_template)
-        # -- tensors
-        types: dict[str, int] = {}
-        count = 0
-        for tensor_name, array in gguf_tensors(model):
-            qtype = _tensor_type(tensor_name, array, dtype)
-            try:
-                data = gguf.quants.quantize(array, qtype)
-            except gguf.QuantError:  # rows not a multiple of the block size: llama.cpp's converter uses f16
-                qtype = gguf.GGMLQuantizationType.F16
-                data = gguf.quants.quantize(array, qtype)
-            writer.add_tensor(tensor_name, data, raw_dtype=qtype)
-            types[qtype.name] = types.get(qtype.name, 0) + 1
-            count += 1
+        _gguf_model_keys(writer, gguf, config, dtype, name)
+        _gguf_moe_keys(writer, gguf, config)
+        _gguf_tokenizer_keys(writer, vocab, chat_template)
+        count, types = _gguf_add_tensors(writer, gguf, model, dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
@@ -399,6 +322,98 @@ def write_gguf(model, tokenizer, path, dtype: str = "f32", name: str = "daulat",
         tmp.unlink(missing_ok=True)
         raise
     return {"tensors": count, "bytes": path.stat().st_size, "types": types}
+
+
+def _gguf_model_keys(writer, gguf, config, dtype: str, name: str) -> None:
+    """general.*, the shapes, MLA and RoPE keys of a deepseek2 GGUF."""
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    # -- shapes
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    # -- MLA: llama.cpp runs it as MQA over the latent: one KV head of c + r (keys) and c (values)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(1)
+    writer.add_q_lora_rank(config.q_lora_rank or 0)
+    writer.add_kv_lora_rank(config.kv_lora_rank)
+    writer.add_key_length(config.kv_lora_rank + config.qk_rope_head_dim)
+    writer.add_value_length(config.kv_lora_rank)
+    writer.add_key_length_mla(config.qk_nope_head_dim + config.qk_rope_head_dim)
+    writer.add_value_length_mla(config.v_head_dim)
+    # -- RoPE
+    writer.add_rope_dimension_count(config.qk_rope_head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    if config.rope_scaling is None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+    else:
+        yarn = _yarn_keys(config)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(yarn["factor"])
+        writer.add_rope_scaling_orig_ctx_len(yarn["original_context_length"])
+        if "yarn_log_multiplier" in yarn:
+            writer.add_rope_scaling_yarn_log_mul(yarn["yarn_log_multiplier"])
+        if "attn_factor" in yarn:
+            writer.add_rope_scaling_attn_factors(yarn["attn_factor"])
+
+
+def _gguf_moe_keys(writer, gguf, config) -> None:
+    """The DeepSeekMoE keys (expert counts, gating, group-limited routing)."""
+    writer.add_leading_dense_block_count(min(config.first_k_dense_replace, config.num_hidden_layers))
+    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if _has_moe(config):
+        writer.add_expert_count(config.n_routed_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_shared_count(max(config.n_shared_experts, 1))  # see gguf_tensors
+        writer.add_expert_weights_scale(config.routed_scaling_factor)
+        writer.add_expert_weights_norm(bool(config.norm_topk_prob))
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        # llama.cpp requires used < count when count > 1; topk_group == n_group limits nothing
+        limited = config.topk_group < config.n_group
+        writer.add_expert_group_count(config.n_group if limited else 1)
+        writer.add_expert_group_used_count(config.topk_group if limited else 1)
+    else:  # every layer dense
+        writer.add_expert_count(0)
+        writer.add_expert_used_count(0)
+        writer.add_expert_shared_count(0)
+
+
+def _gguf_tokenizer_keys(writer, vocab: dict, chat_template: str | None) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(GGUF_PRE_TOKENIZER)
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_types(vocab["types"])
+    writer.add_token_merges(vocab["merges"])
+    writer.add_bos_token_id(vocab["bos"])
+    writer.add_eos_token_id(vocab["eos"])
+    writer.add_pad_token_id(vocab["pad"])
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+
+def _gguf_add_tensors(writer, gguf, model, dtype: str) -> tuple[int, dict[str, int]]:
+    """Every tensor in its GGUF type; returns (count, {type name: count})."""
+    types: dict[str, int] = {}
+    count = 0
+    for tensor_name, array in gguf_tensors(model):
+        qtype = _tensor_type(tensor_name, array, dtype)
+        try:
+            data = gguf.quants.quantize(array, qtype)
+        except gguf.QuantError:  # rows not a multiple of the block size: llama.cpp's converter uses f16
+            qtype = gguf.GGMLQuantizationType.F16
+            data = gguf.quants.quantize(array, qtype)
+        writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+        types[qtype.name] = types.get(qtype.name, 0) + 1
+        count += 1
+    return count, types
 
 
 def export_hf(checkpoint, out, dtype: str | None = None) -> Path:

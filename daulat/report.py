@@ -289,10 +289,7 @@ def plot_stages(stages: dict, out_dir) -> list[str]:
                 ax.plot(x, y, style, label=f"{name} {key}")
     if ax.lines:
         ax.set(xlabel="step", ylabel="loss", title="Loss curves")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "loss.png", dpi=110)
-        written.append("loss.png")
+        _save(fig, ax, out_dir / "loss.png", written)
     plt.close(fig)
 
     for name, records in metrics.items():
@@ -305,10 +302,7 @@ def plot_stages(stages: dict, out_dir) -> list[str]:
             ax.plot([s for s, _ in loads], [v[layer] for _, v in loads], label=f"MoE layer {layer}")
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.set(xlabel="step", ylabel="max / mean tokens per expert", title=f"Expert load balance ({name})")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"expert_load_{name}.png", dpi=110)
-        written.append(f"expert_load_{name}.png")
+        _save(fig, ax, out_dir / f"expert_load_{name}.png", written)
         plt.close(fig)
 
     for name, records in metrics.items():
@@ -321,12 +315,16 @@ def plot_stages(stages: dict, out_dir) -> list[str]:
             x, y = _series(records, key)
             ax.plot(x, y, marker="." if len(x) < 40 else None, label=key)
         ax.set(xlabel="step", title=f"{name}: reward and accuracy")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"curves_{name}.png", dpi=110)
-        written.append(f"curves_{name}.png")
+        _save(fig, ax, out_dir / f"curves_{name}.png", written)
         plt.close(fig)
     return written
+
+
+def _save(fig, ax, file, written: list[str]) -> None:
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    written.append(file.name)
 
 
 def _table(rows: list[dict]) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -152,31 +153,53 @@ def check_dtype(entry: Entry, scaled: bool) -> None:
     raise DaulatError(f"{entry.file}: tensor {entry.name!r} has dtype {entry.dtype}: weights must be floating point")
 
 
-class TensorReader:
-    """Reads tensors one at a time. Safetensors maps a file into memory, and mapped pages that were
-    read count in the process's resident memory until the file is closed, so a file is reopened after
-    `budget` bytes: the peak stays at the result plus one tensor, not the result plus the file."""
+ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E8M0": 1}
 
-    def __init__(self, budget: int = 256 * 2**20):
+
+class TensorReader:
+    """Reads tensors one at a time into fresh memory, in slabs of rows.
+
+    Safetensors maps a file into memory, and every mapped page that was read counts in the process's
+    resident memory until the mapping goes. So a tensor is copied out slab by slab (at most `budget`
+    bytes each) and the file is reopened once `budget` bytes were read through one mapping: the file's
+    pages never pile up beside the copies, and the peak stays near the result's own size.
+    """
+
+    def __init__(self, budget: int = 16 * 2**20):
         self.budget = budget
         self._file: Path | None = None
         self._handle = None
         self._read = 0
 
-    def read(self, entry: Entry) -> torch.Tensor:
-        if self._file != entry.file or self._read > self.budget:
+    def read(self, entry: Entry, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
+        """The tensor `entry` in `dtype` (default: as stored) on `device`, owning its memory."""
+        rows = entry.shape[0] if entry.shape else 1
+        row_bytes = max(1, ELEMENT_BYTES.get(entry.dtype, 1) * math.prod(entry.shape[1:]))
+        step = max(1, self.budget // row_bytes)
+        out = None
+        for r0 in range(0, rows, step):
+            handle = self._open(entry.file)
+            try:
+                piece = handle.get_slice(entry.name)[r0:r0 + step] if entry.shape else handle.get_tensor(entry.name)
+            except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+                raise DaulatError(f"{entry.file}: cannot read tensor {entry.name!r} "
+                                  f"({str(e).splitlines()[0]})") from None
+            if out is None:
+                out = torch.empty(entry.shape, dtype=dtype or piece.dtype, device=device)
+            (out[r0:r0 + step] if entry.shape else out).copy_(piece)
+            self._read += piece.numel() * piece.element_size()
+            del piece
+        return out
+
+    def _open(self, file: Path):
+        if self._file != file or self._read > self.budget:
             self.close()
             try:
-                self._handle = safe_open(entry.file, framework="pt").__enter__()
+                self._handle = safe_open(file, framework="pt").__enter__()
             except (SafetensorError, OSError) as e:
-                raise DaulatError(f"{entry.file}: cannot read safetensors ({str(e).splitlines()[0]})") from None
-            self._file = entry.file
-        try:
-            tensor = self._handle.get_tensor(entry.name)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise DaulatError(f"{entry.file}: cannot read tensor {entry.name!r} ({str(e).splitlines()[0]})") from None
-        self._read += tensor.numel() * tensor.element_size()
-        return tensor
+                raise DaulatError(f"{file}: cannot read safetensors ({str(e).splitlines()[0]})") from None
+            self._file = file
+        return self._handle
 
     def close(self) -> None:
         if self._handle is not None:
@@ -194,8 +217,8 @@ def check_finite(tensor: torch.Tensor, name: str, source) -> None:
     """NaN or Inf in a weight is a corrupt or diverged checkpoint: refuse it, naming the tensor.
     Checked in slices so that the boolean mask stays small next to the weights."""
     flat = tensor.reshape(-1)
-    for start in range(0, flat.numel(), 1 << 24):
-        if not torch.isfinite(flat[start:start + (1 << 24)]).all():
+    for start in range(0, flat.numel(), 1 << 20):
+        if not torch.isfinite(flat[start:start + (1 << 20)]).all():
             raise DaulatError(f"{source}: tensor {name!r} holds NaN or Inf values")
 
 

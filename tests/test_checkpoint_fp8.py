@@ -129,6 +129,38 @@ def test_fp8_releases_load_with_the_dequantized_models_logits(case, tmp_path):
     assert bf16.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
 
 
+@pytest.mark.slow
+def test_transformers_fp8_reader_gives_the_same_tensors_and_logits(tmp_path):
+    """transformers (on CPU it dequantizes FP8 at load) against daulat on every tensor of an FP8 export.
+    Every size is a whole number of 128x128 blocks: transformers derives the block from the scale grid
+    (rows // scale rows), which is DeepSeek's semantics only then (for 192 rows in two blocks it uses
+    blocks of 96, not 128 + 64); ragged sizes are checked against DeepSeek's loop above instead."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    aligned = dict(BASE, vocab_size=256, hidden_size=256, intermediate_size=384, moe_intermediate_size=128,
+                   q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=128, v_head_dim=64)
+    torch.manual_seed(0)
+    model = DeepseekV3(ModelConfig(**aligned)).eval()
+    save_model(model, tmp_path / "ckpt")
+    assert main(["export", str(tmp_path / "ckpt"), "--format", "hf", "--dtype", "fp8", "--out",
+                 str(tmp_path / "fp8")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", dtype=torch.float32).eval()
+    ours = load_model(tmp_path / "fp8")
+    theirs = hf.state_dict()
+    mine, _ = to_hf_state_dict(ours)
+    for layer in range(aligned["first_k_dense_replace"], aligned["num_hidden_layers"]):  # theirs: fused experts
+        prefix = f"model.layers.{layer}.mlp"
+        mine[f"{prefix}.experts.gate_up_proj"] = ours.layers[layer].mlp.gate_up_proj.detach()
+        mine[f"{prefix}.experts.down_proj"] = ours.layers[layer].mlp.down_proj.detach()
+    quantized = [k for k in load_file(tmp_path / "fp8" / "model.safetensors") if k.endswith("_scale_inv")]
+    assert len(quantized) >= 15
+    for name, tensor in theirs.items():
+        assert torch.equal(tensor, mine[name]), name
+    ids = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids)).abs().max().item() <= 1e-4
+
+
 # ------------------------------------------------------------------------------ corruption classes
 
 
