@@ -75,22 +75,27 @@ def scale_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...
 
 
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
-               dtype: torch.dtype = torch.float32, rows_per_step: int = 1024) -> torch.Tensor:
+               dtype: torch.dtype = torch.float32, slab_bytes: int = 8 * 2**20) -> torch.Tensor:
     """W = q * s per block, in `dtype`. weight [..., M, N] float8; scale_inv [..., ceil(M/bm), ceil(N/bn)].
 
-    Works through `rows_per_step` rows at a time so that the float32 intermediate stays small next to
-    the result (a streaming load's peak memory is the result plus one slab).
+    Works through slabs of whole block rows (about `slab_bytes` of float32 each), so that the
+    intermediate stays small next to the result: a streaming load's peak is the result plus one slab.
     """
     bm, bn = block
     rows, cols = weight.shape[-2:]
+    lead = math.prod(weight.shape[:-2])
     out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    step = max(bm, rows_per_step // bm * bm)  # whole blocks per slab
-    scale = scale_inv.float()
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        s = scale[..., r0 // bm:(r1 + bm - 1) // bm, :]
-        s = s.repeat_interleave(bm, dim=-2)[..., : r1 - r0, :].repeat_interleave(bn, dim=-1)[..., :cols]
-        out[..., r0:r1, :] = (weight[..., r0:r1, :].float() * s).to(dtype)
+    w, o = weight.reshape(lead, rows, cols), out.view(lead, rows, cols)
+    scale = scale_inv.float().reshape(lead, *scale_inv.shape[-2:])
+    step = max(bm, slab_bytes // (4 * cols) // bm * bm)
+    for i in range(lead):
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            slab = w[i, r0:r1].float()  # [n, N]
+            s = scale[i, r0 // bm:(r1 + bm - 1) // bm].repeat_interleave(bm, dim=0)[: r1 - r0]  # [n, ceil(N/bn)]
+            for c0 in range(0, cols, bn):  # the last column block may be narrower: slicing keeps it ragged
+                slab[:, c0:c0 + bn] *= s[:, c0 // bn, None]
+            o[i, r0:r1].copy_(slab)
     return out
 
 

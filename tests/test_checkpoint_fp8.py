@@ -44,7 +44,7 @@ def test_block_math_matches_deepseeks_semantics_on_ragged_edges(shape, scale_fmt
     assert s.shape == (*shape[:-2], math.ceil(shape[-2] / 128), math.ceil(shape[-1] / 128))
     if scale_fmt == "ue8m0":
         assert torch.equal(s, torch.exp2(torch.log2(s).round()))  # powers of two
-    got = dequantize(q, s, (128, 128), rows_per_step=128)  # several slabs: the slab seam is covered
+    got = dequantize(q, s, (128, 128), slab_bytes=128 * 4 * shape[-1])  # slabs of one block row: seams covered
     flat_q, flat_s = q.reshape(-1, *shape[-2:]), s.reshape(-1, *s.shape[-2:])
     want = torch.stack([_reference_dequant(a, b, (128, 128)) for a, b in zip(flat_q, flat_s)]).reshape(shape)
     assert torch.equal(got, want)
@@ -261,3 +261,50 @@ def test_an_fp8_checkpoint_cannot_become_gguf_fp8(tmp_path, capsys):
     assert main(["export", str(tmp_path / "ckpt"), "--format", "gguf", "--dtype", "fp8", "--out",
                  str(tmp_path / "x.gguf")]) == 2
     assert "fp8 is for --format hf" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ streaming load
+
+
+_MEASURE = """
+import sys, torch
+from pathlib import Path
+from daulat.checkpoint import load_model
+
+def kib(field):
+    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field))
+
+load_model(sys.argv[2], dtype=torch.bfloat16)  # lazy imports (torch._dynamo, pulled in by nn.init) done first
+baseline = kib("VmRSS:")
+Path("/proc/self/clear_refs").write_text("5")  # the peak counter starts again here
+model = load_model(sys.argv[1], dtype=torch.bfloat16)
+size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+print((kib("VmHWM:") - baseline) * 1024 / size)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fp8", [False, True])
+def test_streaming_load_peaks_within_1_2x_of_the_result(tmp_path, fp8):
+    """Tensors are read one at a time into the target dtype: resident memory above the baseline stays
+    within 1.2x of the loaded model's size (bf16 and FP8 checkpoints, loaded into bf16)."""
+    import os
+    import subprocess
+    import sys
+
+    shape = dict(BASE, vocab_size=16384, hidden_size=768, intermediate_size=2048, moe_intermediate_size=256,
+                 num_hidden_layers=6, n_routed_experts=8, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64,
+                 qk_rope_head_dim=64, v_head_dim=64, num_attention_heads=4)
+    for name, layers in (("warm", 2), ("big", 6)):
+        torch.manual_seed(0)
+        model = DeepseekV3(ModelConfig(**{**shape, "num_hidden_layers": layers})).to(torch.bfloat16)
+        weights, extra = fp8_weights(to_hf_state_dict(model)[0]) if fp8 else (None, None)
+        save_model(model, tmp_path / name, weights=weights, extra_config=extra)
+        del model
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / "big"), str(tmp_path / "warm")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ratio = float(proc.stdout.strip().splitlines()[-1])
+    assert ratio <= 1.2, ratio
