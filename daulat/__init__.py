@@ -4,7 +4,8 @@
 
 Public API (imported lazily so that `import daulat` is cheap):
     daulat.ModelConfig, daulat.DeepseekV3      the model (daulat.model)
-    daulat.save_model(model, path, tokenizer)  write a transformers `deepseek_v3` directory atomically
+    daulat.save_model(model, path, tokenizer)  write a transformers `deepseek_v3` directory atomically, with
+                                               its record (daulat.json) and model card (README.md)
     daulat.load_model(path, device="cpu")      read one (daulat's own or transformers' save_pretrained)
     daulat.load_tokenizer(path)                the tokenizer of a checkpoint or tokenizer directory
     daulat.load_checkpoint(path)               (model, tokenizer, info) of a checkpoint in one call
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "ModelConfig": "daulat.model",
     "DeepseekV3": "daulat.model",
-    "save_model": "daulat.checkpoint",
+    "save_model": ("daulat.report", "save_documented"),  # the writer, plus daulat.json and the model card
     "load_model": "daulat.checkpoint",
     "load_tokenizer": "daulat.tokenizer",
     "load_checkpoint": "daulat.checkpoint",
@@ -27,7 +28,8 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module, attr = _LAZY[name] if isinstance(_LAZY[name], tuple) else (_LAZY[name], name)
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'daulat' has no attribute {name!r}")
 
 

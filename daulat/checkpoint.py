@@ -13,26 +13,36 @@ On disk the routed experts have transformers' per-expert names
 (`layers.{i}.mlp.gate_up_proj` [E, 2I, D], `layers.{i}.mlp.down_proj` [E, D, I]). MTP modules sit
 after the main stack as `model.layers.{L + k}` exactly as in DeepSeek-V3's release, but in their own
 file so that transformers and exports never see them.
+
+Reading treats a directory as untrusted input (daulat/weights.py): config.json and the tensor
+headers are checked against each other (names, shapes, dtypes, layer and expert counts) before
+anything is allocated, then tensors are read one at a time, FP8 block-scaled weights dequantized
+(daulat/quant.py), into a model built on the meta device.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from daulat.errors import DaulatError
 from daulat.model import DeepseekV3, ModelConfig, rope_frequencies
+from daulat.quant import SCALE_SUFFIX, BlockFP8, dequantize, parse_quantization, scale_grid
+from daulat.weights import (FP8_DTYPE, INDEX_FILE, MODEL_FILE, SCALE_DTYPES, Entry, TensorReader, check_dtype,
+                            check_finite, checkpoint_dir, disk_error, read_json, read_safetensors, scan)
 
-MODEL_FILE, MTP_FILE, INDEX_FILE = "model.safetensors", "mtp.safetensors", "model.safetensors.index.json"
+MTP_FILE = "mtp.safetensors"
 INFO_FILE, TRAIN_STATE_DIR = "daulat.json", "train_state"
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -78,50 +88,6 @@ def to_hf_state_dict(model: DeepseekV3) -> tuple[dict[str, torch.Tensor], dict[s
     return {k: v.contiguous() for k, v in main.items()}, {k: v.contiguous() for k, v in mtp.items()}
 
 
-def from_hf_state_dict(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:
-    """Map checkpoint keys (per-expert or fused) to daulat's names, stacking experts."""
-    L = config.num_hidden_layers
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        if key.endswith("rotary_emb.inv_freq") or key.endswith("rotary_emb.original_inv_freq"):
-            continue
-        m = _EXPERT.match(key)
-        if m:
-            experts.setdefault((int(m[1]), m[3]), {})[int(m[2])] = tensor
-            continue
-        m = _FUSED.match(key)
-        if m:
-            out[_layer_name(int(m[1]), f"mlp.{m[2]}", L)] = tensor
-            continue
-        m = _LAYER.match(key)
-        if m:
-            out[_layer_name(int(m[1]), m[2], L)] = tensor
-        elif key == "lm_head.weight":
-            out[key] = tensor
-        elif key.startswith("model."):
-            out[key.removeprefix("model.")] = tensor
-        else:
-            raise DaulatError(f"{source}: unexpected tensor {key!r}")
-    for (layer, kind), per_expert in experts.items():
-        n = config.n_routed_experts
-        missing = sorted(set(range(n)) - set(per_expert))
-        if missing:
-            raise DaulatError(f"{source}: missing tensor 'model.layers.{layer}.mlp.experts.{missing[0]}.{kind}.weight'")
-        stacked = torch.stack([per_expert[e] for e in range(n)])
-        if kind == "down_proj":
-            out[_layer_name(layer, "mlp.down_proj", L)] = stacked
-        else:
-            out.setdefault(("gate_up", layer), {})[kind] = stacked
-    for key in [k for k in out if isinstance(k, tuple)]:
-        parts = out.pop(key)
-        if set(parts) != {"gate_proj", "up_proj"}:
-            half = ({"gate_proj", "up_proj"} - set(parts)).pop()
-            raise DaulatError(f"{source}: missing tensor 'model.layers.{key[1]}.mlp.experts.0.{half}.weight'")
-        out[_layer_name(key[1], "mlp.gate_up_proj", L)] = torch.cat([parts["gate_proj"], parts["up_proj"]], dim=1)
-    return out
-
-
 def _layer_name(layer: int, rest: str, num_layers: int) -> str:
     if layer < num_layers:
         return f"layers.{layer}.{rest}"
@@ -157,13 +123,18 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_model(model: DeepseekV3, path, tokenizer=None, info: dict | None = None,
-               train_state: dict | None = None, model_card: str | None = None) -> Path:
+               train_state: dict | None = None, model_card: str | None = None,
+               weights: dict[str, torch.Tensor] | None = None, extra_config: dict | None = None) -> Path:
     """Write `model` as a transformers `deepseek_v3` directory at `path`, atomically.
 
     tokenizer: saved beside the weights when given (anything with `.save(dir)`).
     info: JSON written as daulat.json (stage, config, data manifest, compute...).
     train_state: {"tensors": {name: Tensor}, "meta": JSON} written to train_state/ for exact resume.
-    model_card: Markdown written as README.md (rendered from `info` when not given).
+    model_card: Markdown written as README.md. The caller renders it (daulat.report.save_documented,
+        which `daulat.save_model` and the Trainer use), so that this writer knows nothing of cards.
+    weights, extra_config: the main tensors under checkpoint names and keys added to config.json, when
+        they are not the model's own (an FP8 export: daulat/quant.py).
+    A write that fails (a full disk) is one line, and leaves any previous checkpoint at `path` whole.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,47 +143,52 @@ def save_model(model: DeepseekV3, path, tokenizer=None, info: dict | None = None
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     try:
-        config = model.config
-        main, mtp = to_hf_state_dict(model)
-        main = {k: v.detach().cpu() for k, v in main.items()}
-        save_file(main, tmp / MODEL_FILE, metadata={"format": "pt"})
-        if mtp:
-            save_file({k: v.detach().cpu() for k, v in mtp.items()}, tmp / MTP_FILE, metadata={"format": "pt"})
-        hf_config = config.to_hf_dict()
-        hf_config["dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-        write_json(tmp / "config.json", hf_config)
-        write_json(tmp / "generation_config.json", {"bos_token_id": config.bos_token_id,
-                                                    "eos_token_id": config.eos_token_id,
-                                                    "pad_token_id": config.pad_token_id})
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        if info is not None:
-            write_json(tmp / INFO_FILE, info)
-            if model_card is None:  # every checkpoint documents itself
-                from daulat.report import model_card as render_card
-
-                model_card = render_card(model, info)
-        if model_card is not None:
-            (tmp / "README.md").write_text(model_card, encoding="utf-8")
-        if train_state is not None:
-            (tmp / TRAIN_STATE_DIR).mkdir()
-            tensors = {k: v.detach().cpu().contiguous() for k, v in train_state.get("tensors", {}).items()}
-            save_file(tensors, tmp / TRAIN_STATE_DIR / "state.safetensors")
-            write_json(tmp / TRAIN_STATE_DIR / "state.json", train_state.get("meta", {}))
-        umask = os.umask(0)
-        os.umask(umask)
-        for f in tmp.rglob("*"):  # readable as an ordinary file of this user would be, and durable
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        os.chmod(tmp, 0o777 & ~umask)
-        _fsync_dir(tmp)
+        _write_files(model, tmp, tokenizer, info, train_state, model_card, weights, extra_config)
         _replace_dir(tmp, path)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DaulatError(f"cannot write checkpoint {path}: {disk_error(e)}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _write_files(model, tmp: Path, tokenizer, info, train_state, model_card, weights, extra_config) -> None:
+    """Every file of a checkpoint into the fresh directory `tmp`, each fsynced."""
+    config = model.config
+    main, mtp = to_hf_state_dict(model)
+    main = {k: v.detach().cpu() for k, v in (weights if weights is not None else main).items()}
+    save_file(main, tmp / MODEL_FILE, metadata={"format": "pt"})
+    if mtp:
+        save_file({k: v.detach().cpu() for k, v in mtp.items()}, tmp / MTP_FILE, metadata={"format": "pt"})
+    hf_config = config.to_hf_dict()
+    hf_config["dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    hf_config.update(extra_config or {})
+    write_json(tmp / "config.json", hf_config)
+    write_json(tmp / "generation_config.json", {"bos_token_id": config.bos_token_id,
+                                                "eos_token_id": config.eos_token_id,
+                                                "pad_token_id": config.pad_token_id})
+    if tokenizer is not None:
+        tokenizer.save(tmp)
+    if info is not None:
+        write_json(tmp / INFO_FILE, info)
+    if model_card is not None:
+        (tmp / "README.md").write_text(model_card, encoding="utf-8")
+    if train_state is not None:
+        (tmp / TRAIN_STATE_DIR).mkdir()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in train_state.get("tensors", {}).items()}
+        save_file(tensors, tmp / TRAIN_STATE_DIR / "state.safetensors")
+        write_json(tmp / TRAIN_STATE_DIR / "state.json", train_state.get("meta", {}))
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp.rglob("*"):  # readable as an ordinary file of this user would be, and durable
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+        if f.is_file():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+    os.chmod(tmp, 0o777 & ~umask)
+    _fsync_dir(tmp)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -229,91 +205,246 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Reading
+# Reading: config.json, then the tensor headers, checked against each other, then one tensor at a time
 # ------------------------------------------------------------------------------------------------
 
-
-def read_json(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise DaulatError(f"missing file {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DaulatError(f"{path}: not valid JSON ({e})") from None
+_ROPE_NUMBERS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                 "mscale_all_dim", "attention_factor", "rope_theta")
 
 
 def load_config(path) -> ModelConfig:
-    path = Path(path)
-    if not path.is_dir():
-        raise DaulatError(f"checkpoint {path}: not a directory")
+    """The ModelConfig of a checkpoint directory (config.json checked for structure first)."""
+    path = checkpoint_dir(path)
+    return parse_config(read_json(path / "config.json", expect=dict), path / "config.json")
+
+
+def parse_config(raw: dict, source) -> ModelConfig:
+    """A config.json's ModelConfig; a field of the wrong JSON kind is one line naming it."""
+    for f in fields(ModelConfig):
+        value = raw.get(f.name)
+        if f.name in ("bos_token_id", "eos_token_id") and isinstance(value, list):
+            value = value[0] if value else None  # transformers allows a list of ids
+        if f.name in raw and not _fits(value, f.type if isinstance(f.type, str) else f.type.__name__):
+            raise DaulatError(f"{source}: field {f.name!r} = {_short(raw[f.name])}: expected {f.type}")
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = raw.get(key)
+        if rope is not None and not isinstance(rope, dict):
+            raise DaulatError(f"{source}: field {key!r} must be an object, not {_short(rope)}")
+        for name in _ROPE_NUMBERS:
+            value = (rope or {}).get(name)
+            if value is not None and not _fits(value, "float"):
+                raise DaulatError(f"{source}: field '{key}.{name}' = {_short(value)}: expected a number")
     try:
-        return ModelConfig.from_hf_dict(read_json(path / "config.json"))
+        return ModelConfig.from_hf_dict(raw)
     except (TypeError, ValueError) as e:
-        raise DaulatError(f"{path / 'config.json'}: {e}") from None
+        raise DaulatError(f"{source}: {e}") from None
 
 
-def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one file; a truncated or corrupt file is a DaulatError naming it."""
-    if not file.is_file():
-        raise DaulatError(f"missing file {file}")
-    try:
-        with safe_open(file, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise DaulatError(f"{file}: cannot read safetensors ({str(e).splitlines()[0]})") from None
+def _fits(value, annotation: str) -> bool:
+    """Whether a JSON value is of a dataclass field's annotated kind ("int | None", "float", ...)."""
+    kinds = {k.strip() for k in annotation.split("|")}
+    if value is None:
+        return "None" in kinds
+    if isinstance(value, bool):
+        return "bool" in kinds
+    if isinstance(value, int):
+        return bool(kinds & {"int", "float"})
+    if isinstance(value, float):
+        return "float" in kinds and math.isfinite(value)
+    return any(isinstance(value, kind) for name, kind in (("str", str), ("dict", dict)) if name in kinds)
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if (path / MODEL_FILE).is_file():
-        return read_safetensors(path / MODEL_FILE)
-    if (path / INDEX_FILE).is_file():  # a sharded checkpoint
-        weight_map = read_json(path / INDEX_FILE).get("weight_map", {})
-        tensors = {}
-        for shard in sorted(set(weight_map.values())):
-            tensors.update(read_safetensors(path / shard))
-        return tensors
-    raise DaulatError(f"checkpoint {path}: missing file {MODEL_FILE}")
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Piece(NamedTuple):
+    """A checkpoint tensor and where it goes in a daulat parameter."""
+
+    entry: Entry
+    scale: Entry | None  # its FP8 block scale, if quantized
+    expert: int | None  # index along the stacked expert dimension (None: the whole parameter)
+    half: int | None  # 0: the gate_proj rows of gate_up_proj, 1: the up_proj rows; None: all rows
+
+
+def _target(key: str, num_layers: int) -> tuple[str, int | None, int | None] | None:
+    """(daulat name, expert, half) a checkpoint key fills; None for a name that is not the model's."""
+    m = _EXPERT.match(key)
+    if m:
+        kind = m[3]
+        name = _layer_name(int(m[1]), "mlp.down_proj" if kind == "down_proj" else "mlp.gate_up_proj", num_layers)
+        return name, int(m[2]), {"gate_proj": 0, "up_proj": 1, "down_proj": None}[kind]
+    m = _FUSED.match(key)
+    if m:
+        return _layer_name(int(m[1]), f"mlp.{m[2]}", num_layers), None, None
+    m = _LAYER.match(key)
+    if m:
+        return _layer_name(int(m[1]), m[2], num_layers), None, None
+    if key == "lm_head.weight":
+        return key, None, None
+    if key.startswith("model."):
+        return key.removeprefix("model."), None, None
+    return None
+
+
+def _first_gap(found: set[int]) -> int:
+    """The smallest index not in `found` (without building range(n) for an n a config claims)."""
+    i = 0
+    while i in found:
+        i += 1
+    return i
+
+
+def _check_counts(entries: dict[str, Entry], config: ModelConfig, source: str) -> None:
+    """Layer, MTP and expert counts of config.json against the tensor names, before anything is built:
+    a config that claims 10**6 layers or 10**9 experts fails here, at the cost of reading names.
+    A checkpoint without MTP weights (transformers' save_pretrained drops them) loads without MTP."""
+    L, D, E = config.num_hidden_layers, config.num_nextn_predict_layers, config.n_routed_experts
+    layers, experts = set(), {}
+    for key in entries:
+        m = _LAYER.match(key)
+        if not m:
+            continue
+        layer, e = int(m[1]), _EXPERT.match(key)
+        if layer >= L + D or (e and int(e[2]) >= E):
+            limits = f"num_hidden_layers = {L}, num_nextn_predict_layers = {D}, n_routed_experts = {E}"
+            raise DaulatError(f"{source}: unexpected tensor {key!r} for this config.json ({limits})")
+        layers.add(layer)
+        if e:
+            experts.setdefault((layer, e[3]), set()).add(int(e[2]))
+    if _first_gap(layers) < L:
+        raise DaulatError(f"{source}: missing tensors of layer {_first_gap(layers)} ('model.layers."
+                          f"{_first_gap(layers)}.*'): config.json says num_hidden_layers = {L}")
+    mtp = {layer - L for layer in layers if layer >= L}
+    if not mtp:
+        config.num_nextn_predict_layers = 0
+    elif _first_gap(mtp) < D:
+        raise DaulatError(f"{source}: missing tensors of MTP layer 'model.layers.{L + _first_gap(mtp)}.*': "
+                          f"config.json says num_nextn_predict_layers = {D}")
+    for (layer, kind), found in sorted(experts.items()):
+        if _first_gap(found) < E:
+            raise DaulatError(f"{source}: missing tensor 'model.layers.{layer}.mlp.experts.{_first_gap(found)}."
+                              f"{kind}.weight': config.json says n_routed_experts = {E}")
+
+
+def _plan(entries: dict[str, Entry], config: ModelConfig, quant: BlockFP8 | None, source: str) -> dict:
+    """The checkpoint's tensors grouped by the daulat parameter they fill, FP8 scales paired with weights."""
+    plan: dict[str, list[_Piece]] = {}
+    for key, entry in entries.items():
+        if key.endswith((SCALE_SUFFIX, "rotary_emb.inv_freq", "rotary_emb.original_inv_freq")):
+            continue
+        target = _target(key, config.num_hidden_layers)
+        if target is None:
+            raise DaulatError(f"{source}: unexpected tensor {key!r}")
+        name, expert, half = target
+        if name.startswith("mtp_shared."):
+            continue  # DeepSeek-V3 repeats the shared embedding and head in its MTP layer
+        plan.setdefault(name, []).append(_Piece(entry, _scale_of(entry, entries, quant), expert, half))
+    for key, entry in entries.items():
+        weight = key.removesuffix(SCALE_SUFFIX)
+        if key.endswith(SCALE_SUFFIX) and weight not in entries:
+            raise DaulatError(f"{entry.file}: scale {key!r} has no weight {weight!r}")
+    return plan
+
+
+def _scale_of(entry: Entry, entries: dict[str, Entry], quant: BlockFP8 | None) -> Entry | None:
+    """The block scale of a float8 weight, checked against the weight's shape and the block size."""
+    scale = entries.get(entry.name + SCALE_SUFFIX)
+    check_dtype(entry, scaled=scale is not None and quant is not None)
+    if scale is None:
+        return None
+    if entry.dtype != FP8_DTYPE:
+        raise DaulatError(f"{scale.file}: scale {scale.name!r} belongs to {entry.name!r}, which is "
+                          f"{entry.dtype}, not float8")
+    if scale.dtype not in SCALE_DTYPES:
+        raise DaulatError(f"{scale.file}: scale {scale.name!r} has dtype {scale.dtype}: expected F32 or F8_E8M0")
+    grid = scale_grid(entry.shape, quant.block)
+    if scale.shape != grid:
+        raise DaulatError(f"{scale.file}: scale {scale.name!r} has shape {scale.shape}; weight {entry.shape} in "
+                          f"blocks of {quant.block[0]}x{quant.block[1]} needs {grid}")
+    return scale
+
+
+def _check_shapes(plan: dict, expected: dict[str, torch.Tensor], source: str) -> None:
+    """Every parameter present with the shape config.json implies; nothing left over."""
+    for name, ref in expected.items():
+        pieces = plan.get(name)
+        if not pieces:
+            raise DaulatError(f"{source}: missing tensor {_hf_name(name)!r}")
+        stacked = pieces[0].expert is not None
+        if stacked != all(p.expert is not None for p in pieces):
+            raise DaulatError(f"{source}: {_hf_name(name)!r} is stored both fused and per expert")
+        want = tuple(ref.shape)
+        if stacked:  # per-expert tensors: [I, D] halves of gate_up_proj, [D, I] slices of down_proj
+            halves = 2 if name.endswith("gate_up_proj") else 1
+            want = (want[1] // halves, *want[2:])
+            if len(pieces) != ref.shape[0] * halves:  # counts were checked; a half of an expert is absent
+                raise DaulatError(f"{source}: missing gate_proj or up_proj of an expert for {_hf_name(name)!r}")
+        for piece in pieces:
+            if piece.entry.shape != want:
+                raise DaulatError(f"{source}: tensor {piece.entry.name!r} has shape {piece.entry.shape}, "
+                                  f"config.json implies {want}")
+    extra = sorted(set(plan) - set(expected))
+    if extra:
+        raise DaulatError(f"{source}: unexpected tensor {plan[extra[0]][0].entry.name!r} for this config.json")
+
+
+def _stream(plan: dict, expected: dict[str, torch.Tensor], quant: BlockFP8 | None, device,
+            dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Read every parameter's tensors one at a time, straight into `dtype` on `device`."""
+    state = {}
+    with TensorReader() as reader:
+        for name, ref in expected.items():
+            want = torch.float32 if name.endswith("e_score_correction_bias") else dtype  # selection bias: fp32
+            pieces = plan[name]
+            if pieces[0].expert is None:
+                state[name] = _read(reader, pieces[0], quant, device, want)
+                continue
+            out = torch.empty(ref.shape, dtype=want, device=device)
+            rows = ref.shape[1] // 2
+            for piece in pieces:
+                slot = out[piece.expert] if piece.half is None else out[piece.expert, piece.half * rows:][:rows]
+                slot.copy_(_read(reader, piece, quant, device, want))
+            state[name] = out
+    return state
+
+
+def _read(reader: TensorReader, piece: _Piece, quant: BlockFP8 | None, device, dtype) -> torch.Tensor:
+    """One checkpoint tensor in `dtype` on `device`: FP8 dequantized block by block, every value finite."""
+    if piece.scale is None:
+        tensor = reader.read(piece.entry, dtype, device)
+    else:  # the one-byte weight and its scales first, then the product in the working dtype
+        weight, scale = reader.read(piece.entry, device=device), reader.read(piece.scale, device=device)
+        tensor = dequantize(weight, scale, quant.block, dtype=dtype)
+    check_finite(tensor, piece.entry.name, piece.entry.file)
+    return tensor
 
 
 def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> DeepseekV3:
-    """Load a checkpoint directory written by daulat or by transformers' `save_pretrained`.
+    """Load a checkpoint directory written by daulat or by transformers' `save_pretrained`, or an
+    open-weight release (bf16 or FP8 block-scaled, one file or sharded).
 
-    The model is returned in eval mode, in `dtype` (default float32), on `device`.
+    config.json and the tensor headers are checked against each other before anything is allocated;
+    then the tensors are read one at a time into a model built on the meta device. The model is
+    returned in eval mode, in `dtype` (default float32), on `device`.
     """
-    path = Path(path)
-    config = load_config(path)
-    tensors = _read_weights(path)
-    if (path / MTP_FILE).is_file():
-        tensors.update(read_safetensors(path / MTP_FILE))
-    source = str(path / MODEL_FILE)
-    state = from_hf_state_dict(tensors, config, source)
-    if config.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in state):
-        config.num_nextn_predict_layers = 0  # e.g. transformers' save_pretrained keeps no MTP weights
-    state = {k: v for k, v in state.items() if not k.startswith("mtp_shared.")
-             and not (k.startswith("mtp.") and int(k.split(".")[1]) >= config.num_nextn_predict_layers)}
-
+    path = checkpoint_dir(path)
+    raw = read_json(path / "config.json", expect=dict)
+    config = parse_config(raw, path / "config.json")
+    quant = parse_quantization(raw, path / "config.json")
+    entries = scan(path, also=(MTP_FILE,))
+    source = str(path / (MODEL_FILE if (path / MODEL_FILE).is_file() else INDEX_FILE))
+    _check_counts(entries, config, source)
+    plan = _plan(entries, config, quant, source)
     with torch.device("meta"):
         model = DeepseekV3(config)
     expected = model.state_dict()
     if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+        plan.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)
-    for name, ref in expected.items():
-        if name not in state:
-            raise DaulatError(f"{source}: missing tensor {_hf_name(name, config)!r}")
-        if tuple(state[name].shape) != tuple(ref.shape):
-            raise DaulatError(f"{source}: tensor {_hf_name(name, config)!r} has shape {tuple(state[name].shape)}, "
-                              f"config.json implies {tuple(ref.shape)}")
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise DaulatError(f"{source}: unexpected tensor {extra[0]!r} for this config.json")
-
-    dtype = dtype or torch.float32
-    for name, tensor in state.items():
-        keep_fp32 = name.endswith("e_score_correction_bias")
-        state[name] = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+    _check_shapes(plan, expected, source)
+    state = _stream(plan, expected, quant, device, dtype or torch.float32)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -324,7 +455,7 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> Deepseek
     return model.eval()
 
 
-def _hf_name(name: str, config: ModelConfig) -> str:
+def _hf_name(name: str) -> str:
     """The checkpoint key (first expert for stacked tensors) a daulat parameter is read from."""
     m = re.match(r"^layers\.(\d+)\.mlp\.(gate_up_proj|down_proj)$", name)
     if m:
@@ -338,7 +469,7 @@ def _hf_name(name: str, config: ModelConfig) -> str:
 def load_info(path) -> dict:
     """daulat.json of a checkpoint ({} when the directory was not written by daulat)."""
     file = Path(path) / INFO_FILE
-    return read_json(file) if file.is_file() else {}
+    return read_json(file, expect=dict) if file.is_file() else {}
 
 
 class Checkpoint(NamedTuple):
@@ -350,13 +481,21 @@ class Checkpoint(NamedTuple):
     info: dict
 
 
-def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None) -> Checkpoint:
-    """The one loader every command uses: `model, tokenizer, info = load_checkpoint(path)`."""
+def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None, *,
+                    need_tokenizer: bool = False) -> Checkpoint:
+    """The one loader every command uses: `model, tokenizer, info = load_checkpoint(path)`.
+
+    need_tokenizer: a checkpoint without tokenizer.json is then an error (chat, serve, eval need one),
+    raised before the weights are read.
+    """
     from daulat.tokenizer import load_tokenizer
 
-    path = Path(path)
+    path = checkpoint_dir(path)
+    has_tokenizer = (path / "tokenizer.json").is_file()
+    if need_tokenizer and not has_tokenizer:
+        raise DaulatError(f"checkpoint {path} has no tokenizer.json")
+    tokenizer = load_tokenizer(path) if has_tokenizer else None
     model = load_model(path, device=device, dtype=dtype)
-    tokenizer = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
     return Checkpoint(model, tokenizer, load_info(path))
 
 

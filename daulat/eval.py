@@ -186,16 +186,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from daulat.checkpoint import load_model
-    from daulat.tokenizer import load_tokenizer
+    from daulat.checkpoint import load_checkpoint
 
     if not args.task and not args.text:
         raise DaulatError("nothing to evaluate: give --task NAME and/or --text PATH")
     if args.samples < 0 or args.problems < 1 or args.max_tokens < 1 or args.seq_len < 1:
         raise DaulatError("--samples must be >= 0; --problems, --max-tokens and --seq-len >= 1")
     task = load_task(args.task) if args.task else None
-    tokenizer = load_tokenizer(args.checkpoint)
-    model = load_model(args.checkpoint, device=args.device)
+    model, tokenizer, _ = load_checkpoint(args.checkpoint, device=args.device, need_tokenizer=True)
     if args.samples:
         from daulat.infer import SamplingParams
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from daulat.errors import DaulatError
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
-HF_DTYPES = ("f32", "f16", "bf16")
+HF_DTYPES = ("f32", "f16", "bf16", "fp8")
 GGUF_PRE_TOKENIZER = "smollm"  # llama.cpp's name for: split off each digit, then GPT-2's byte-level regex
 # llama.cpp's deepseek2 loader takes these layer counts for DeepSeek-V2-Lite-like models and then never
 # reads q_lora_rank (src/models/deepseek2.cpp, `is_lite`)
@@ -304,89 +304,12 @@ def write_gguf(model, tokenizer, path, dtype: str = "f32", name: str = "daulat",
         raise DaulatError(f"--out {path} is a directory: give a file name such as model.gguf")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    cos_factor = float(model.rope_attention_factor)
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2])
     try:
-        # -- general
-        writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name)
-        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        # -- shapes
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        # -- MLA: llama.cpp runs it as MQA over the latent: one KV head of c + r (keys) and c (values)
-        writer.add_head_count(config.num_attention_heads)
-        writer.add_head_count_kv(1)
-        writer.add_q_lora_rank(config.q_lora_rank or 0)
-        writer.add_kv_lora_rank(config.kv_lora_rank)
-        writer.add_key_length(config.kv_lora_rank + config.qk_rope_head_dim)
-        writer.add_value_length(config.kv_lora_rank)
-        writer.add_key_length_mla(config.qk_nope_head_dim + config.qk_rope_head_dim)
-        writer.add_value_length_mla(config.v_head_dim)
-        # -- RoPE
-        writer.add_rope_dimension_count(config.qk_rope_head_dim)
-        writer.add_rope_freq_base(config.rope_theta)
-        if config.rope_scaling is None:
-            writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
-        else:
-            yarn = _yarn_keys(config)
-            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-            writer.add_rope_scaling_factor(yarn["factor"])
-            writer.add_rope_scaling_orig_ctx_len(yarn["original_context_length"])
-            if "yarn_log_multiplier" in yarn:
-                writer.add_rope_scaling_yarn_log_mul(yarn["yarn_log_multiplier"])
-            if "attn_factor" in yarn:
-                writer.add_rope_scaling_attn_factors(yarn["attn_factor"])
-        # -- DeepSeekMoE
-        writer.add_leading_dense_block_count(min(config.first_k_dense_replace, config.num_hidden_layers))
-        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
-        if _has_moe(config):
-            writer.add_expert_count(config.n_routed_experts)
-            writer.add_expert_used_count(config.num_experts_per_tok)
-            writer.add_expert_shared_count(max(config.n_shared_experts, 1))  # see gguf_tensors
-            writer.add_expert_weights_scale(config.routed_scaling_factor)
-            writer.add_expert_weights_norm(bool(config.norm_topk_prob))
-            writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-            # llama.cpp requires used < count when count > 1; topk_group == n_group limits nothing
-            limited = config.topk_group < config.n_group
-            writer.add_expert_group_count(config.n_group if limited else 1)
-            writer.add_expert_group_used_count(config.topk_group if limited else 1)
-        else:  # every layer dense
-            writer.add_expert_count(0)
-            writer.add_expert_used_count(0)
-            writer.add_expert_shared_count(0)
-        # -- tokenizer
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(GGUF_PRE_TOKENIZER)
-        writer.add_token_list(vocab["tokens"])
-        writer.add_token_types(vocab["types"])
-        writer.add_token_merges(vocab["merges"])
-        writer.add_bos_token_id(vocab["bos"])
-        writer.add_eos_token_id(vocab["eos"])
-        writer.add_pad_token_id(vocab["pad"])
-        writer.add_add_bos_token(True)
-        writer.add_add_eos_token(False)
-        if chat_template:
-            writer.add_chat_template(chat_template)
-        # -- tensors
-        types: dict[str, int] = {}
-        count = 0
-        for tensor_name, array in gguf_tensors(model):
-            qtype = _tensor_type(tensor_name, array, dtype)
-            try:
-                data = gguf.quants.quantize(array, qtype)
-            except gguf.QuantError:  # rows not a multiple of the block size: llama.cpp's converter uses f16
-                qtype = gguf.GGMLQuantizationType.F16
-                data = gguf.quants.quantize(array, qtype)
-            writer.add_tensor(tensor_name, data, raw_dtype=qtype)
-            types[qtype.name] = types.get(qtype.name, 0) + 1
-            count += 1
+        _gguf_model_keys(writer, gguf, config, dtype, name)
+        _gguf_moe_keys(writer, gguf, config)
+        _gguf_tokenizer_keys(writer, vocab, chat_template)
+        count, types = _gguf_add_tensors(writer, gguf, model, dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
@@ -401,19 +324,115 @@ def write_gguf(model, tokenizer, path, dtype: str = "f32", name: str = "daulat",
     return {"tensors": count, "bytes": path.stat().st_size, "types": types}
 
 
+def _gguf_model_keys(writer, gguf, config, dtype: str, name: str) -> None:
+    """general.*, the shapes, MLA and RoPE keys of a deepseek2 GGUF."""
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    # -- shapes
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    # -- MLA: llama.cpp runs it as MQA over the latent: one KV head of c + r (keys) and c (values)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(1)
+    writer.add_q_lora_rank(config.q_lora_rank or 0)
+    writer.add_kv_lora_rank(config.kv_lora_rank)
+    writer.add_key_length(config.kv_lora_rank + config.qk_rope_head_dim)
+    writer.add_value_length(config.kv_lora_rank)
+    writer.add_key_length_mla(config.qk_nope_head_dim + config.qk_rope_head_dim)
+    writer.add_value_length_mla(config.v_head_dim)
+    # -- RoPE
+    writer.add_rope_dimension_count(config.qk_rope_head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    if config.rope_scaling is None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+    else:
+        yarn = _yarn_keys(config)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(yarn["factor"])
+        writer.add_rope_scaling_orig_ctx_len(yarn["original_context_length"])
+        if "yarn_log_multiplier" in yarn:
+            writer.add_rope_scaling_yarn_log_mul(yarn["yarn_log_multiplier"])
+        if "attn_factor" in yarn:
+            writer.add_rope_scaling_attn_factors(yarn["attn_factor"])
+
+
+def _gguf_moe_keys(writer, gguf, config) -> None:
+    """The DeepSeekMoE keys (expert counts, gating, group-limited routing)."""
+    writer.add_leading_dense_block_count(min(config.first_k_dense_replace, config.num_hidden_layers))
+    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if _has_moe(config):
+        writer.add_expert_count(config.n_routed_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_shared_count(max(config.n_shared_experts, 1))  # see gguf_tensors
+        writer.add_expert_weights_scale(config.routed_scaling_factor)
+        writer.add_expert_weights_norm(bool(config.norm_topk_prob))
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        # llama.cpp requires used < count when count > 1; topk_group == n_group limits nothing
+        limited = config.topk_group < config.n_group
+        writer.add_expert_group_count(config.n_group if limited else 1)
+        writer.add_expert_group_used_count(config.topk_group if limited else 1)
+    else:  # every layer dense
+        writer.add_expert_count(0)
+        writer.add_expert_used_count(0)
+        writer.add_expert_shared_count(0)
+
+
+def _gguf_tokenizer_keys(writer, vocab: dict, chat_template: str | None) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(GGUF_PRE_TOKENIZER)
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_types(vocab["types"])
+    writer.add_token_merges(vocab["merges"])
+    writer.add_bos_token_id(vocab["bos"])
+    writer.add_eos_token_id(vocab["eos"])
+    writer.add_pad_token_id(vocab["pad"])
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+
+def _gguf_add_tensors(writer, gguf, model, dtype: str) -> tuple[int, dict[str, int]]:
+    """Every tensor in its GGUF type; returns (count, {type name: count})."""
+    types: dict[str, int] = {}
+    count = 0
+    for tensor_name, array in gguf_tensors(model):
+        qtype = _tensor_type(tensor_name, array, dtype)
+        try:
+            data = gguf.quants.quantize(array, qtype)
+        except gguf.QuantError:  # rows not a multiple of the block size: llama.cpp's converter uses f16
+            qtype = gguf.GGMLQuantizationType.F16
+            data = gguf.quants.quantize(array, qtype)
+        writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+        types[qtype.name] = types.get(qtype.name, 0) + 1
+        count += 1
+    return count, types
+
+
 def export_hf(checkpoint, out, dtype: str | None = None) -> Path:
     """Write a clean transformers directory: weights, config, tokenizer, model card and daulat.json;
-    no train_state/ and no MTP weights."""
+    no train_state/ and no MTP weights. dtype "fp8" writes DeepSeek's official FP8 layout (float8_e4m3fn
+    linear weights with a float32 `weight_scale_inv` per 128x128 block, the rest in bf16), which
+    transformers, vLLM and `daulat load_model` read; any checkpoint daulat reads, FP8 included, can be
+    written dequantized (f32, f16, bf16)."""
     import torch
 
-    from daulat.checkpoint import load_info, load_model, save_model
+    from daulat.checkpoint import load_checkpoint, to_hf_state_dict
+    from daulat.report import save_documented
 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.resolve() == checkpoint.resolve():
         raise DaulatError(f"--out {out} is the checkpoint itself: export to another directory")
     if dtype is not None and dtype not in HF_DTYPES:
         raise DaulatError(f"--format hf takes --dtype {'|'.join(HF_DTYPES)}, not {dtype!r} (q8_0 is a GGUF type)")
-    model = load_model(checkpoint)
+    model, tokenizer, info = load_checkpoint(checkpoint)
     dropped = []
     if len(model.mtp):
         dropped.append(f"{len(model.mtp)} MTP module(s)")
@@ -422,29 +441,65 @@ def export_hf(checkpoint, out, dtype: str | None = None) -> Path:
     if (checkpoint / "train_state").is_dir():
         dropped.append("train_state/")
     dtype = dtype or _stored_dtype(checkpoint)
-    torch_dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    model.to(torch_dtype)
+    weights, extra_config = None, None
+    if dtype == "fp8":  # quantized from the float32 weights, before the rest is cast to bf16
+        weights, extra_config = fp8_weights(to_hf_state_dict(model)[0])
+    model.to({"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}[dtype])
     for moe in model.moe_layers():  # selection bias: tiny steps of gamma, kept in float32 as DeepSeek ships it
         moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias.float()
-    tokenizer = _tokenizer_or_none(checkpoint)
-    info = dict(load_info(checkpoint))
+    info = dict(info)
     info["export"] = {"format": "hf", "dtype": dtype, "source": checkpoint.name, "dropped": dropped}
     card = checkpoint / "README.md"
-    save_model(model, out, tokenizer=tokenizer, info=info,
-               model_card=card.read_text(encoding="utf-8") if card.is_file() else None)
+    save_documented(model, out, tokenizer=tokenizer, info=info, weights=weights, extra_config=extra_config,
+                    card=card.read_text(encoding="utf-8") if card.is_file() else None)
     return out
 
 
+FP8_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+               "gate_proj", "up_proj", "down_proj")  # as in DeepSeek-V3's release; router, norms, embeddings stay
+
+
+def fp8_weights(tensors: dict, spec=None) -> tuple[dict, dict]:
+    """(checkpoint tensors with the linear weights block-quantized to FP8, the config.json keys saying so).
+    spec: a daulat.quant.BlockFP8 (default: 128x128 blocks, float32 scales, as DeepSeek-V3 ships)."""
+    import torch
+
+    from daulat.quant import SCALE_SUFFIX, BlockFP8, quantize
+
+    spec = spec or BlockFP8()
+    out = {}
+    for name, tensor in tensors.items():
+        if name.endswith(".weight") and name.split(".")[-2] in FP8_LINEARS:
+            out[name], out[name + SCALE_SUFFIX] = quantize(tensor, spec.block, spec.scale_fmt)
+        else:
+            out[name] = tensor.float() if name.endswith("e_score_correction_bias") else tensor.to(torch.bfloat16)
+    return out, {"quantization_config": spec.to_hf_dict(), "dtype": "bfloat16"}
+
+
+def vllm_fit(config) -> str:
+    """Whether vLLM's MLA kernels take this checkpoint's shapes (kv_lora_rank + qk_rope_head_dim is the
+    latent head size they are compiled for: 320, 512 or 576 on GPU, only 576 in the CPU build)."""
+    latent = config.kv_lora_rank + config.qk_rope_head_dim
+    if latent == 576:
+        return f"fits vLLM's MLA kernels on GPU and CPU (kv_lora_rank + qk_rope_head_dim = {latent})"
+    if latent in (320, 512):
+        return (f"fits vLLM's MLA kernels on GPU only (kv_lora_rank + qk_rope_head_dim = {latent}; "
+                "its CPU build takes only 576)")
+    return (f"does not fit vLLM's MLA kernels (kv_lora_rank + qk_rope_head_dim = {latent}; vLLM takes 320, 512 "
+            "or 576 on GPU, 576 on CPU): use transformers, llama.cpp (GGUF) or `daulat serve`")
+
+
 def export_gguf(checkpoint, out, dtype: str | None = None) -> dict:
-    from daulat.checkpoint import load_config, load_model
+    from daulat.checkpoint import load_checkpoint, load_config
 
     checkpoint = Path(checkpoint)
     check_llama_cpp(load_config(checkpoint))  # before reading any weights
-    tokenizer = _tokenizer_or_none(checkpoint)
-    if tokenizer is None:
+    if dtype == "fp8":
+        raise DaulatError("--dtype fp8 is for --format hf; GGUF takes " + ", ".join(GGUF_DTYPES))
+    if not (checkpoint / "tokenizer.json").is_file():
         raise DaulatError(f"checkpoint {checkpoint} has no tokenizer.json: a GGUF file carries its tokenizer")
-    model = load_model(checkpoint)
-    return write_gguf(model, tokenizer, out, dtype or _stored_dtype(checkpoint), name=_model_name(checkpoint),
+    model, tokenizer, _ = load_checkpoint(checkpoint)
+    return write_gguf(model, tokenizer, out, dtype or _stored_dtype(checkpoint, "bf16"), name=_model_name(checkpoint),
                       chat_template=_chat_template(checkpoint))
 
 
@@ -456,17 +511,14 @@ def _model_name(checkpoint: Path) -> str:
     return path.name
 
 
-def _tokenizer_or_none(checkpoint: Path):
-    from daulat.tokenizer import load_tokenizer
-
-    return load_tokenizer(checkpoint) if (checkpoint / "tokenizer.json").is_file() else None
-
-
-def _stored_dtype(checkpoint: Path) -> str:
-    """The checkpoint's own precision (config.json "dtype"): f32 for what daulat trains."""
+def _stored_dtype(checkpoint: Path, quantized: str = "fp8") -> str:
+    """The checkpoint's own precision (config.json "dtype"): f32 for what daulat trains; `quantized` for an
+    FP8 checkpoint (bf16 where the target format has no FP8)."""
     from daulat.checkpoint import read_json
 
-    config = read_json(checkpoint / "config.json")
+    config = read_json(checkpoint / "config.json", expect=dict)
+    if config.get("quantization_config"):
+        return quantized
     stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     return {"float16": "f16", "bfloat16": "bf16"}.get(stored, "f32")
 
@@ -481,18 +533,22 @@ def add_arguments(parser) -> None:
                         help="checkpoint directory (daulat's or transformers' deepseek_v3)")
     parser.add_argument("--format", required=True, choices=["gguf", "hf"],
                         help="gguf: one file for llama.cpp and the tools built on it; hf: a transformers directory")
-    parser.add_argument("--dtype", choices=GGUF_DTYPES,
-                        help="weight precision (default: the checkpoint's own, f32 for daulat's); q8_0 is GGUF only; "
-                             "norms, biases and the router stay f32")
+    parser.add_argument("--dtype", choices=tuple(dict.fromkeys(GGUF_DTYPES + HF_DTYPES)),
+                        help="weight precision (default: the checkpoint's own, f32 for daulat's); q8_0 is GGUF only, "
+                             "fp8 (DeepSeek's 128x128 block-scaled layout) hf only; norms, biases and the router "
+                             "stay f32")
     parser.add_argument("--out", required=True, help="the .gguf file (gguf) or directory (hf) to write")
 
 
 def run(args) -> int:
     start = time.time()
     if args.format == "hf":
+        from daulat.checkpoint import load_config
+
         out = export_hf(args.checkpoint, args.out, args.dtype)
         print(f"wrote {out}: transformers deepseek_v3 directory ({args.dtype or _stored_dtype(Path(args.checkpoint))}, "
               f"no train_state/ or MTP weights) in {time.time() - start:.1f}s")
+        print(f"vLLM: {vllm_fit(load_config(out))}")
         return 0
     stats = export_gguf(args.checkpoint, args.out, args.dtype)
     types = ", ".join(f"{n} {t}" for t, n in sorted(stats["types"].items()))

@@ -13,6 +13,7 @@ def add_arguments(p):
 
 def describe(model) -> dict:
     """The facts `inspect` prints, as a dict."""
+    from daulat.export import vllm_fit
     from daulat.model import kv_cache_bytes_per_token
 
     c = model.config
@@ -39,6 +40,7 @@ def describe(model) -> dict:
         "parameters_active_per_token": model.num_parameters(active=True),
         "kv_cache_bytes_per_token_bf16": {"mla_latent": kv["mla"], "full_per_head_kv": kv["mha"],
                                           "saving": round(kv["saving"], 4)},
+        "vllm": vllm_fit(c),
     }
 
 
@@ -52,7 +54,7 @@ def _human(n: int) -> str:
 def run(args) -> int:
     import torch
 
-    from daulat.checkpoint import load_model
+    from daulat.checkpoint import load_checkpoint
     from daulat.errors import DaulatError
     from daulat.model import DeepseekV3
 
@@ -66,7 +68,7 @@ def run(args) -> int:
             model = DeepseekV3(load_config({"model": ModelConfig}, preset=args.preset)["model"])
         source = f"preset {args.preset}"
     else:
-        model = load_model(args.path)
+        model = load_checkpoint(args.path).model
         source = args.path
     facts = describe(model)
     if args.json:
@@ -87,4 +89,5 @@ def run(args) -> int:
           f"{_human(facts['parameters_active_per_token'])} active per token")
     print(f"  KV cache per token  {kv['mla_latent']:,} bytes (MLA latent, bf16) vs {kv['full_per_head_kv']:,} bytes"
           f" for full per-head K/V: {kv['saving']:.1%} less")
+    print(f"  vLLM                {facts['vllm']}")
     return 0

@@ -163,6 +163,10 @@ class ModelConfig:
         d["rope_parameters"] = rope
         d.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
                  qk_head_dim=self.qk_head_dim, head_dim=self.qk_rope_head_dim, dtype="float32")
+        # the official DeepSeek-V3 config's router and layout keys, which vLLM reads to build the model
+        d.update(topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1, ep_size=1,
+                 aux_loss_alpha=self.seq_aux_loss_alpha, seq_aux=True, attention_dropout=0.0,
+                 pretraining_tp=1, use_cache=True)
         return d
 
     @classmethod
@@ -170,6 +174,9 @@ class ModelConfig:
         """Read a config.json written by daulat or transformers (current or legacy rope keys)."""
         if d.get("model_type", "deepseek_v3") not in ("deepseek_v3", "kimi_k2"):
             raise ValueError(f"config field 'model_type' = {d.get('model_type')!r}: expected 'deepseek_v3'")
+        for key, ours in (("topk_method", "noaux_tc"), ("scoring_func", "sigmoid"), ("moe_layer_freq", 1)):
+            if d.get(key, ours) != ours:  # DeepSeek-V2's greedy/softmax routing is another model
+                raise ValueError(f"config field {key!r} = {d[key]!r}: only {ours!r} (DeepSeek-V3) is supported")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         rope = d.get("rope_parameters") or {}

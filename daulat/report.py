@@ -156,6 +156,37 @@ def model_card(model, info: dict) -> str:
     return "\n".join(front + lines)
 
 
+def save_documented(model, path, tokenizer=None, info: dict | None = None, train_state: dict | None = None,
+                    card: str | None = None, **kwargs):
+    """Save a checkpoint that documents itself: daulat.json and the model card rendered from it.
+
+    This is `daulat.save_model`, and what the Trainer calls with its stage record (daulat/provenance.py).
+    Without a record, a minimal one says when, where and what was saved, so that even a model saved by
+    hand from Python has a card with a "How it was made" section. card: a card to keep instead (an
+    export carries its source's). Other keywords go to daulat.checkpoint.save_model.
+    """
+    from daulat.checkpoint import save_model
+
+    record = dict(info) if info else {"stage": "save_model",
+                                      "method": "saved from Python with daulat.save_model; no training record given"}
+    record.setdefault("created", _now())
+    if "environment" not in record:
+        from daulat.provenance import environment
+
+        record["environment"] = environment()
+    record.setdefault("architecture", {"model_type": "deepseek_v3", "parameters_total": model.num_parameters(),
+                                       "parameters_active": model.num_parameters(active=True),
+                                       "config": model.config.to_hf_dict()})
+    return save_model(model, path, tokenizer=tokenizer, info=record, train_state=train_state,
+                      model_card=card or model_card(model, record), **kwargs)
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -166,10 +197,9 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from daulat.checkpoint import load_info, load_model
+    from daulat.checkpoint import load_checkpoint
 
-    model = load_model(args.path)
-    info = load_info(args.path)
+    model, _, info = load_checkpoint(args.path)
     if args.json:
         print(json.dumps(annex_xi(model, info), default=str))
     else:
@@ -259,10 +289,7 @@ def plot_stages(stages: dict, out_dir) -> list[str]:
                 ax.plot(x, y, style, label=f"{name} {key}")
     if ax.lines:
         ax.set(xlabel="step", ylabel="loss", title="Loss curves")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "loss.png", dpi=110)
-        written.append("loss.png")
+        _save(fig, ax, out_dir / "loss.png", written)
     plt.close(fig)
 
     for name, records in metrics.items():
@@ -275,10 +302,7 @@ def plot_stages(stages: dict, out_dir) -> list[str]:
             ax.plot([s for s, _ in loads], [v[layer] for _, v in loads], label=f"MoE layer {layer}")
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         ax.set(xlabel="step", ylabel="max / mean tokens per expert", title=f"Expert load balance ({name})")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"expert_load_{name}.png", dpi=110)
-        written.append(f"expert_load_{name}.png")
+        _save(fig, ax, out_dir / f"expert_load_{name}.png", written)
         plt.close(fig)
 
     for name, records in metrics.items():
@@ -291,12 +315,16 @@ def plot_stages(stages: dict, out_dir) -> list[str]:
             x, y = _series(records, key)
             ax.plot(x, y, marker="." if len(x) < 40 else None, label=key)
         ax.set(xlabel="step", title=f"{name}: reward and accuracy")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"curves_{name}.png", dpi=110)
-        written.append(f"curves_{name}.png")
+        _save(fig, ax, out_dir / f"curves_{name}.png", written)
         plt.close(fig)
     return written
+
+
+def _save(fig, ax, file, written: list[str]) -> None:
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    written.append(file.name)
 
 
 def _table(rows: list[dict]) -> list[str]:

@@ -1,6 +1,12 @@
 """Model cards: every Annex XI field filled from daulat.json, history carried across stages."""
 
-from daulat.checkpoint import load_info, save_model
+import ast
+import json
+from pathlib import Path
+
+import daulat
+from daulat import save_model  # the public writer: daulat.json and the model card come with the weights
+from daulat.checkpoint import load_info
 from daulat.cli import main
 from daulat.model import DeepseekV3, ModelConfig
 from daulat.provenance import energy_estimate, stage_info, training_flops
@@ -49,3 +55,32 @@ def test_card_fills_every_annex_xi_field_and_keeps_history(tmp_path, capsys):
 def test_missing_fields_are_reported():
     card = annex_xi(_model(), {})
     assert "compute_flops" in missing_fields(card) and "training_time_s" in missing_fields(card)
+
+
+def test_a_model_saved_through_the_public_api_documents_itself(tmp_path, capsys):
+    from daulat.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["selamat pagi, dunia. 1 + 2 = 3"] * 20, 300)
+    daulat.save_model(_model(), tmp_path / "mine", tokenizer=tokenizer)  # as the README's example does
+    info = json.loads((tmp_path / "mine" / "daulat.json").read_text())
+    assert info["created"] and info["environment"]["torch"] and info["environment"]["python"]
+    assert info["architecture"]["model_type"] == "deepseek_v3"
+    assert info["architecture"]["parameters_total"] == _model().num_parameters()
+    assert (tmp_path / "mine" / "README.md").read_text().startswith("---\nlicense:")
+    assert main(["card", str(tmp_path / "mine")]) == 0
+    card = capsys.readouterr().out
+    made = card.split("## How it was made", 1)[1].strip().splitlines()[0]
+    assert made.startswith("- **save_model**: saved from Python"), made
+    assert annex_xi(_model(), info)["release"]["date"] == info["created"]
+
+
+def test_the_checkpoint_writer_does_not_import_the_card_renderer():
+    """checkpoint <-> report was an import cycle: the caller of save_model renders the card now."""
+    source = (Path(daulat.__file__).parent / "checkpoint.py").read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+    assert "daulat.report" not in imported and "daulat" not in imported

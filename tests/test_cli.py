@@ -40,7 +40,7 @@ def test_init_then_inspect_prints_counts_and_cache(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["inspect", "/no/such/dir"], "not a directory"),
+    (["inspect", "/no/such/dir"], "does not exist"),
     (["init", "--preset", "nope", "--out", "x"], "unknown preset"),
     (["init", "--out", "x", "model.n_group=3"], "n_group"),
     (["init", "--out", "x", "model.nonsense=1"], "unknown key model.nonsense"),

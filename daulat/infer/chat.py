@@ -76,20 +76,18 @@ class Chat:
 def run(args) -> int:
     import torch
 
-    from daulat.checkpoint import load_config, load_model
+    from daulat.checkpoint import load_checkpoint
     from daulat.errors import DaulatError
     from daulat.infer.engine import Engine, SamplingParams
-    from daulat.tokenizer import load_tokenizer
 
-    load_config(args.checkpoint)  # a bad directory fails here, in one line, before the weights load
-    tokenizer = load_tokenizer(args.checkpoint)
     if args.threads is not None:
         if args.threads < 1:
             raise DaulatError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed)
-    model = load_model(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    model, tokenizer, _ = load_checkpoint(args.checkpoint, device=args.device, need_tokenizer=True,
+                                          dtype=getattr(torch, args.dtype) if args.dtype else None)
     chat = Chat(Engine(model, tokenizer, max_num_seqs=1), params, args.system)
 
     if args.prompt is not None:

@@ -444,10 +444,10 @@ def run(args) -> int:
     server = None
 
     def build():
-        from daulat.checkpoint import load_model
+        from daulat.checkpoint import load_checkpoint
         from daulat.infer.engine import Engine
 
-        model = load_model(checkpoint, device=args.device, dtype=dtype)
+        model = load_checkpoint(checkpoint, device=args.device, dtype=dtype, need_tokenizer=True).model
         return Engine(model, tokenizer, max_num_seqs=limits.max_num_seqs, max_model_len=limits.max_model_len,
                       seed=args.seed)
 

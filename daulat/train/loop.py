@@ -283,10 +283,10 @@ class Trainer:
                     "last_loss": self.last_loss, "last_val_loss": self.last_val_loss}
         captured = state.capture(self.model, self.optimizer, self.batches, d, progress, asdict(self.config)) if train_state else None
         if d.is_main:
-            from daulat.checkpoint import save_model
+            from daulat.report import save_documented  # the writer, plus the model card from the record
 
             model = self.model if not d.distributed else plain_model(self.model_config, weights)
-            save_model(model, path, tokenizer=self.tokenizer, info=self.record(), train_state=captured)
+            save_documented(model, path, tokenizer=self.tokenizer, info=self.record(), train_state=captured)
         d.barrier()
 
     def record(self) -> dict:

@@ -76,11 +76,10 @@ class Engine:
     @classmethod
     def from_checkpoint(cls, path, device="cpu", dtype: torch.dtype | None = None, **kwargs) -> "Engine":
         """Load a checkpoint directory (weights and tokenizer) into an engine."""
-        from daulat.checkpoint import load_model
-        from daulat.tokenizer import load_tokenizer
+        from daulat.checkpoint import load_checkpoint
 
-        tokenizer = load_tokenizer(path)
-        return cls(load_model(path, device=device, dtype=dtype), tokenizer, **kwargs)
+        model, tokenizer, _ = load_checkpoint(path, device=device, dtype=dtype, need_tokenizer=True)
+        return cls(model, tokenizer, **kwargs)
 
     # -- requests --------------------------------------------------------------------------------
 

@@ -1,0 +1,120 @@
+"""FP8 block-scaled weights, as DeepSeek-V3/R1 and Kimi-K2 publish them.
+
+A quantized linear weight W [M, N] is stored as `q` (float8_e4m3fn, [M, N]) plus `weight_scale_inv`
+s (float32, [ceil(M/bm), ceil(N/bn)]) for blocks of bm x bn (`weight_block_size`, 128 x 128 in every
+release), and
+
+    W[i, j] = q[i, j] * s[i // bm, j // bn]
+
+(DeepSeek-V3's `inference/kernel.py: weight_dequant`). Edge blocks may be ragged: DeepSeek-V3's
+`kv_a_proj_with_mqa` has 576 rows, 4.5 blocks, and its last scale row covers 64 rows. Scales are either
+any float32 (`scale_fmt` absent) or powers of two (`scale_fmt: "ue8m0"`, DeepSeek-V3.2), stored as
+float32 or as torch's float8_e8m0fnu. Embeddings, lm_head, the router, norms and the correction bias
+stay in high precision; that is the checkpoint's business, not this module's: a tensor is dequantized
+exactly when it is stored in float8 and has a scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from daulat.errors import DaulatError
+
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+SCALE_SUFFIX = "_scale_inv"  # "x.weight" -> "x.weight_scale_inv"
+SUPPORTED = "quant_method 'fp8' with fmt 'e4m3' and a 2-number weight_block_size (DeepSeek-V3/R1, Kimi-K2)"
+
+
+@dataclass(frozen=True)
+class BlockFP8:
+    """A checkpoint's `quantization_config` for block-scaled FP8."""
+
+    block: tuple[int, int] = (128, 128)
+    scale_fmt: str | None = None  # None: float32 scales; "ue8m0": powers of two
+
+    def to_hf_dict(self) -> dict:
+        d = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+             "weight_block_size": list(self.block)}
+        if self.scale_fmt:
+            d["scale_fmt"] = self.scale_fmt
+        return d
+
+
+def parse_quantization(config: dict, source: str) -> BlockFP8 | None:
+    """The `quantization_config` of a config.json, or None for an unquantized checkpoint."""
+    q = config.get("quantization_config")
+    if q is None:
+        return None
+    if not isinstance(q, dict):
+        raise DaulatError(f"{source}: quantization_config must be a JSON object, not {type(q).__name__}")
+    method, fmt = q.get("quant_method"), q.get("fmt", "e4m3")
+    if method != "fp8":
+        raise DaulatError(f"{source}: quantization_config quant_method {method!r} is not supported; "
+                          f"daulat reads {SUPPORTED}")
+    if fmt != "e4m3":
+        raise DaulatError(f"{source}: quantization_config fmt {fmt!r} is not supported; daulat reads {SUPPORTED}")
+    block = q.get("weight_block_size")
+    if (not isinstance(block, list) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise DaulatError(f"{source}: quantization_config weight_block_size {block!r}: expected two positive "
+                          "integers such as [128, 128] (per-tensor FP8 is not supported)")
+    scale_fmt = q.get("scale_fmt")
+    if scale_fmt not in (None, "ue8m0"):
+        raise DaulatError(f"{source}: quantization_config scale_fmt {scale_fmt!r} is not supported "
+                          "(float32 scales, or 'ue8m0' powers of two)")
+    return BlockFP8(block=(block[0], block[1]), scale_fmt=scale_fmt)
+
+
+def scale_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    """The scale tensor's shape for a weight of `shape` ([..., M, N]): ragged edge blocks round up."""
+    *lead, rows, cols = shape
+    return (*lead, math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+
+
+def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+               dtype: torch.dtype = torch.float32, slab_bytes: int = 8 * 2**20) -> torch.Tensor:
+    """W = q * s per block, in `dtype`. weight [..., M, N] float8; scale_inv [..., ceil(M/bm), ceil(N/bn)].
+
+    Works through slabs of whole block rows (about `slab_bytes` of float32 each), so that the
+    intermediate stays small next to the result: a streaming load's peak is the result plus one slab.
+    """
+    bm, bn = block
+    rows, cols = weight.shape[-2:]
+    lead = math.prod(weight.shape[:-2])
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    w, o = weight.reshape(lead, rows, cols), out.view(lead, rows, cols)
+    scale = scale_inv.float().reshape(lead, *scale_inv.shape[-2:])
+    step = max(bm, slab_bytes // (4 * cols) // bm * bm)
+    for i in range(lead):
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            slab = w[i, r0:r1].float()  # [n, N]
+            s = scale[i, r0 // bm:(r1 + bm - 1) // bm].repeat_interleave(bm, dim=0)[: r1 - r0]  # [n, ceil(N/bn)]
+            for c0 in range(0, cols, bn):  # the last column block may be narrower: slicing keeps it ragged
+                slab[:, c0:c0 + bn] *= s[:, c0 // bn, None]
+            o[i, r0:r1].copy_(slab)
+    return out
+
+
+def quantize(weight: torch.Tensor, block: tuple[int, int] = (128, 128),
+             scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q float8_e4m3fn [..., M, N], scale_inv float32 [..., ceil(M/bm), ceil(N/bn)]) of a weight.
+
+    Each block's scale maps its largest magnitude to FP8_MAX (DeepSeek's `weight_quant`); with
+    scale_fmt "ue8m0" the scale is rounded up to a power of two, so no value overflows.
+    """
+    bm, bn = block
+    *lead, rows, cols = weight.shape
+    pad_r, pad_c = -rows % bm, -cols % bn
+    w = torch.nn.functional.pad(weight.float(), (0, pad_c, 0, pad_r))
+    blocks = w.reshape(*lead, (rows + pad_r) // bm, bm, (cols + pad_c) // bn, bn)
+    amax = blocks.abs().amax(dim=(-3, -1)).clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    if scale_fmt == "ue8m0":
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    q = (blocks / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
+    q = q.reshape(w.shape)[..., :rows, :cols].to(torch.float8_e4m3fn)
+    return q.contiguous(), scale.float().contiguous()
