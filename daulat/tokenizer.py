@@ -42,8 +42,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from daulat.errors import DaulatError
 
@@ -52,6 +53,7 @@ ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = {role: f"<|{role}|>" for role in ROLES}
 SPECIAL_TOKENS = [BOS, EOS, PAD, *ROLE_TOKENS.values()]  # ids 0..5, in this order
 DEFAULT_MAX_LENGTH = 2048
+TRAINING_PIECE_CHARS = 1024  # see _training_pieces
 
 # Jinja for transformers (and servers that read it). Token strings are literals rather than `bos_token`
 # variables so that every renderer gives the same text; no whitespace is emitted outside the messages.
@@ -240,8 +242,23 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen in the data or not
         show_progress=show_progress,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator(_training_pieces(texts), trainer=trainer)
     return Tokenizer(tokenizer, model_max_length)
+
+
+_LONG_RUN = re.compile(r"\S{%d}" % TRAINING_PIECE_CHARS)
+
+
+def _training_pieces(texts: Iterable[str]) -> Iterator[str]:
+    """The documents, except that one holding a run of TRAINING_PIECE_CHARS characters without whitespace
+    (base64, minified code, a 16 MB line of one letter) is given in pieces of that size: the BPE trainer's
+    time grows much faster than linearly with the length of one pre-token (minutes for a 16 MB one), and no
+    merge that long is ever useful. Ordinary text is given as it is."""
+    for text in texts:
+        if len(text) >= TRAINING_PIECE_CHARS and _LONG_RUN.search(text):
+            yield from (text[i : i + TRAINING_PIECE_CHARS] for i in range(0, len(text), TRAINING_PIECE_CHARS))
+        else:
+            yield text
 
 
 # ---------------------------------------------------------------------------------------------- CLI

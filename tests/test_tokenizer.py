@@ -217,3 +217,15 @@ def test_command_trains_and_reports_errors(tmp_path, capsys):
     assert "1 files, 1 documents" in capsys.readouterr().out
     with pytest.raises(DaulatError, match="data path not found"):
         run_command(["--data", str(tmp_path / "missing"), "--out", str(out)])
+
+
+def test_a_document_without_whitespace_trains_quickly():
+    """A run of millions of characters with no space (one pre-token) used to keep the BPE trainer busy for
+    minutes; it is now given in pieces, and ordinary words still train as before."""
+    import time
+
+    start = time.time()
+    tokenizer = train_tokenizer(["z" * (4 << 20), "ordinary words " * 50], vocab_size=300)
+    assert time.time() - start < 30
+    assert tokenizer.decode(tokenizer.encode("ordinary words")) == "ordinary words"
+    assert len(tokenizer.encode("z" * 64)) < 64  # merges of z were learned from the pieces
