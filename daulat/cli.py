@@ -24,6 +24,7 @@ from daulat.errors import FORESEEN, describe
 # name -> (module, one-line help). The order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
     "speedrun": ("daulat.speedrun", "run the whole pipeline: tokenizer, pretrain, SFT, GRPO, distill, eval, report"),
+    "corpus": ("daulat.data.pipeline", "turn documents (PDF, Office, HTML, e-mail, code...) into clean, deduplicated JSONL"),
     "tokenizer": ("daulat.tokenizer", "train a byte-level BPE tokenizer on your files"),
     "pretrain": ("daulat.train.pretrain", "pretrain an MLA + MoE model on your files"),
     "sft": ("daulat.train.sft", "supervised fine-tuning on conversations or a built-in task"),

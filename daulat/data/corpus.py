@@ -87,7 +87,7 @@ class ReadLimits:
                 raise DaulatError(f"data {name} must be a positive number of bytes, got {value!r}")
 
 
-class _Skip(Exception):
+class Skipped(Exception):
     """A file (or folder) is skipped; args[0] is the reason counted in the manifest."""
 
 
@@ -150,25 +150,27 @@ def _inside(target: str, root: str) -> bool:
 
 
 def _entry_kind(entry: os.DirEntry, real_root: str, follow_links: bool) -> str:
-    """'dir' or 'file' for a folder entry, else raises _Skip with the reason it is not read."""
+    """'dir' or 'file' for a folder entry, else raises Skipped with the reason it is not read."""
     try:
         if entry.is_symlink():
             if not os.path.exists(entry.path):
-                raise _Skip("broken_symlink")
+                raise Skipped("broken_symlink")
             if not follow_links and not _inside(os.path.realpath(entry.path), real_root):
-                raise _Skip("symlink_outside_root")
+                raise Skipped("symlink_outside_root")
         mode = entry.stat(follow_symlinks=True).st_mode
     except OSError:
-        raise _Skip("unreadable") from None
+        raise Skipped("unreadable") from None
     if stat.S_ISDIR(mode):
         return "dir"
     if not stat.S_ISREG(mode):
-        raise _Skip("not_regular_file")  # FIFO, socket, device: reading could block or never end
+        raise Skipped("not_regular_file")  # FIFO, socket, device: reading could block or never end
     return "file"
 
 
-def walk_folder(root: Path, follow_links: bool, skipped: Counter) -> list[tuple[tuple[str, ...], Path]]:
+def walk_folder(root: Path, follow_links: bool, skipped: Counter, accept=None) -> list[tuple[tuple[str, ...], Path]]:
     """(relative parts, path) of the corpus files under `root`, sorted; everything else counted in `skipped`.
+
+    accept(name) -> bool says which file names are read (default: the FORMATS of this module).
 
     Iterative (a folder 100,000 levels deep is fine) and each real folder is entered once (link loops end).
     """
@@ -195,12 +197,12 @@ def walk_folder(root: Path, follow_links: bool, skipped: Counter) -> list[tuple[
                 continue
             try:
                 kind = _entry_kind(entry, real_root, follow_links)
-            except _Skip as e:
+            except Skipped as e:
                 skipped[e.args[0]] += 1
                 continue
             if kind == "dir":
                 folders.append((parts + (entry.name,), entry.path))
-            elif _format(Path(entry.name)) is None:
+            elif not (accept(entry.name) if accept else _format(Path(entry.name)) is not None):
                 skipped["unsupported"] += 1
             else:
                 found.append((parts + (entry.name,), Path(entry.path)))
@@ -240,7 +242,7 @@ class Corpus:
                 continue
             try:
                 _check_named_file(root, self.limits)
-            except _Skip as e:
+            except Skipped as e:
                 log.info("skipping %s: %s", source.path, e.args[0])
                 self.listing_skipped[e.args[0]] += 1
                 continue
@@ -271,8 +273,8 @@ class Corpus:
             try:
                 size, sha256 = scan_file(path, kind, self.limits)
                 if sha256 in seen:
-                    raise _Skip("duplicate")
-            except _Skip as e:
+                    raise Skipped("duplicate")
+            except Skipped as e:
                 skipped[e.args[0]] += 1
                 log.info("skipping %s: %s", path, e.args[0])
                 continue
@@ -282,7 +284,7 @@ class Corpus:
                                                 self.limits, skipped_records):
                     count += 1
                     yield document
-            except _Skip as e:  # found only now (the file changed since its scan, or Parquet's own checks)
+            except Skipped as e:  # found only now (the file changed since its scan, or Parquet's own checks)
                 if not count:
                     skipped[e.args[0]] += 1
                     continue
@@ -326,7 +328,7 @@ def iter_documents(sources, text_field: str = "text", limits: ReadLimits | None 
 
 
 def open_regular(path: Path):
-    """A binary file object for `path`, which must be a regular file; raises _Skip otherwise.
+    """A binary file object for `path`, which must be a regular file; raises Skipped otherwise.
 
     O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer, and the type is checked
     on the opened descriptor, so a file swapped for a FIFO or a device after listing is caught too.
@@ -334,10 +336,10 @@ def open_regular(path: Path):
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except OSError:
-        raise _Skip("unreadable") from None
+        raise Skipped("unreadable") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise _Skip("not_regular_file")
+        raise Skipped("not_regular_file")
     return os.fdopen(fd, "rb")
 
 
@@ -349,9 +351,9 @@ def _check_named_file(path: Path, limits: ReadLimits) -> None:
         try:
             head = (gzip.GzipFile(fileobj=raw) if _gzipped(path) else raw).read(64 << 10)
         except (OSError, EOFError, zlib.error):
-            raise _Skip("corrupt") from None
+            raise Skipped("corrupt") from None
     if kind != "parquet" and b"\x00" in head:
-        raise _Skip("binary")
+        raise Skipped("binary")
 
 
 def _gzipped(path: Path) -> bool:
@@ -365,7 +367,7 @@ def _chunks(stream) -> Iterator[bytes]:
 
 def scan_file(path: Path, kind: str, limits: ReadLimits) -> tuple[int, str]:
     """(bytes on disk, sha256 of them) after one streamed pass that checks the caps and, for text formats,
-    that the content is UTF-8 without NUL bytes; raises _Skip with the first problem found. Memory stays
+    that the content is UTF-8 without NUL bytes; raises Skipped with the first problem found. Memory stays
     at a few blocks whatever the file or its compression ratio."""
     hasher, size = hashlib.sha256(), 0
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -379,27 +381,27 @@ def scan_file(path: Path, kind: str, limits: ReadLimits) -> tuple[int, str]:
 
     with open_regular(path) as raw:
         if os.fstat(raw.fileno()).st_size > limits.max_file_bytes:
-            raise _Skip("file_too_large")
+            raise Skipped("file_too_large")
         total = 0
         try:
-            for data in (_inflated(blocks(raw)) if _gzipped(path) else blocks(raw)):
+            for data in (inflated(blocks(raw)) if _gzipped(path) else blocks(raw)):
                 total += len(data)
                 if total > limits.max_file_bytes:
-                    raise _Skip("file_too_large")
+                    raise Skipped("file_too_large")
                 if kind == "text" and total > limits.max_document_bytes:
-                    raise _Skip("document_too_large")
+                    raise Skipped("document_too_large")
                 if kind != "parquet":
                     _check_text_block(data, decoder)
             if kind != "parquet":
                 decoder.decode(b"", final=True)
         except UnicodeDecodeError:
-            raise _Skip("not_utf8") from None
+            raise Skipped("not_utf8") from None
     return size, hasher.hexdigest()
 
 
-def _inflated(blocks: Iterator[bytes]) -> Iterator[bytes]:
+def inflated(blocks: Iterator[bytes]) -> Iterator[bytes]:
     """The decompressed content of gzip data given as blocks, at most _BLOCK bytes at a time, members
-    concatenated as gzip does; raises _Skip("corrupt") on bad or truncated data."""
+    concatenated as gzip does; raises Skipped("corrupt") on bad or truncated data."""
     inflate, in_member = zlib.decompressobj(wbits=31), False
     try:
         for pending in blocks:
@@ -414,14 +416,14 @@ def _inflated(blocks: Iterator[bytes]) -> Iterator[bytes]:
                 else:
                     pending = inflate.unconsumed_tail
     except zlib.error:
-        raise _Skip("corrupt") from None
+        raise Skipped("corrupt") from None
     if in_member:
-        raise _Skip("corrupt")  # truncated
+        raise Skipped("corrupt")  # truncated
 
 
 def _check_text_block(data: bytes, decoder) -> None:
     if b"\x00" in data:  # text never holds NUL; images, archives, UTF-16 and executables do
-        raise _Skip("binary")
+        raise Skipped("binary")
     decoder.decode(data)
 
 
@@ -443,7 +445,7 @@ def _read_documents(path: Path, kind: str, field: str, limits: ReadLimits, skipp
                 return
             yield from _texts(_jsonl_values(content, field, limits, skipped_records), limits, skipped_records)
         except (OSError, EOFError, zlib.error, UnicodeDecodeError):
-            raise _Skip("corrupt") from None  # the file changed since it was scanned
+            raise Skipped("corrupt") from None  # the file changed since it was scanned
 
 
 def _jsonl_values(content, field: str, limits: ReadLimits, skipped_records: Counter) -> Iterator:
@@ -486,10 +488,10 @@ def _parquet_documents(path: Path, field: str, limits: ReadLimits, skipped_recor
         try:
             table = pyarrow.parquet.ParquetFile(source)
             if field not in table.schema_arrow.names:
-                raise _Skip("no_text_field")
+                raise Skipped("no_text_field")
             values = [v for batch in table.iter_batches(columns=[field]) for v in batch.column(0).to_pylist()]
         except (pyarrow.ArrowException, OSError, EOFError, zlib.error):
-            raise _Skip("corrupt") from None
+            raise Skipped("corrupt") from None
     yield from _texts(values, limits, skipped_records)
 
 
