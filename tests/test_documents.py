@@ -219,3 +219,17 @@ def test_languages_filter_and_pretraining_reads_the_output(folder, tmp_path, cap
     from daulat.data.corpus import Corpus
 
     assert list(Corpus(out)) == [INDONESIAN]
+
+
+def test_damaged_files_are_skipped_with_their_reason_and_dry_run_writes_nothing(tmp_path, capsys):
+    root = tmp_path / "mixed"
+    root.mkdir()
+    write_docx(root / "good.docx", SENTENCES["docx"])
+    (root / "broken.docx").write_bytes((root / "good.docx").read_bytes()[:300])  # a truncated zip container
+    (root / "broken.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    assert main(["corpus", str(root), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped mixed/broken.docx: extractor_failed (docx)" in out and "skipped mixed/broken.zip: corrupt" in out
+    assert sorted(p.name for p in root.iterdir()) == ["broken.docx", "broken.zip", "good.docx"]
+    assert main(["corpus", str(root)]) == 2  # --out is required without --dry-run
+    assert "--out" in capsys.readouterr().err
