@@ -53,7 +53,11 @@ def assert_one_line(code, lines, *words):
 def test_pretrain_on_a_pdf_is_refused_before_creating_the_output(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "file.pdf").write_bytes(b"%PDF-1.7\n%\xb5\xb5\xb5\xb5\n1 0 obj\n<</Type/Catalog>>\nendobj\n\x00\x00xref")
-    assert_one_line(*in_process(capsys, "pretrain", "--data", "file.pdf", "--out", "runs/pt"), "file.pdf", "binary")
+    # not a PDF at all (a PDF header, then junk): the extractor fails, and that is known before anything is made
+    assert_one_line(*in_process(capsys, "pretrain", "--data", "file.pdf", "--out", "runs/pt"), "file.pdf",
+                    "no readable corpus files", "extractor_failed (pdf)")
+    (tmp_path / "blob.bin").write_bytes(b"\x7fELF\x02\x01\x01\x00" * 100)
+    assert_one_line(*in_process(capsys, "pretrain", "--data", "blob.bin", "--out", "runs/pt"), "blob.bin", "1 binary")
     assert not (tmp_path / "runs").exists()
 
 

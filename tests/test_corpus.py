@@ -326,6 +326,29 @@ def test_a_file_removed_after_listing_is_skipped(tmp_path):
 
 
 def test_named_binary_file_is_refused_before_anything_runs(tmp_path):
-    (tmp_path / "report.pdf").write_bytes(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Length 3 >>\nstream\n\x00\x01\x02")
+    (tmp_path / "program").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(100))
     with pytest.raises(DaulatError, match="no readable corpus files.*1 binary"):
+        Corpus([tmp_path / "program"])
+    (tmp_path / "report.pdf").write_bytes(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Length 3 >>\nstream\n\x00\x01\x02")
+    with pytest.raises(DaulatError, match=r"no readable corpus files.*1 extractor_failed \(pdf\)"):
         Corpus([tmp_path / "report.pdf"])
+
+
+def test_pretraining_reads_documents_too(tmp_path):
+    """Office and HTML files in a data folder are read through daulat.data.documents, as `daulat corpus`
+    reads them; an HTML file named explicitly is read as HTML, not as markup text."""
+    import docx
+
+    root = tmp_path / "data"
+    root.mkdir()
+    document = docx.Document()
+    document.add_paragraph("The board approved the new travel policy on Monday.")
+    document.save(root / "minutes.docx")
+    (root / "page.html").write_text("<html><head><script>var x = 'SCRIPT';</script></head><body><nav>MENU</nav>"
+                                    "<p>The cafeteria reopens next week with a new menu for everyone.</p></body></html>")
+    corpus = Corpus(root)
+    docs = list(corpus)
+    assert docs[0] == "The board approved the new travel policy on Monday."
+    assert "cafeteria reopens" in docs[1] and "SCRIPT" not in docs[1] and "MENU" not in docs[1]
+    assert [f["format"] for f in corpus.manifest["files"]] == ["docx", "html"]
+    assert "<p>" not in list(Corpus([root / "page.html"]))[0]

@@ -52,7 +52,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Iterable, Iterator
 
+from daulat.data.documents import document_format, extract_file
+from daulat.data.reading import BLOCK, ReadLimits, Skipped, chunks, inflated, open_regular
 from daulat.errors import DaulatError
+
+__all__ = ["Corpus", "ReadLimits", "Skipped", "Source", "iter_documents", "parse_source", "published_name", "walk_folder"]
 
 log = logging.getLogger("daulat.data")
 
@@ -61,34 +65,7 @@ log = logging.getLogger("daulat.data")
 FORMATS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
 SOURCE_OPTIONS = ("licence", "text_field")
 _OPTIONS_RE = re.compile(r"^\w+=[^,]*(,\w+=[^,]*)*$")
-_BLOCK = 1 << 20  # bytes read at a time
 _BOM = codecs.BOM_UTF8
-
-
-@dataclass(frozen=True)
-class ReadLimits:
-    """Caps on what one file may cost. Defaults fit real corpora (a long book is a few MB; web JSONL
-    shards are a few GB) and stop decompression bombs and single-line files long before memory runs out.
-
-    max_file_bytes: bytes read from one file, counted after decompression (a larger file: file_too_large).
-    max_document_bytes: bytes of one document: a whole text file, one JSONL line, one Parquet value
-        (larger: document_too_large). It also bounds what the tokenizer trainer sees in one piece.
-    follow_links: follow symbolic links whose target lies outside the source's root folder.
-    """
-
-    max_file_bytes: int = 4 << 30
-    max_document_bytes: int = 16 << 20
-    follow_links: bool = False
-
-    def __post_init__(self):
-        for name in ("max_file_bytes", "max_document_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DaulatError(f"data {name} must be a positive number of bytes, got {value!r}")
-
-
-class Skipped(Exception):
-    """A file (or folder) is skipped; args[0] is the reason counted in the manifest."""
 
 
 @dataclass(frozen=True)
@@ -139,10 +116,14 @@ def published_name(path: str) -> str:
 
 
 def _format(path: Path) -> str | None:
-    """'text', 'jsonl', 'parquet' or None (not a corpus file), looking through a .gz suffix."""
+    """'text', 'jsonl', 'parquet', 'document' (PDF, Office, HTML... through daulat.data.documents) or None
+    (not a corpus file), looking through a .gz suffix."""
     name = path.name.lower()
     name = name[:-3] if name.endswith(".gz") else name
-    return FORMATS.get(os.path.splitext(name)[1])
+    kind = FORMATS.get(os.path.splitext(name)[1])
+    if kind is None and document_format(path.name) not in (None, "text", "code"):
+        return "document"
+    return kind
 
 
 def _inside(target: str, root: str) -> bool:
@@ -294,7 +275,8 @@ class Corpus:
                 continue
             seen.add(sha256)
             files.append({"source": index, "path": relative, "bytes": size, "sha256": sha256,
-                          "licence": source.licence, "format": kind, "documents": count})
+                          "licence": source.licence, "documents": count,
+                          "format": document_format(path.name) if kind == "document" else kind})
             self.manifest["documents"] += count
             self.manifest["bytes"] += size
         # Plain dicts from here on, so that the manifest is JSON-able as it is.
@@ -327,26 +309,13 @@ def iter_documents(sources, text_field: str = "text", limits: ReadLimits | None 
 # ------------------------------------------------------------------------------------- reading files
 
 
-def open_regular(path: Path):
-    """A binary file object for `path`, which must be a regular file; raises Skipped otherwise.
-
-    O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer, and the type is checked
-    on the opened descriptor, so a file swapped for a FIFO or a device after listing is caught too.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except OSError:
-        raise Skipped("unreadable") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise Skipped("not_regular_file")
-    return os.fdopen(fd, "rb")
-
-
 def _check_named_file(path: Path, limits: ReadLimits) -> None:
     """A file named as a source must be regular, and its first block must look like text (or be Parquet),
     so that `--data report.pdf` is refused before a run creates anything."""
     kind = _format(path) or "text"
+    if kind == "document":  # a binary container: the one way to know it holds text is to extract it
+        next(iter(extract_file(path, limits)))
+        return
     with open_regular(path) as raw:
         try:
             head = (gzip.GzipFile(fileobj=raw) if _gzipped(path) else raw).read(64 << 10)
@@ -360,11 +329,6 @@ def _gzipped(path: Path) -> bool:
     return path.name.lower().endswith(".gz")
 
 
-def _chunks(stream) -> Iterator[bytes]:
-    while block := stream.read(_BLOCK):
-        yield block
-
-
 def scan_file(path: Path, kind: str, limits: ReadLimits) -> tuple[int, str]:
     """(bytes on disk, sha256 of them) after one streamed pass that checks the caps and, for text formats,
     that the content is UTF-8 without NUL bytes; raises Skipped with the first problem found. Memory stays
@@ -374,7 +338,7 @@ def scan_file(path: Path, kind: str, limits: ReadLimits) -> tuple[int, str]:
 
     def blocks(raw) -> Iterator[bytes]:
         nonlocal size
-        for block in _chunks(raw):
+        for block in chunks(raw):
             hasher.update(block)
             size += len(block)
             yield block
@@ -384,41 +348,20 @@ def scan_file(path: Path, kind: str, limits: ReadLimits) -> tuple[int, str]:
             raise Skipped("file_too_large")
         total = 0
         try:
+            text_format = kind not in ("parquet", "document")
             for data in (inflated(blocks(raw)) if _gzipped(path) else blocks(raw)):
                 total += len(data)
                 if total > limits.max_file_bytes:
                     raise Skipped("file_too_large")
                 if kind == "text" and total > limits.max_document_bytes:
                     raise Skipped("document_too_large")
-                if kind != "parquet":
+                if text_format:
                     _check_text_block(data, decoder)
-            if kind != "parquet":
+            if text_format:
                 decoder.decode(b"", final=True)
         except UnicodeDecodeError:
             raise Skipped("not_utf8") from None
     return size, hasher.hexdigest()
-
-
-def inflated(blocks: Iterator[bytes]) -> Iterator[bytes]:
-    """The decompressed content of gzip data given as blocks, at most _BLOCK bytes at a time, members
-    concatenated as gzip does; raises Skipped("corrupt") on bad or truncated data."""
-    inflate, in_member = zlib.decompressobj(wbits=31), False
-    try:
-        for pending in blocks:
-            while pending:
-                in_member = True
-                data = inflate.decompress(pending, _BLOCK)
-                if data:
-                    yield data
-                if inflate.eof:  # another member may follow
-                    pending = inflate.unused_data
-                    inflate, in_member = zlib.decompressobj(wbits=31), False
-                else:
-                    pending = inflate.unconsumed_tail
-    except zlib.error:
-        raise Skipped("corrupt") from None
-    if in_member:
-        raise Skipped("corrupt")  # truncated
 
 
 def _check_text_block(data: bytes, decoder) -> None:
@@ -435,6 +378,10 @@ def _read_documents(path: Path, kind: str, field: str, limits: ReadLimits, skipp
     """The documents of a file that `scan_file` accepted. Record-level problems are counted, not fatal."""
     if kind == "parquet":
         yield from _parquet_documents(path, field, limits, skipped_records)
+        return
+    if kind == "document":
+        for _, _, text in extract_file(path, limits):
+            yield from _texts([text], limits, skipped_records)
         return
     with open_regular(path) as raw, _open_content(path, raw) as content:
         try:
@@ -455,7 +402,7 @@ def _jsonl_values(content, field: str, limits: ReadLimits, skipped_records: Coun
     while line := content.readline(limits.max_document_bytes + 1):
         if len(line) > limits.max_document_bytes:
             while line and not line.endswith(b"\n"):  # drop the rest of the over-long line unread into memory
-                line = content.readline(_BLOCK)
+                line = content.readline(BLOCK)
             skipped_records["document_too_large"] += 1
             continue
         if first and line.startswith(_BOM):
@@ -481,7 +428,7 @@ def _parquet_documents(path: Path, field: str, limits: ReadLimits, skipped_recor
         source = raw
         if _gzipped(path):
             with gzip.GzipFile(fileobj=raw) as content:
-                for block in _chunks(content):
+                for block in chunks(content):
                     inflated.write(block)
             inflated.seek(0)
             source = inflated

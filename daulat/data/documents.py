@@ -20,13 +20,14 @@ import email.policy
 import io
 import mailbox
 import os
+import re
 import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterator
 
-from daulat.data.corpus import ReadLimits, Skipped, inflated, open_regular
+from daulat.data.reading import ReadLimits, Skipped, inflated, open_regular
 
 CODE_SUFFIXES = (".py .js .ts .tsx .jsx .java .c .h .cc .cpp .hpp .cs .go .rs .rb .php .swift .kt .scala .sh .bash "
                  ".sql .r .m .lua .pl .yaml .yml .toml .ini .cfg .xml .json .css .scss .tex .rst .org").split()
@@ -199,19 +200,29 @@ def _odf(data: bytes) -> list[str]:
     return ["\n".join(teletype.extractText(e) for e in elements)]
 
 
+_XML_DECLARATION = re.compile(r"^\s*<\?xml[^>]*\?>")
+
+
 def html_main_text(html: str) -> str:
-    """The main content of an HTML page, without navigation, scripts, styles, headers and footers
-    (trafilatura; for a page too small for its heuristics, the body with those elements removed)."""
+    """The main content of an HTML page, without navigation, scripts, styles, headers and footers.
+
+    Those elements are removed first (lxml), so that they cannot come back on a page too small for
+    trafilatura's boilerplate heuristics; trafilatura then keeps the main content (its text, or for a
+    page it finds nothing in, the cleaned body's text)."""
+    import lxml.etree
+    import lxml.html
     import trafilatura
 
-    text = trafilatura.extract(html, include_comments=False, include_tables=True, favor_recall=True)
+    html = _XML_DECLARATION.sub("", html, count=1)  # lxml refuses a str that declares its own encoding
+    if not html.strip():
+        return ""
+    tree = lxml.html.fromstring(html)
+    for element in tree.xpath("//script|//style|//nav|//header|//footer|//aside|//noscript|//form|//template"):
+        element.drop_tree()
+    cleaned = lxml.etree.tostring(tree, encoding="unicode", method="html")
+    text = trafilatura.extract(cleaned, include_comments=False, include_tables=True, favor_recall=True)
     if text:
         return text
-    import lxml.html
-
-    tree = lxml.html.fromstring(html)
-    for element in tree.xpath("//script|//style|//nav|//header|//footer|//aside|//noscript|//form"):
-        element.drop_tree()
     return "\n".join(line.strip() for line in tree.text_content().splitlines() if line.strip())
 
 
