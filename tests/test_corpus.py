@@ -37,6 +37,8 @@ def data_dir(tmp_path):
     (root / "broken.txt.gz").write_bytes(b"\x1f\x8bnot really gzip")
     (root / "image.png").write_bytes(b"\x89PNG\x00")
     (root / ".hidden" / "x.txt").write_text("never read")
+    (root / "sub" / "README").write_text("a file without a suffix is text")
+    (root / "sub" / "program").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(64))  # ...unless it is binary
     return root
 
 
@@ -50,21 +52,22 @@ def test_folder_reads_formats_skips_bad_files_and_counts_reasons(data_dir, caplo
         "second record \u2028 with a line separator",
         "compressed document",
         "gz record",
+        "a file without a suffix is text",
         "# Title\n\nSome *markdown*.",
     ]
     m = corpus.manifest
     # paths relative to the source's root: a model card must not reveal the folders of the machine
-    assert [f["path"] for f in m["files"]] == ["a.txt", "c.jsonl", "d.txt.gz", "e.jsonl.gz", "sub/b.md"]
+    assert [f["path"] for f in m["files"]] == ["a.txt", "c.jsonl", "d.txt.gz", "e.jsonl.gz", "sub/README", "sub/b.md"]
     assert m["sources"] == [{"path": "data", "licence": None}] and str(data_dir.parent) not in json.dumps(m)
     for entry in m["files"]:
         raw = (data_dir / entry["path"]).read_bytes()
         assert entry["bytes"] == len(raw) and entry["sha256"] == hashlib.sha256(raw).hexdigest()
-    assert [f["documents"] for f in m["files"]] == [1, 2, 1, 1, 1]
-    assert m["documents"] == 6 and m["bytes"] == sum(f["bytes"] for f in m["files"])
-    assert m["skipped"] == {"binary": 1, "not_utf8": 1, "empty": 2, "duplicate": 1, "corrupt": 1, "unsupported": 1}
+    assert [f["documents"] for f in m["files"]] == [1, 2, 1, 1, 1, 1]
+    assert m["documents"] == 7 and m["bytes"] == sum(f["bytes"] for f in m["files"])
+    assert m["skipped"] == {"binary": 2, "not_utf8": 1, "empty": 2, "duplicate": 1, "corrupt": 1, "unsupported": 1}
     assert m["skipped_records"] == {"bad_json": 1, "no_text_field": 1, "empty": 1}
     assert json.loads(json.dumps(m)) == m  # JSON-able as it is
-    assert any("1 binary" in r.getMessage() and "1 duplicate" in r.getMessage() for r in caplog.records)
+    assert any("2 binary" in r.getMessage() and "1 duplicate" in r.getMessage() for r in caplog.records)
     assert list(corpus) == documents and corpus.manifest == m  # a second pass: same order, same manifest
 
 

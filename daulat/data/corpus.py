@@ -4,7 +4,7 @@
     for doc in corpus: ...           # one str per document, in a deterministic order
     corpus.manifest                  # JSON-able: every accepted file with bytes, sha256, licence, documents
 
-A `.txt`/`.md` file is one document; a `.jsonl` line and a `.parquet` row are one document each (their
+A `.txt`/`.md` file, and a file without a suffix (`README`, `copyright`, `changelog`), is one document; a `.jsonl` line and a `.parquet` row are one document each (their
 `text` field, or another one named per source or per corpus); `.gz` of any of them is read transparently.
 Folders are walked in sorted order (hidden entries left out). A file that is binary, not UTF-8, empty,
 corrupt, or an exact duplicate (same sha256) of one already read is skipped and counted by reason, never a
@@ -120,7 +120,10 @@ def _format(path: Path) -> str | None:
     (not a corpus file), looking through a .gz suffix."""
     name = path.name.lower()
     name = name[:-3] if name.endswith(".gz") else name
-    kind = FORMATS.get(os.path.splitext(name)[1])
+    suffix = os.path.splitext(name)[1]
+    if not suffix:  # README, copyright, changelog: text by convention; a binary one is skipped as binary
+        return "text"
+    kind = FORMATS.get(suffix)
     if kind is None and document_format(path.name) not in (None, "text", "code"):
         return "document"
     return kind

@@ -47,7 +47,10 @@ def document_format(name: str) -> str | None:
     if lower.endswith(ARCHIVES):
         return "archive"
     lower = lower[:-3] if lower.endswith(".gz") else lower
-    return DOCUMENT_FORMATS.get(os.path.splitext(lower)[1])
+    suffix = os.path.splitext(lower)[1]
+    if not suffix:  # README, copyright, changelog, LICENSE: text by convention; a binary one is caught by content
+        return "text"
+    return DOCUMENT_FORMATS.get(suffix)
 
 
 def read_capped(path: Path, limits: ReadLimits) -> bytes:
