@@ -165,3 +165,23 @@ def test_special_token_text_in_a_document_is_plain_text_in_the_shards(tok, tmp_p
         assert doc[0] == tok.bos_id and doc[-1] == tok.eos_id and not control & set(doc[1:-1])
     assert [tok.decode(d[1:-1]) for d in documents] == list(Corpus(data))
     assert int((shards.train == tok.eos_id).sum()) == 3
+
+
+def test_long_documents_are_split_into_pieces_before_the_val_split(tok, tmp_path):
+    """A corpus of one long file still holds out about val_fraction of its tokens (not all or nothing)."""
+    text = " ".join(default_corpus(400, seed=5))
+    ids = tok.encode(text)
+    assert len(ids) > 64 * 40
+    index = write_shards([text], tok, tmp_path, val_fraction=0.25, piece_tokens=64)
+    shards = load_shards(tmp_path, tok)
+    total = len(ids) + 2
+    assert len(shards.train) + len(shards.val) == total
+    assert 0.1 < len(shards.val) / total < 0.45
+    pieces = index["splits"]["train"]["documents"] + index["splits"]["val"]["documents"]
+    assert pieces == -(-len(ids) // 64)
+    everything = np.concatenate([shards.train, shards.val])
+    assert sorted(everything.tolist()) == sorted([tok.bos_id, *ids, tok.eos_id])
+    assert int((everything == tok.bos_id).sum()) == 1 and int((everything == tok.eos_id).sum()) == 1
+    # the same data gives the same split
+    again = write_shards([text], tok, tmp_path / "again", val_fraction=0.25, piece_tokens=64)
+    assert again["splits"] == index["splits"]
