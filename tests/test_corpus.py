@@ -66,6 +66,9 @@ def test_folder_reads_formats_skips_bad_files_and_counts_reasons(data_dir, caplo
     assert m["documents"] == 7 and m["bytes"] == sum(f["bytes"] for f in m["files"])
     assert m["skipped"] == {"binary": 2, "not_utf8": 1, "empty": 2, "duplicate": 1, "corrupt": 1, "unsupported": 1}
     assert m["skipped_records"] == {"bad_json": 1, "no_text_field": 1, "empty": 1}
+    assert sorted((f["path"], f["reason"]) for f in m["skipped_files"]) == [
+        ("binary.txt", "binary"), ("blank.md", "empty"), ("broken.txt.gz", "corrupt"), ("dup.txt", "duplicate"),
+        ("empty.txt", "empty"), ("image.png", "unsupported"), ("latin1.txt", "not_utf8"), ("sub/program", "binary")]
     assert json.loads(json.dumps(m)) == m  # JSON-able as it is
     assert any("2 binary" in r.getMessage() and "1 duplicate" in r.getMessage() for r in caplog.records)
     assert list(corpus) == documents and corpus.manifest == m  # a second pass: same order, same manifest

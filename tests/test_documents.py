@@ -205,7 +205,8 @@ def test_language_near_duplicates_and_manifest(produced, folder):
     assert sum(r["source"].startswith("docs/policy") for r in records) == 1
     assert manifest["dropped"] == {"near_duplicate": 1}
     assert manifest["skipped"] == {"no_text_layer": 1, "unsupported": 1}
-    assert manifest["skipped_files"] == [{"path": "docs/scan.pdf", "reason": "no_text_layer"}]
+    assert manifest["skipped_files"] == [{"path": "docs/photo.png", "reason": "unsupported"},
+                                         {"path": "docs/scan.pdf", "reason": "no_text_layer"}]
     assert manifest["documents"] == len(records) and manifest["languages"]["id"] == 1
     assert str(folder.parent) not in json.dumps(manifest) + json.dumps(records)  # no machine paths
 

@@ -66,6 +66,7 @@ FORMATS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".parquet": "parque
 SOURCE_OPTIONS = ("licence", "text_field")
 _OPTIONS_RE = re.compile(r"^\w+=[^,]*(,\w+=[^,]*)*$")
 _BOM = codecs.BOM_UTF8
+MAX_LISTED = 1000  # skipped files listed by path in the manifest (all are counted)
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,10 @@ def _entry_kind(entry: os.DirEntry, real_root: str, follow_links: bool) -> str:
     return "file"
 
 
-def walk_folder(root: Path, follow_links: bool, skipped: Counter, accept=None) -> list[tuple[tuple[str, ...], Path]]:
-    """(relative parts, path) of the corpus files under `root`, sorted; everything else counted in `skipped`.
+def walk_folder(root: Path, follow_links: bool, skipped: Counter, accept=None,
+                listed: list | None = None) -> list[tuple[tuple[str, ...], Path]]:
+    """(relative parts, path) of the corpus files under `root`, sorted; everything else counted in `skipped`
+    (and, with `listed`, appended to it as (relative path, reason)).
 
     accept(name) -> bool says which file names are read (default: the FORMATS of this module).
 
@@ -162,18 +165,24 @@ def walk_folder(root: Path, follow_links: bool, skipped: Counter, accept=None) -
     found: list[tuple[tuple[str, ...], Path]] = []
     stack: list[tuple[tuple[str, ...], str]] = [((), os.fspath(root))]
     entered: set[tuple[int, int]] = set()
+
+    def skip(parts: tuple[str, ...], reason: str) -> None:
+        skipped[reason] += 1
+        if listed is not None:
+            listed.append(("/".join(parts) or ".", reason))
+
     while stack:
         parts, folder = stack.pop()
         try:
             info = os.stat(folder)
             if (info.st_dev, info.st_ino) in entered:
-                skipped["already_walked"] += 1
+                skip(parts, "already_walked")
                 continue
             entered.add((info.st_dev, info.st_ino))
             with os.scandir(folder) as entries:
                 entries = sorted(entries, key=lambda e: e.name)
         except OSError:
-            skipped["unreadable_folder"] += 1
+            skip(parts, "unreadable_folder")
             continue
         folders = []
         for entry in entries:
@@ -182,12 +191,12 @@ def walk_folder(root: Path, follow_links: bool, skipped: Counter, accept=None) -
             try:
                 kind = _entry_kind(entry, real_root, follow_links)
             except Skipped as e:
-                skipped[e.args[0]] += 1
+                skip(parts + (entry.name,), e.args[0])
                 continue
             if kind == "dir":
                 folders.append((parts + (entry.name,), entry.path))
             elif not (accept(entry.name) if accept else _format(Path(entry.name)) is not None):
-                skipped["unsupported"] += 1
+                skip(parts + (entry.name,), "unsupported")
             else:
                 found.append((parts + (entry.name,), Path(entry.path)))
         stack.extend(reversed(folders))  # depth first, in name order: a real folder before a later link to it
@@ -216,19 +225,23 @@ class Corpus:
         # (source index, path relative to the source's root, path), in reading order
         self.files: list[tuple[int, str, Path]] = []
         self.listing_skipped: Counter = Counter()  # found while listing: unsupported, FIFOs, links...
+        self.listing_skipped_files: list[dict] = []
         for i, source in enumerate(self.sources):
             root = Path(source.path)
             if not os.path.lexists(root):
                 raise DaulatError(f"data path not found: {source.path} (it does not exist)")
             if root.is_dir():
-                for parts, path in walk_folder(root, self.limits.follow_links, self.listing_skipped):
+                listed: list = []
+                for parts, path in walk_folder(root, self.limits.follow_links, self.listing_skipped, listed=listed):
                     self.files.append((i, "/".join(parts), path))
+                self.listing_skipped_files += [{"source": i, "path": p, "reason": r} for p, r in listed]
                 continue
             try:
                 _check_named_file(root, self.limits)
             except Skipped as e:
                 log.info("skipping %s: %s", source.path, e.args[0])
                 self.listing_skipped[e.args[0]] += 1
+                self.listing_skipped_files.append({"source": i, "path": root.name, "reason": e.args[0]})
                 continue
             self.files.append((i, root.name, root))
         if not self.files:
@@ -242,6 +255,7 @@ class Corpus:
 
     def __iter__(self) -> Iterator[str]:
         skipped, skipped_records = Counter(self.listing_skipped), Counter()
+        skipped_files = list(self.listing_skipped_files)
         files: list[dict] = []
         self.manifest.clear()
         self.manifest.update(
@@ -249,6 +263,7 @@ class Corpus:
             limits={"max_file_bytes": self.limits.max_file_bytes, "max_document_bytes": self.limits.max_document_bytes,
                     "follow_links": self.limits.follow_links},
             files=files, documents=0, bytes=0, skipped=skipped, skipped_records=skipped_records,
+            skipped_files=skipped_files,
         )
         seen: set[str] = set()
         for index, relative, path in self.files:
@@ -260,6 +275,7 @@ class Corpus:
                     raise Skipped("duplicate")
             except Skipped as e:
                 skipped[e.args[0]] += 1
+                skipped_files.append({"source": index, "path": relative, "reason": e.args[0]})
                 log.info("skipping %s: %s", path, e.args[0])
                 continue
             count = 0
@@ -271,10 +287,12 @@ class Corpus:
             except Skipped as e:  # found only now (the file changed since its scan, or Parquet's own checks)
                 if not count:
                     skipped[e.args[0]] += 1
+                    skipped_files.append({"source": index, "path": relative, "reason": e.args[0]})
                     continue
                 skipped_records["file_changed_while_reading"] += 1
             if not count:
                 skipped["empty"] += 1
+                skipped_files.append({"source": index, "path": relative, "reason": "empty"})
                 continue
             seen.add(sha256)
             files.append({"source": index, "path": relative, "bytes": size, "sha256": sha256,
@@ -282,8 +300,12 @@ class Corpus:
                           "format": document_format(path.name) if kind == "document" else kind})
             self.manifest["documents"] += count
             self.manifest["bytes"] += size
-        # Plain dicts from here on, so that the manifest is JSON-able as it is.
+        # Plain dicts from here on, so that the manifest is JSON-able as it is; the list of skipped files is
+        # kept to MAX_LISTED entries, so that a folder of a million unsupported files keeps a small manifest.
         self.manifest["skipped"], self.manifest["skipped_records"] = dict(skipped), dict(skipped_records)
+        if len(skipped_files) > MAX_LISTED:
+            self.manifest["skipped_files_not_listed"] = len(skipped_files) - MAX_LISTED
+            del skipped_files[MAX_LISTED:]
         if skipped or skipped_records:
             log.warning("daulat corpus: %s", self.summary())
         if not files:

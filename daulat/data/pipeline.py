@@ -59,9 +59,9 @@ def list_files(specs, options: PipelineOptions, summary: dict) -> list[tuple]:
         if not root.is_dir():
             files.append((source, name, root))
             continue
-        listing = Counter()
+        listing, listed = Counter(), []
         for parts, path in walk_folder(root, options.limits.follow_links, listing,
-                                       accept=lambda n: document_format(n) is not None):
+                                       accept=lambda n: document_format(n) is not None, listed=listed):
             relative = "/".join(parts)
             if (options.include and not any(fnmatch.fnmatch(relative, g) for g in options.include)) \
                     or any(fnmatch.fnmatch(relative, g) for g in options.exclude):
@@ -69,6 +69,7 @@ def list_files(specs, options: PipelineOptions, summary: dict) -> list[tuple]:
                 continue
             files.append((source, f"{name}/{relative}", path))
         summary["skipped"].update(listing)
+        summary["skipped_files"] += [{"path": f"{name}/{path}", "reason": reason} for path, reason in listed]
     return files
 
 
