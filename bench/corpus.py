@@ -19,7 +19,6 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 WORDS = ("budget meeting report policy customer invoice supplier project roadmap quarter revenue office travel "
