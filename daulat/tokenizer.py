@@ -279,6 +279,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-document-bytes", type=int, default=16 << 20,
                         help="skip a document (text file, JSONL line, Parquet value) larger than this (default: %(default)s)")
     parser.add_argument("--follow-links", action="store_true", help="follow symbolic links that leave a data folder")
+    parser.add_argument("--report", action="store_true",
+                        help="hold out 1%% of the documents (those the token shards hold out) and print bytes per token "
+                             "by language on them (needs the documents extra)")
 
 
 def run(args) -> int:
@@ -290,7 +293,9 @@ def run(args) -> int:
 
         limits = ReadLimits(args.max_file_bytes, args.max_document_bytes, args.follow_links)
         corpus = Corpus(args.data, text_field=args.text_field, limits=limits)
-        tokenizer = train_tokenizer(corpus, args.vocab_size, args.min_frequency, args.max_length)
+        held_out: list[str] = []
+        texts = _holding_out(corpus, held_out) if args.report else corpus
+        tokenizer = train_tokenizer(texts, args.vocab_size, args.min_frequency, args.max_length)
         manifest, summary = corpus.manifest, corpus.summary()
     else:
         from daulat.data.tasks import default_corpus
@@ -303,4 +308,32 @@ def run(args) -> int:
     _write_atomic(Path(args.out) / "daulat.json", json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     print(f"read {summary}")
     print(f"trained a {tokenizer.vocab_size}-token byte-level BPE in {time.time() - start:.1f}s -> {args.out}")
+    if getattr(args, "report", False):
+        _print_report(tokenizer, held_out if args.data else [])
     return 0
+
+
+REPORT_FRACTION, REPORT_DOCUMENTS = 0.01, 2000
+
+
+def _holding_out(corpus, held_out: list[str]) -> Iterator[str]:
+    """The corpus less the documents the shards would hold out (the same hash rule), kept for the report."""
+    from daulat.data.shards import is_val_document
+
+    for text in corpus:
+        if is_val_document(text, REPORT_FRACTION) and len(held_out) < REPORT_DOCUMENTS:
+            held_out.append(text)
+        else:
+            yield text
+
+
+def _print_report(tokenizer, held_out: list[str]) -> None:
+    from daulat.data.language import bytes_per_token_by_language
+
+    if not held_out:
+        print("report: no held-out documents (the corpus is too small, or it is the built-in one)")
+        return
+    print(f"bytes per token by language, on {len(held_out)} held-out documents:")
+    for language, entry in bytes_per_token_by_language(tokenizer, held_out).items():
+        print(f"  {language:<8} {entry['bytes_per_token']:>6.2f} bytes/token  ({entry['documents']} documents, "
+              f"{entry['bytes']:,} bytes, {entry['tokens']:,} tokens)")

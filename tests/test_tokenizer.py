@@ -229,3 +229,21 @@ def test_a_document_without_whitespace_trains_quickly():
     assert time.time() - start < 30
     assert tokenizer.decode(tokenizer.encode("ordinary words")) == "ordinary words"
     assert len(tokenizer.encode("z" * 64)) < 64  # merges of z were learned from the pieces
+
+
+def test_report_prints_bytes_per_token_by_language_on_held_out_documents(tmp_path, capsys):
+    from daulat.data.shards import is_val_document
+
+    english = [f"Report {i}: the quarterly meeting of the finance team reviewed every invoice and the travel budget."
+               for i in range(300)]
+    indonesian = [f"Laporan {i}: rapat keuangan kantor kami memeriksa semua tagihan dan anggaran perjalanan tahun ini."
+                  for i in range(300)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in english + indonesian))
+    held = [t for t in english + indonesian if is_val_document(t, 0.01)]
+    assert held  # the hash rule holds some out
+    assert run_command(["--data", str(tmp_path / "docs.jsonl"), "--vocab-size", "400", "--out", str(tmp_path / "tok"),
+                        "--report"]) == 0
+    out = capsys.readouterr().out
+    assert f"on {len(held)} held-out documents" in out and "bytes/token" in out
+    assert {t.split()[0] for t in held} == {"Report", "Laporan"}  # the hash rule holds out some of each
+    assert "\n  en " in out and "\n  id " in out
