@@ -3,21 +3,28 @@
 Each command lives in its own module and exposes `add_arguments(parser)` and `run(args) -> int`.
 Modules are imported only when their command runs, so `daulat --help` stays fast and a command's
 heavy dependencies (fastapi, matplotlib, gguf) are needed only by that command.
+
+Errors: whatever `daulat.errors.FORESEEN` covers (bad input, a missing or unreadable file, a full disk,
+out of memory) is one line on stderr and exit code 2; any other exception is a bug in daulat and says so
+in one line with its type, exit code 1; `--debug` shows the traceback of either. Output into a closed
+pipe (`daulat card --json | head`) ends quietly, as `head` expects.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
 
 from daulat import __version__
-from daulat.errors import DaulatError
+from daulat.errors import FORESEEN, describe
 
 # name -> (module, one-line help). The order is the order of the pipeline.
 COMMANDS: dict[str, tuple[str, str]] = {
     "speedrun": ("daulat.speedrun", "run the whole pipeline: tokenizer, pretrain, SFT, GRPO, distill, eval, report"),
+    "corpus": ("daulat.data.pipeline", "turn documents (PDF, Office, HTML, e-mail, code...) into clean, deduplicated JSONL"),
     "tokenizer": ("daulat.tokenizer", "train a byte-level BPE tokenizer on your files"),
     "pretrain": ("daulat.train.pretrain", "pretrain an MLA + MoE model on your files"),
     "sft": ("daulat.train.sft", "supervised fine-tuning on conversations or a built-in task"),
@@ -76,16 +83,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    return _run(args)
+
+
+def _run(args) -> int:
+    """The command's exit code, with its errors turned into one line (see the module's docstring)."""
+    debug = getattr(args, "debug", False)
     try:
-        return int(args._module.run(args) or 0)
+        code = int(args._module.run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at exit
+        return code
     except KeyboardInterrupt:
         print("daulat: interrupted", file=sys.stderr)
         return 130
-    except (DaulatError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-        if getattr(args, "debug", False):
+    except BrokenPipeError:
+        # The reader went away (`| head`): silence the rest of the output, as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
+    except FORESEEN as e:
+        if debug:
             raise
-        print(f"daulat {args.command}: error: {e}", file=sys.stderr)
+        print(f"daulat {args.command}: error: {describe(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split())[:300]
+        print(f"daulat {args.command}: internal error (a bug in daulat; please report it, with the output of "
+              f"--debug): {type(e).__name__}{': ' + message if message else ''}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -102,7 +102,15 @@ def _check_type(section: str, name: str, value, annotation) -> object:
             return value
         if base is typing.Any:
             return value
-    raise DaulatError(f"config {section}.{name} = {value!r}: expected {annotation}")
+    raise DaulatError(f"config {section}.{name} = {value!r}: expected {_in_words(annotation)}")
+
+
+def _in_words(annotation) -> str:
+    """'a number', 'an integer or unset'...: a field's type as a user reads it, not Python's repr."""
+    words = {float: "a number", int: "an integer", str: "a string", bool: "true or false",
+             dict: "a table", list: "a list", type(None): "unset"}
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return " or ".join(words.get(typing.get_origin(o) or o, getattr(o, "__name__", str(o))) for o in options)
 
 
 def build_section(section: str, cls, values: dict):

@@ -17,6 +17,24 @@ Special tokens, fixed here for the whole toolkit:
 
 A conversation renders as  <|bos|> <|user|>hi<|eos|> <|assistant|>hello<|eos|>  (without the spaces), and
 the generation prompt is  <|assistant|>.
+
+Content never becomes a control token. `encode` reads special-token text such as "<|eos|>" or
+"<|assistant|>" inside a string as the plain characters it is (as OpenAI's API does), so neither a chat
+message, an SFT conversation, a pretraining document nor the tokenizer trainer's input can forge a turn or
+an end of sequence: role and control ids are placed only by `render_chat` (and the shard writer's
+<|bos|>/<|eos|> around each document). `encode(text, allow_special=True)` is the explicit, opt-in way to
+parse them, for callers that build raw prompts from trusted text.
+
+transformers renders its chat template to a string first and tokenizes that, so it cannot tell the
+template's role tokens from the same text inside a message: for conversations whose content holds no
+special-token text (the normal case) its `apply_chat_template` gives exactly daulat's ids, and for content
+that does, transformers parses it as control tokens where daulat does not. Code that renders untrusted
+content through transformers should encode the content with `split_special_tokens=True` itself; daulat's
+own paths (chat, serve, SFT, pretraining) never need to.
+
+Stop strings are matched against decoded text; a stop string that is the text of a special token
+("<|eos|>", "<|user|>") also stops on that token itself (`stop_token_ids_for`), since with
+skip_special_tokens the token decodes to nothing and its text would otherwise never appear.
 """
 
 from __future__ import annotations
@@ -24,8 +42,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from daulat.errors import DaulatError
 
@@ -34,6 +53,7 @@ ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = {role: f"<|{role}|>" for role in ROLES}
 SPECIAL_TOKENS = [BOS, EOS, PAD, *ROLE_TOKENS.values()]  # ids 0..5, in this order
 DEFAULT_MAX_LENGTH = 2048
+TRAINING_PIECE_CHARS = 1024  # see _training_pieces
 
 # Jinja for transformers (and servers that read it). Token strings are literals rather than `bos_token`
 # variables so that every renderer gives the same text; no whitespace is emitted outside the messages.
@@ -59,7 +79,9 @@ class Tokenizer:
         missing = [t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
         if missing:
             raise DaulatError(f"tokenizer lacks daulat's special tokens {missing}")
+        tokenizer.encode_special_tokens = True  # special-token text in content is plain text (see the module doc)
         self.tokenizer = tokenizer
+        self._parsing = None  # a copy that parses special-token text, built on first `allow_special=True`
         self.model_max_length = int(model_max_length)
         self.bos_id, self.eos_id, self.pad_id = (tokenizer.token_to_id(t) for t in (BOS, EOS, PAD))
         self.role_ids = {role: tokenizer.token_to_id(token) for role, token in ROLE_TOKENS.items()}
@@ -75,14 +97,39 @@ class Tokenizer:
     @property
     def sha256(self) -> str:
         """Hash of the serialised tokenizer: token shards and checkpoints record it to catch mismatches."""
-        return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()
+        return hashlib.sha256(self.to_str().encode()).hexdigest()
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def to_str(self, pretty: bool = False) -> str:
+        """The tokenizer.json text. (`encode_special_tokens` is a setting of the loaded object, not part of
+        the file: transformers reads the file with special tokens parsed, which its chat template needs.)"""
+        return self.tokenizer.to_str(pretty=pretty)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def _encoder(self, allow_special: bool):
+        if not allow_special:
+            return self.tokenizer
+        if self._parsing is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._parsing = HFTokenizer.from_str(self.to_str())  # parses special tokens, as loaded
+        return self._parsing
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Ids of `text`, without <|bos|>/<|eos|> added. Special-token text inside it is plain text unless
+        `allow_special` (opt-in, for trusted raw prompts only): then "<|eos|>" becomes the eos id."""
+        return self._encoder(allow_special).encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], allow_special: bool = False) -> list[list[int]]:
         """Like `encode` for each text, in parallel over all cores (Rust threads)."""
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in self._encoder(allow_special).encode_batch(texts, add_special_tokens=False)]
+
+    def stop_token_ids_for(self, stop: Iterable[str]) -> set[int]:
+        """The ids of the special tokens whose text is one of the stop strings `stop`.
+
+        Generated text is decoded with skip_special_tokens, so a model that emits <|user|> adds nothing to
+        the text and a stop string "<|user|>" would never match; a generation engine adds these ids to its
+        stop tokens. (Plain-text pieces that spell "<|user|>" still match as a string.)
+        """
+        return {self.tokenizer.token_to_id(s) for s in stop if s in SPECIAL_TOKENS}
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -133,7 +180,7 @@ class Tokenizer:
             "model_max_length": self.model_max_length,
             "chat_template": CHAT_TEMPLATE,
         }
-        _write_atomic(directory / "tokenizer.json", self.tokenizer.to_str(pretty=True))
+        _write_atomic(directory / "tokenizer.json", self.to_str(pretty=True))
         _write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         _write_atomic(directory / "chat_template.jinja", CHAT_TEMPLATE)
 
@@ -195,8 +242,23 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen in the data or not
         show_progress=show_progress,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator(_training_pieces(texts), trainer=trainer)
     return Tokenizer(tokenizer, model_max_length)
+
+
+_LONG_RUN = re.compile(r"\S{%d}" % TRAINING_PIECE_CHARS)
+
+
+def _training_pieces(texts: Iterable[str]) -> Iterator[str]:
+    """The documents, except that one holding a run of TRAINING_PIECE_CHARS characters without whitespace
+    (base64, minified code, a 16 MB line of one letter) is given in pieces of that size: the BPE trainer's
+    time grows much faster than linearly with the length of one pre-token (minutes for a 16 MB one), and no
+    merge that long is ever useful. Ordinary text is given as it is."""
+    for text in texts:
+        if len(text) >= TRAINING_PIECE_CHARS and _LONG_RUN.search(text):
+            yield from (text[i : i + TRAINING_PIECE_CHARS] for i in range(0, len(text), TRAINING_PIECE_CHARS))
+        else:
+            yield text
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -212,6 +274,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--min-frequency", type=int, default=2, help="a merge needs at least this many occurrences (default: %(default)s)")
     parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="model_max_length to record (default: %(default)s)")
     parser.add_argument("--builtin-docs", type=int, default=20000, help="documents of the built-in corpus when no --data (default: %(default)s)")
+    parser.add_argument("--max-file-bytes", type=int, default=4 << 30,
+                        help="skip a file that holds more bytes than this, decompressed (default: %(default)s)")
+    parser.add_argument("--max-document-bytes", type=int, default=16 << 20,
+                        help="skip a document (text file, JSONL line, Parquet value) larger than this (default: %(default)s)")
+    parser.add_argument("--follow-links", action="store_true", help="follow symbolic links that leave a data folder")
+    parser.add_argument("--report", action="store_true",
+                        help="hold out 1%% of the documents (those the token shards hold out) and print bytes per token "
+                             "by language on them (needs the documents extra)")
 
 
 def run(args) -> int:
@@ -219,10 +289,13 @@ def run(args) -> int:
 
     start = time.time()
     if args.data:
-        from daulat.data.corpus import Corpus
+        from daulat.data.corpus import Corpus, ReadLimits
 
-        corpus = Corpus(args.data, text_field=args.text_field)
-        tokenizer = train_tokenizer(corpus, args.vocab_size, args.min_frequency, args.max_length)
+        limits = ReadLimits(args.max_file_bytes, args.max_document_bytes, args.follow_links)
+        corpus = Corpus(args.data, text_field=args.text_field, limits=limits)
+        held_out: list[str] = []
+        texts = _holding_out(corpus, held_out) if args.report else corpus
+        tokenizer = train_tokenizer(texts, args.vocab_size, args.min_frequency, args.max_length)
         manifest, summary = corpus.manifest, corpus.summary()
     else:
         from daulat.data.tasks import default_corpus
@@ -235,4 +308,32 @@ def run(args) -> int:
     _write_atomic(Path(args.out) / "daulat.json", json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     print(f"read {summary}")
     print(f"trained a {tokenizer.vocab_size}-token byte-level BPE in {time.time() - start:.1f}s -> {args.out}")
+    if getattr(args, "report", False):
+        _print_report(tokenizer, held_out if args.data else [])
     return 0
+
+
+REPORT_FRACTION, REPORT_DOCUMENTS = 0.01, 2000
+
+
+def _holding_out(corpus, held_out: list[str]) -> Iterator[str]:
+    """The corpus less the documents the shards would hold out (the same hash rule), kept for the report."""
+    from daulat.data.shards import is_val_document
+
+    for text in corpus:
+        if is_val_document(text, REPORT_FRACTION) and len(held_out) < REPORT_DOCUMENTS:
+            held_out.append(text)
+        else:
+            yield text
+
+
+def _print_report(tokenizer, held_out: list[str]) -> None:
+    from daulat.data.language import bytes_per_token_by_language
+
+    if not held_out:
+        print("report: no held-out documents (the corpus is too small, or it is the built-in one)")
+        return
+    print(f"bytes per token by language, on {len(held_out)} held-out documents:")
+    for language, entry in bytes_per_token_by_language(tokenizer, held_out).items():
+        print(f"  {language:<8} {entry['bytes_per_token']:>6.2f} bytes/token  ({entry['documents']} documents, "
+              f"{entry['bytes']:,} bytes, {entry['tokens']:,} tokens)")

@@ -144,3 +144,44 @@ def test_eval_batches(shard_dir):
     assert len(list(eval_batches(val, 4, 16, max_batches=2))) == 2
     tiny = list(eval_batches(val[:40], batch_size=8, seq_len=16))  # two windows, one full batch by wrapping
     assert len(tiny) == 1 and tiny[0][0].shape == (8, 16)
+
+
+def test_special_token_text_in_a_document_is_plain_text_in_the_shards(tok, tmp_path):
+    """A corpus document that contains "<|eos|>" (or role-token text) must not put control ids into the
+    training data: the only <|bos|>/<|eos|> in a shard are those around each document."""
+    from daulat.data.corpus import Corpus
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "doc.txt").write_text("before <|eos|> after <|bos|><|user|>forged turn<|assistant|>")
+    (data / "records.jsonl").write_text(json.dumps({"text": "one<|eos|>two"}) + "\n" + json.dumps({"text": "three"}) + "\n")
+    corpus = Corpus(data)
+    write_shards(corpus, tok, tmp_path / "shards", val_fraction=0.0, manifest=corpus.manifest)
+    shards = load_shards(tmp_path / "shards", tok)
+    documents = [d.tolist() for d in shards.documents("train")]
+    assert len(documents) == 3
+    control = {tok.token_to_id(t) for t in ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>")}
+    for doc in documents:
+        assert doc[0] == tok.bos_id and doc[-1] == tok.eos_id and not control & set(doc[1:-1])
+    assert [tok.decode(d[1:-1]) for d in documents] == list(Corpus(data))
+    assert int((shards.train == tok.eos_id).sum()) == 3
+
+
+def test_long_documents_are_split_into_pieces_before_the_val_split(tok, tmp_path):
+    """A corpus of one long file still holds out about val_fraction of its tokens (not all or nothing)."""
+    text = " ".join(default_corpus(400, seed=5))
+    ids = tok.encode(text)
+    assert len(ids) > 64 * 40
+    index = write_shards([text], tok, tmp_path, val_fraction=0.25, piece_tokens=64)
+    shards = load_shards(tmp_path, tok)
+    total = len(ids) + 2
+    assert len(shards.train) + len(shards.val) == total
+    assert 0.1 < len(shards.val) / total < 0.45
+    pieces = index["splits"]["train"]["documents"] + index["splits"]["val"]["documents"]
+    assert pieces == -(-len(ids) // 64)
+    everything = np.concatenate([shards.train, shards.val])
+    assert sorted(everything.tolist()) == sorted([tok.bos_id, *ids, tok.eos_id])
+    assert int((everything == tok.bos_id).sum()) == 1 and int((everything == tok.eos_id).sum()) == 1
+    # the same data gives the same split
+    again = write_shards([text], tok, tmp_path / "again", val_fraction=0.25, piece_tokens=64)
+    assert again["splits"] == index["splits"]

@@ -4,31 +4,59 @@
     for doc in corpus: ...           # one str per document, in a deterministic order
     corpus.manifest                  # JSON-able: every accepted file with bytes, sha256, licence, documents
 
-A `.txt`/`.md` file is one document; a `.jsonl` line and a `.parquet` row are one document each (their
+A `.txt`/`.md` file, and a file without a suffix (`README`, `copyright`, `changelog`), is one document; a `.jsonl` line and a `.parquet` row are one document each (their
 `text` field, or another one named per source or per corpus); `.gz` of any of them is read transparently.
-Folders are walked recursively in sorted order (hidden entries left out). A file that is binary, not UTF-8,
-empty, corrupt, or an exact duplicate (same sha256) of one already read is skipped and counted by reason,
-never a crash: one bad file among a million should not stop a run. A path that does not exist is an error,
-since it is almost always a typo. The manifest becomes part of the model card, so that what a model was
-trained on (and under which licences) travels with it.
+Folders are walked in sorted order (hidden entries left out). A file that is binary, not UTF-8, empty,
+corrupt, or an exact duplicate (same sha256) of one already read is skipped and counted by reason, never a
+crash: one bad file among a million should not stop a run. A path that does not exist is an error, since it
+is almost always a typo. The manifest becomes part of the model card, so that what a model was trained on
+(and under which licences) travels with it; its paths are relative to each source's root, so a card does not
+reveal the folders of the machine it was made on.
+
+Untrusted files are read the way a careful server reads a request body (see `ReadLimits`):
+
+- every file is streamed, decompressed included, with a cap on the bytes read from one file and on one
+  document (a text file, a JSONL line, a Parquet value); what exceeds a cap is skipped and counted, so a
+  1 MB `.gz` of 1 GiB stops costing memory at the first block (NUL bytes: binary) or at the cap;
+- a file is scanned once (sha256, binary, UTF-8, caps) before any of its documents is given out, so a
+  skipped file contributes nothing; nothing is read whole to learn that it is binary;
+- only regular files are read: a FIFO, a socket or a device (`/dev/zero`) is skipped, never opened for
+  reading, so it cannot hang or flood the run;
+- folders are walked with an explicit stack (no recursion limit); a folder or file that cannot be read is
+  skipped and counted, not fatal; a JSONL line nested too deeply is a skipped record;
+- symbolic links are followed only while their target stays inside the source's root (a `passwd.txt ->
+  /etc/passwd` link is skipped as `symlink_outside_root`) unless `follow_links` is set; each folder is
+  walked once, so a link loop ends. A path named explicitly as a source is the user's choice and followed.
+
+Skip reasons, in the manifest's `skipped` (files) and `skipped_records` (records): unsupported, binary,
+not_utf8, empty, duplicate, corrupt, file_too_large, document_too_large, not_regular_file,
+symlink_outside_root, broken_symlink, already_walked, unreadable, unreadable_folder; bad_json,
+no_text_field. Hidden entries (names starting with a dot, such as `.git`) are left out by design and not
+counted.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
-import io
 import json
 import logging
 import os
 import re
+import stat
+import tempfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Iterable, Iterator
 
+from daulat.data.documents import document_format, extract_file
+from daulat.data.reading import BLOCK, ReadLimits, Skipped, chunks, inflated, open_regular
 from daulat.errors import DaulatError
+
+__all__ = ["Corpus", "ReadLimits", "Skipped", "Source", "iter_documents", "parse_source", "published_name", "walk_folder"]
 
 log = logging.getLogger("daulat.data")
 
@@ -37,6 +65,8 @@ log = logging.getLogger("daulat.data")
 FORMATS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
 SOURCE_OPTIONS = ("licence", "text_field")
 _OPTIONS_RE = re.compile(r"^\w+=[^,]*(,\w+=[^,]*)*$")
+_BOM = codecs.BOM_UTF8
+MAX_LISTED = 1000  # skipped files listed by path in the manifest (all are counted)
 
 
 @dataclass(frozen=True)
@@ -77,83 +107,205 @@ def parse_source(spec: str | os.PathLike | dict | Source) -> Source:
     return Source(path, fields.get("licence") or None, fields.get("text_field") or None)
 
 
+def published_name(path: str) -> str:
+    """How a source is named in the manifest (and so in model cards): as the user wrote it when that is a
+    relative path inside the working folder, else only its last component (`/home/ana/docs` -> `docs`)."""
+    pure = PurePath(path)
+    if not pure.is_absolute() and ".." not in pure.parts and not path.startswith("~") and pure.parts:
+        return pure.as_posix()
+    return pure.name or Path(os.path.realpath(path)).name or "source"
+
+
 def _format(path: Path) -> str | None:
-    """'text', 'jsonl', 'parquet' or None (not a corpus file), looking through a .gz suffix."""
+    """'text', 'jsonl', 'parquet', 'document' (PDF, Office, HTML... through daulat.data.documents) or None
+    (not a corpus file), looking through a .gz suffix."""
     name = path.name.lower()
     name = name[:-3] if name.endswith(".gz") else name
-    return FORMATS.get(os.path.splitext(name)[1])
+    suffix = os.path.splitext(name)[1]
+    if not suffix:  # README, copyright, changelog: text by convention; a binary one is skipped as binary
+        return "text"
+    kind = FORMATS.get(suffix)
+    if kind is None and document_format(path.name) not in (None, "text", "code"):
+        return "document"
+    return kind
+
+
+def _inside(target: str, root: str) -> bool:
+    return target == root or target.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _entry_kind(entry: os.DirEntry, real_root: str, follow_links: bool) -> str:
+    """'dir' or 'file' for a folder entry, else raises Skipped with the reason it is not read."""
+    try:
+        if entry.is_symlink():
+            if not os.path.exists(entry.path):
+                raise Skipped("broken_symlink")
+            if not follow_links and not _inside(os.path.realpath(entry.path), real_root):
+                raise Skipped("symlink_outside_root")
+        mode = entry.stat(follow_symlinks=True).st_mode
+    except OSError:
+        raise Skipped("unreadable") from None
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if not stat.S_ISREG(mode):
+        raise Skipped("not_regular_file")  # FIFO, socket, device: reading could block or never end
+    return "file"
+
+
+def walk_folder(root: Path, follow_links: bool, skipped: Counter, accept=None,
+                listed: list | None = None) -> list[tuple[tuple[str, ...], Path]]:
+    """(relative parts, path) of the corpus files under `root`, sorted; everything else counted in `skipped`
+    (and, with `listed`, appended to it as (relative path, reason)).
+
+    accept(name) -> bool says which file names are read (default: the FORMATS of this module).
+
+    Iterative (a folder 100,000 levels deep is fine) and each real folder is entered once (link loops end).
+    """
+    real_root = os.path.realpath(root)
+    found: list[tuple[tuple[str, ...], Path]] = []
+    stack: list[tuple[tuple[str, ...], str]] = [((), os.fspath(root))]
+    entered: set[tuple[int, int]] = set()
+
+    def skip(parts: tuple[str, ...], reason: str) -> None:
+        skipped[reason] += 1
+        if listed is not None:
+            listed.append(("/".join(parts) or ".", reason))
+
+    while stack:
+        parts, folder = stack.pop()
+        try:
+            info = os.stat(folder)
+            if (info.st_dev, info.st_ino) in entered:
+                skip(parts, "already_walked")
+                continue
+            entered.add((info.st_dev, info.st_ino))
+            with os.scandir(folder) as entries:
+                entries = sorted(entries, key=lambda e: e.name)
+        except OSError:
+            skip(parts, "unreadable_folder")
+            continue
+        folders = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                kind = _entry_kind(entry, real_root, follow_links)
+            except Skipped as e:
+                skip(parts + (entry.name,), e.args[0])
+                continue
+            if kind == "dir":
+                folders.append((parts + (entry.name,), entry.path))
+            elif not (accept(entry.name) if accept else _format(Path(entry.name)) is not None):
+                skip(parts + (entry.name,), "unsupported")
+            else:
+                found.append((parts + (entry.name,), Path(entry.path)))
+        stack.extend(reversed(folders))  # depth first, in name order: a real folder before a later link to it
+    found.sort(key=lambda item: item[0])
+    return found
 
 
 class Corpus:
     """Iterable of documents (str) read from files and folders; `manifest` describes what was accepted.
 
-    Every path is checked when the corpus is made (a missing one is a DaulatError naming it); files are read
-    on iteration, each pass in the same order. `manifest` is filled while iterating and is complete once a
-    pass has finished; it is reset at the start of each pass.
+    Every path is checked when the corpus is made (a missing one is a DaulatError naming it, and so is a
+    set of sources in which no file could hold a document); files are read on iteration, each pass in the
+    same order. `manifest` is filled while iterating and is complete once a pass has finished; it is reset
+    at the start of each pass.
     """
 
-    def __init__(self, sources: Iterable | str | os.PathLike | dict, text_field: str = "text"):
+    def __init__(self, sources: Iterable | str | os.PathLike | dict, text_field: str = "text",
+                 limits: ReadLimits | None = None):
         if isinstance(sources, (str, os.PathLike, dict, Source)):
             sources = [sources]
         self.sources = [parse_source(s) for s in sources]
         if not self.sources:
             raise DaulatError("no data sources given")
         self.text_field = text_field
-        self.files: list[tuple[str, Path, Source]] = []  # (path as shown, path, its source), in reading order
-        self.unsupported = 0  # files inside folders with a suffix that is not a corpus format
-        for source in self.sources:
+        self.limits = limits or ReadLimits()
+        # (source index, path relative to the source's root, path), in reading order
+        self.files: list[tuple[int, str, Path]] = []
+        self.listing_skipped: Counter = Counter()  # found while listing: unsupported, FIFOs, links...
+        self.listing_skipped_files: list[dict] = []
+        for i, source in enumerate(self.sources):
             root = Path(source.path)
-            if not root.exists():
-                raise DaulatError(f"data path not found: {source.path}")
-            if not root.is_dir():
-                self.files.append((source.path, root, source))
+            if not os.path.lexists(root):
+                raise DaulatError(f"data path not found: {source.path} (it does not exist)")
+            if root.is_dir():
+                listed: list = []
+                for parts, path in walk_folder(root, self.limits.follow_links, self.listing_skipped, listed=listed):
+                    self.files.append((i, "/".join(parts), path))
+                self.listing_skipped_files += [{"source": i, "path": p, "reason": r} for p, r in listed]
                 continue
-            for path in sorted(p for p in root.rglob("*") if p.is_file()):
-                relative = path.relative_to(root)
-                if any(part.startswith(".") for part in relative.parts):
-                    continue
-                if _format(path) is None:
-                    self.unsupported += 1
-                    continue
-                self.files.append(((Path(source.path) / relative).as_posix(), path, source))
+            try:
+                _check_named_file(root, self.limits)
+            except Skipped as e:
+                log.info("skipping %s: %s", source.path, e.args[0])
+                self.listing_skipped[e.args[0]] += 1
+                self.listing_skipped_files.append({"source": i, "path": root.name, "reason": e.args[0]})
+                continue
+            self.files.append((i, root.name, root))
+        if not self.files:
+            raise DaulatError(f"no readable corpus files in {', '.join(s.path for s in self.sources)} "
+                              f"(skipped: {_counts(self.listing_skipped) or 'none found'})")
         self.manifest: dict = {}
 
+    def source_manifest(self) -> list[dict]:
+        """The sources as the manifest records them: published name and licence."""
+        return [{"path": published_name(s.path), "licence": s.licence} for s in self.sources]
+
     def __iter__(self) -> Iterator[str]:
-        skipped, skipped_records = Counter(), Counter()
-        if self.unsupported:
-            skipped["unsupported"] = self.unsupported
+        skipped, skipped_records = Counter(self.listing_skipped), Counter()
+        skipped_files = list(self.listing_skipped_files)
         files: list[dict] = []
         self.manifest.clear()
         self.manifest.update(
-            sources=[{"path": s.path, "licence": s.licence} for s in self.sources],
-            text_field=self.text_field,
+            sources=self.source_manifest(), text_field=self.text_field,
+            limits={"max_file_bytes": self.limits.max_file_bytes, "max_document_bytes": self.limits.max_document_bytes,
+                    "follow_links": self.limits.follow_links},
             files=files, documents=0, bytes=0, skipped=skipped, skipped_records=skipped_records,
+            skipped_files=skipped_files,
         )
         seen: set[str] = set()
-        for shown, path, source in self.files:
-            raw = path.read_bytes()
-            sha256 = hashlib.sha256(raw).hexdigest()
+        for index, relative, path in self.files:
+            source = self.sources[index]
             kind = _format(path) or "text"
-            field = source.text_field or self.text_field
-            documents, reason = [], None
-            if sha256 in seen:
-                reason = "duplicate"
-            else:
-                documents, reason = _read_documents(raw, path.name.lower().endswith(".gz"), kind, field, skipped_records)
-            if reason is None and not documents:
-                reason = "empty"
-            if reason:
-                skipped[reason] += 1
-                log.info("skipping %s: %s", shown, reason)
+            try:
+                size, sha256 = scan_file(path, kind, self.limits)
+                if sha256 in seen:
+                    raise Skipped("duplicate")
+            except Skipped as e:
+                skipped[e.args[0]] += 1
+                skipped_files.append({"source": index, "path": relative, "reason": e.args[0]})
+                log.info("skipping %s: %s", path, e.args[0])
+                continue
+            count = 0
+            try:
+                for document in _read_documents(path, kind, source.text_field or self.text_field,
+                                                self.limits, skipped_records):
+                    count += 1
+                    yield document
+            except Skipped as e:  # found only now (the file changed since its scan, or Parquet's own checks)
+                if not count:
+                    skipped[e.args[0]] += 1
+                    skipped_files.append({"source": index, "path": relative, "reason": e.args[0]})
+                    continue
+                skipped_records["file_changed_while_reading"] += 1
+            if not count:
+                skipped["empty"] += 1
+                skipped_files.append({"source": index, "path": relative, "reason": "empty"})
                 continue
             seen.add(sha256)
-            files.append({"path": shown, "bytes": len(raw), "sha256": sha256, "licence": source.licence,
-                          "format": kind, "documents": len(documents)})
-            self.manifest["documents"] += len(documents)
-            self.manifest["bytes"] += len(raw)
-            yield from documents
-        # Plain dicts from here on, so that the manifest is JSON-able as it is.
+            files.append({"source": index, "path": relative, "bytes": size, "sha256": sha256,
+                          "licence": source.licence, "documents": count,
+                          "format": document_format(path.name) if kind == "document" else kind})
+            self.manifest["documents"] += count
+            self.manifest["bytes"] += size
+        # Plain dicts from here on, so that the manifest is JSON-able as it is; the list of skipped files is
+        # kept to MAX_LISTED entries, so that a folder of a million unsupported files keeps a small manifest.
         self.manifest["skipped"], self.manifest["skipped_records"] = dict(skipped), dict(skipped_records)
+        if len(skipped_files) > MAX_LISTED:
+            self.manifest["skipped_files_not_listed"] = len(skipped_files) - MAX_LISTED
+            del skipped_files[MAX_LISTED:]
         if skipped or skipped_records:
             log.warning("daulat corpus: %s", self.summary())
         if not files:
@@ -165,68 +317,165 @@ class Corpus:
         line = f"{len(m.get('files', []))} files, {m.get('documents', 0)} documents, {m.get('bytes', 0)} bytes"
         for label, counts in (("skipped files", m.get("skipped")), ("skipped records", m.get("skipped_records"))):
             if counts:
-                line += f"; {label}: " + ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+                line += f"; {label}: " + _counts(counts)
         return line
 
 
-def iter_documents(sources, text_field: str = "text") -> tuple[Iterator[str], dict]:
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+
+
+def iter_documents(sources, text_field: str = "text", limits: ReadLimits | None = None) -> tuple[Iterator[str], dict]:
     """(documents, manifest): one pass over the corpus; the manifest dict is complete once it is exhausted."""
-    corpus = Corpus(sources, text_field)
+    corpus = Corpus(sources, text_field, limits)
     return iter(corpus), corpus.manifest
 
 
-def _read_documents(raw: bytes, gzipped: bool, kind: str, field: str, skipped_records: Counter) -> tuple[list[str], str | None]:
-    """(documents, None) or ([], reason) for one file's bytes. Record-level problems are counted, not fatal."""
-    if gzipped:
+# ------------------------------------------------------------------------------------- reading files
+
+
+def _check_named_file(path: Path, limits: ReadLimits) -> None:
+    """A file named as a source must be regular, and its first block must look like text (or be Parquet),
+    so that `--data report.pdf` is refused before a run creates anything."""
+    kind = _format(path) or "text"
+    if kind == "document":  # a binary container: the one way to know it holds text is to extract it
+        next(iter(extract_file(path, limits)))
+        return
+    with open_regular(path) as raw:
         try:
-            raw = gzip.decompress(raw)
+            head = (gzip.GzipFile(fileobj=raw) if _gzipped(path) else raw).read(64 << 10)
         except (OSError, EOFError, zlib.error):
-            return [], "corrupt"
+            raise Skipped("corrupt") from None
+    if kind != "parquet" and b"\x00" in head:
+        raise Skipped("binary")
+
+
+def _gzipped(path: Path) -> bool:
+    return path.name.lower().endswith(".gz")
+
+
+def scan_file(path: Path, kind: str, limits: ReadLimits) -> tuple[int, str]:
+    """(bytes on disk, sha256 of them) after one streamed pass that checks the caps and, for text formats,
+    that the content is UTF-8 without NUL bytes; raises Skipped with the first problem found. Memory stays
+    at a few blocks whatever the file or its compression ratio."""
+    hasher, size = hashlib.sha256(), 0
+    decoder = codecs.getincrementaldecoder("utf-8")()
+
+    def blocks(raw) -> Iterator[bytes]:
+        nonlocal size
+        for block in chunks(raw):
+            hasher.update(block)
+            size += len(block)
+            yield block
+
+    with open_regular(path) as raw:
+        if os.fstat(raw.fileno()).st_size > limits.max_file_bytes:
+            raise Skipped("file_too_large")
+        total = 0
+        try:
+            text_format = kind not in ("parquet", "document")
+            for data in (inflated(blocks(raw)) if _gzipped(path) else blocks(raw)):
+                total += len(data)
+                if total > limits.max_file_bytes:
+                    raise Skipped("file_too_large")
+                if kind == "text" and total > limits.max_document_bytes:
+                    raise Skipped("document_too_large")
+                if text_format:
+                    _check_text_block(data, decoder)
+            if text_format:
+                decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise Skipped("not_utf8") from None
+    return size, hasher.hexdigest()
+
+
+def _check_text_block(data: bytes, decoder) -> None:
+    if b"\x00" in data:  # text never holds NUL; images, archives, UTF-16 and executables do
+        raise Skipped("binary")
+    decoder.decode(data)
+
+
+def _open_content(path: Path, raw):
+    return gzip.GzipFile(fileobj=raw) if _gzipped(path) else raw
+
+
+def _read_documents(path: Path, kind: str, field: str, limits: ReadLimits, skipped_records: Counter) -> Iterator[str]:
+    """The documents of a file that `scan_file` accepted. Record-level problems are counted, not fatal."""
     if kind == "parquet":
-        return _parquet_documents(raw, field, skipped_records)
-    if b"\x00" in raw:  # text never holds NUL; images, archives, UTF-16 and executables do
-        return [], "binary"
-    try:
-        text = raw.decode("utf-8-sig")  # -sig: a leading byte-order mark is not part of the text
-    except UnicodeDecodeError:
-        return [], "not_utf8"
-    if kind == "text":
-        return ([text] if text.strip() else []), None
-    values = []
-    for line in text.split("\n"):  # not splitlines(): U+2028 may sit unescaped inside a JSON string
+        yield from _parquet_documents(path, field, limits, skipped_records)
+        return
+    if kind == "document":
+        for _, _, text in extract_file(path, limits):
+            yield from _texts([text], limits, skipped_records)
+        return
+    with open_regular(path) as raw, _open_content(path, raw) as content:
+        try:
+            if kind == "text":
+                text = content.read(limits.max_document_bytes + 1).decode("utf-8-sig")
+                if text.strip():
+                    yield text
+                return
+            yield from _texts(_jsonl_values(content, field, limits, skipped_records), limits, skipped_records)
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError):
+            raise Skipped("corrupt") from None  # the file changed since it was scanned
+
+
+def _jsonl_values(content, field: str, limits: ReadLimits, skipped_records: Counter) -> Iterator:
+    """The `field` value of each JSONL line, read one bounded line at a time (b"\\n" ends a line, not
+    U+2028, which may sit unescaped inside a JSON string)."""
+    first = True
+    while line := content.readline(limits.max_document_bytes + 1):
+        if len(line) > limits.max_document_bytes:
+            while line and not line.endswith(b"\n"):  # drop the rest of the over-long line unread into memory
+                line = content.readline(BLOCK)
+            skipped_records["document_too_large"] += 1
+            continue
+        if first and line.startswith(_BOM):
+            line = line[len(_BOM):]
+        first = False
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(line.decode("utf-8"))
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: a line nested thousands deep
             skipped_records["bad_json"] += 1
             continue
-        values.append(record.get(field) if isinstance(record, dict) else None)
-    return _texts(values, skipped_records), None
+        yield record.get(field) if isinstance(record, dict) else None
 
 
-def _parquet_documents(raw: bytes, field: str, skipped_records: Counter) -> tuple[list[str], str | None]:
+def _parquet_documents(path: Path, field: str, limits: ReadLimits, skipped_records: Counter) -> Iterator[str]:
+    """The `field` values of a Parquet file, row group by row group (a .parquet.gz is first inflated into a
+    temporary file, within the file cap)."""
     import pyarrow
     import pyarrow.parquet
 
-    try:
-        table = pyarrow.parquet.ParquetFile(io.BytesIO(raw))
-        if field not in table.schema_arrow.names:
-            return [], "no_text_field"
-        values = [v for batch in table.iter_batches(columns=[field]) for v in batch.column(0).to_pylist()]
-    except (pyarrow.ArrowException, OSError):
-        return [], "corrupt"
-    return _texts(values, skipped_records), None
+    with tempfile.TemporaryFile() as inflated, open_regular(path) as raw:
+        source = raw
+        if _gzipped(path):
+            with gzip.GzipFile(fileobj=raw) as content:
+                for block in chunks(content):
+                    inflated.write(block)
+            inflated.seek(0)
+            source = inflated
+        try:
+            table = pyarrow.parquet.ParquetFile(source)
+            if field not in table.schema_arrow.names:
+                raise Skipped("no_text_field")
+            values = [v for batch in table.iter_batches(columns=[field]) for v in batch.column(0).to_pylist()]
+        except (pyarrow.ArrowException, OSError, EOFError, zlib.error):
+            raise Skipped("corrupt") from None
+    yield from _texts(values, limits, skipped_records)
 
 
-def _texts(values: list, skipped_records: Counter) -> list[str]:
-    """The non-empty strings among a file's record values; the others are counted by reason."""
-    documents = []
+def _texts(values: Iterable, limits: ReadLimits, skipped_records: Counter) -> Iterator[str]:
+    """The non-empty strings among a file's record values, within the document cap; the others are
+    counted by reason."""
     for value in values:
         if not isinstance(value, str):
             skipped_records["no_text_field"] += 1
         elif not value.strip():
             skipped_records["empty"] += 1
+        elif len(value) > limits.max_document_bytes // 4 and len(value.encode("utf-8", "surrogatepass")) > limits.max_document_bytes:
+            skipped_records["document_too_large"] += 1
         else:
-            documents.append(value)
-    return documents
+            yield value

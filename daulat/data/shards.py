@@ -9,7 +9,10 @@ On disk: `tokens.bin` (train) and `val.bin`, each the concatenation of `<|bos|> 
 every document, as raw little-endian uint16 (vocab <= 65536) or uint32, and `index.json` (dtype, token and
 document counts, document offsets, the data manifest, the tokenizer's hash). A document goes to val when a
 hash of its text falls below `val_fraction`, so the split does not depend on the order or number of
-documents, and duplicated documents never straddle it. Everything is written under temporary names and
+documents, and duplicated documents never straddle it. A document longer than `piece_tokens` is first cut
+into pieces of that many tokens, each given to train or val by a hash of the document and its index (the
+first piece keeps the <|bos|>, the last the <|eos|>; the index's "documents" count these pieces), so that a
+corpus of a few large files still holds out about `val_fraction` of its tokens rather than all or nothing. Everything is written under temporary names and
 renamed into place, `index.json` last: a directory with an index is always complete.
 
 Training reads random windows of seq_len + 1 tokens without caring about document boundaries (nanoGPT
@@ -43,12 +46,21 @@ def is_val_document(text: str, val_fraction: float) -> bool:
     return h / 2**64 < val_fraction
 
 
+def _val_pieces(text: str, n_pieces: int, val_fraction: float) -> list[bool]:
+    """is-val for each piece of a document: the whole text's hash for one piece, else (text digest, index)."""
+    if n_pieces == 1:
+        return [is_val_document(text, val_fraction)]
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    hashes = (hashlib.blake2b(digest + k.to_bytes(8, "big"), digest_size=8).digest() for k in range(n_pieces))
+    return [int.from_bytes(h, "big") / 2**64 < val_fraction for h in hashes]
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
 def write_shards(documents: Iterable[str], tokenizer, out_dir: str | os.PathLike, val_fraction: float = 0.01,
-                 manifest: dict | None = None, batch_docs: int = 512) -> dict:
+                 manifest: dict | None = None, batch_docs: int = 512, piece_tokens: int = 2048) -> dict:
     """Tokenize `documents` into out_dir/{tokens.bin, val.bin, index.json}; returns the index.
 
     Documents are encoded `batch_docs` at a time with the tokenizer's parallel batch encoder (all cores).
@@ -70,9 +82,13 @@ def write_shards(documents: Iterable[str], tokenizer, out_dir: str | os.PathLike
             while batch := list(islice(documents, batch_docs)):
                 chunks = {"train": [], "val": []}
                 for text, ids in zip(batch, tokenizer.encode_batch(batch)):
-                    split = "val" if is_val_document(text, val_fraction) else "train"
-                    chunks[split] += [tokenizer.bos_id, *ids, tokenizer.eos_id]
-                    offsets[split].append(offsets[split][-1] + len(ids) + 2)
+                    tokens = [tokenizer.bos_id, *ids, tokenizer.eos_id]
+                    n_pieces = max(1, -(-len(ids) // piece_tokens))
+                    for k, val in enumerate(_val_pieces(text, n_pieces, val_fraction)):
+                        piece = tokens[k * piece_tokens + bool(k) : (k + 1) * piece_tokens + 1 + (k == n_pieces - 1)]
+                        split = "val" if val else "train"
+                        chunks[split] += piece
+                        offsets[split].append(offsets[split][-1] + len(piece))
                 for split, chunk in chunks.items():
                     np.asarray(chunk, dtype=dtype).tofile(files[split])
         if val_fraction > 0 and len(offsets["val"]) == 1 and len(offsets["train"]) > 2:

@@ -42,6 +42,9 @@ class DataConfig:
     builtin_seed: int = 0
     tokenizer_docs: int = 0  # documents the tokenizer is trained on, from the start of the corpus (0: all)
     min_frequency: int = 2  # a BPE merge needs at least this many occurrences
+    max_file_bytes: int = 4 << 30  # bytes read from one file, after decompression (larger: skipped, counted)
+    max_document_bytes: int = 16 << 20  # one document: a text file, a JSONL line, a Parquet value
+    follow_links: bool = False  # follow symbolic links that leave a data folder
 
     def __post_init__(self):
         if not 0 <= self.val_fraction < 1:
@@ -114,9 +117,10 @@ def pretrain(config: dict, out, data: list[str] | None = None, tokenizer=None, r
     # Check every input before writing anything.
     corpus = None
     if data:
-        from daulat.data.corpus import Corpus
+        from daulat.data.corpus import Corpus, ReadLimits
 
-        corpus = Corpus(data, text_field=data_cfg.text_field)
+        corpus = Corpus(data, text_field=data_cfg.text_field, limits=ReadLimits(
+            data_cfg.max_file_bytes, data_cfg.max_document_bytes, data_cfg.follow_links))
     given = load_tokenizer(tokenizer) if tokenizer is not None else None
     out = run.prepare_output()
 
@@ -225,7 +229,7 @@ def _check_same_sources(manifest: dict, corpus, data_cfg: DataConfig) -> None:
             and manifest.get("seed") == data_cfg.builtin_seed
         then = "the built-in corpus" if manifest.get("builtin") else "--data " + " ".join(s["path"] for s in manifest.get("sources", []))
     else:
-        paths = [s.path for s in corpus.sources]
+        paths = [s["path"] for s in corpus.source_manifest()]
         same = [s.get("path") for s in manifest.get("sources", [])] == paths
         then = "the built-in corpus" if manifest.get("builtin") else "--data " + " ".join(s["path"] for s in manifest.get("sources", []))
     if not same:

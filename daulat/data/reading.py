@@ -1,0 +1,86 @@
+"""Reading untrusted files: regular files only, streamed in blocks, decompression included, within caps.
+
+Shared by the corpus reader (daulat.data.corpus) and the document extractors (daulat.data.documents).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from daulat.errors import DaulatError
+
+BLOCK = 1 << 20  # bytes read at a time
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Caps on what one file may cost. Defaults fit real corpora (a long book is a few MB; web JSONL
+    shards are a few GB) and stop decompression bombs and single-line files long before memory runs out.
+
+    max_file_bytes: bytes read from one file, counted after decompression (a larger file: file_too_large).
+    max_document_bytes: bytes of one document: a whole text file, one JSONL line, one Parquet value
+        (larger: document_too_large). It also bounds what the tokenizer trainer sees in one piece.
+    follow_links: follow symbolic links whose target lies outside the source's root folder.
+    """
+
+    max_file_bytes: int = 4 << 30
+    max_document_bytes: int = 16 << 20
+    follow_links: bool = False
+
+    def __post_init__(self):
+        for name in ("max_file_bytes", "max_document_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DaulatError(f"data {name} must be a positive number of bytes, got {value!r}")
+
+
+class Skipped(Exception):
+    """A file (or folder) is skipped; args[0] is the reason counted in the manifest."""
+
+
+def open_regular(path: Path):
+    """A binary file object for `path`, which must be a regular file; raises Skipped otherwise.
+
+    O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer, and the type is checked
+    on the opened descriptor, so a file swapped for a FIFO or a device after listing is caught too.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError:
+        raise Skipped("unreadable") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Skipped("not_regular_file")
+    return os.fdopen(fd, "rb")
+
+
+def chunks(stream) -> Iterator[bytes]:
+    while block := stream.read(BLOCK):
+        yield block
+
+
+def inflated(blocks: Iterator[bytes]) -> Iterator[bytes]:
+    """The decompressed content of gzip data given as blocks, at most BLOCK bytes at a time, members
+    concatenated as gzip does; raises Skipped("corrupt") on bad or truncated data."""
+    inflate, in_member = zlib.decompressobj(wbits=31), False
+    try:
+        for pending in blocks:
+            while pending:
+                in_member = True
+                data = inflate.decompress(pending, BLOCK)
+                if data:
+                    yield data
+                if inflate.eof:  # another member may follow
+                    pending = inflate.unused_data
+                    inflate, in_member = zlib.decompressobj(wbits=31), False
+                else:
+                    pending = inflate.unconsumed_tail
+    except zlib.error:
+        raise Skipped("corrupt") from None
+    if in_member:
+        raise Skipped("corrupt")  # truncated
