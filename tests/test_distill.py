@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require
 
 from daulat.cli import main
 from daulat.data.tasks import get_task
@@ -265,7 +266,7 @@ def test_api_base_accepts_what_users_type():
 
 
 def test_sft_from_a_daulat_serve_teacher_across_tokenizers(checkpoint, tmp_path):
-    pytest.importorskip("daulat.infer.server")
+    require("daulat.infer.server")
     student = make_checkpoint(tmp_path / "student", vocab_size=400, seed=1)  # its own tokenizer
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."}]}) + "\n"

@@ -8,9 +8,10 @@ import time
 import httpx
 import pytest
 import torch
+from conftest import require
 from infer_fixtures import API_KEY, checkpoint, server  # noqa: F401  (pytest fixtures)
 
-openai = pytest.importorskip("openai")
+openai = require("openai")
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2 + 3?"}]
 

@@ -1,0 +1,99 @@
+"""DeepSeek-V3.2 (daulat/model_v32.py) against transformers' `DeepseekV32ForCausalLM`: the same weights
+give the same logits in both directions, over a spread of configurations and of index_topk against the
+sequence length; the sparse path attends over gathered keys only."""
+
+import json
+
+import pytest
+import torch
+from conftest import require
+
+transformers = require("transformers")
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from daulat.checkpoint import from_hf_state_dict, to_hf_state_dict  # noqa: E402
+from daulat.model import DeepseekV3, ModelConfig  # noqa: E402
+from daulat.model_v32 import DeepseekV32, DeepseekV32Config  # noqa: E402
+
+# 16 indexer heads: with very few heads, ties in the top-k make even transformers disagree with itself
+BASE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
+            num_attention_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+            v_head_dim=12, first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+            max_position_embeddings=256, index_n_heads=16, index_head_dim=16, index_topk=8)
+T = 33  # sequence length of the parity checks
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+        "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
+
+SPREAD = {
+    "topk_8_of_33": {},
+    "topk_1": {"index_topk": 1},
+    "topk_32_of_33": {"index_topk": 32},
+    "topk_equals_length": {"index_topk": T},
+    "topk_above_length": {"index_topk": 64},
+    "yarn_topk_12": {"rope_scaling": YARN, "index_topk": 12},
+    "groups_wide_q_lora": {"q_lora_rank": 48, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3,
+                           "routed_scaling_factor": 2.5, "index_topk": 5},
+    "tied_no_norm_topk_24_heads": {"tie_word_embeddings": True, "norm_topk_prob": False, "index_n_heads": 24,
+                                   "index_topk": 16},
+    "attention_bias": {"attention_bias": True, "index_topk": 10},
+    "indexer_all_rope_dense_layers": {"index_head_dim": 8, "num_hidden_layers": 4, "first_k_dense_replace": 2,
+                                      "n_shared_experts": 2, "index_topk": 6},
+    "yarn_wide_indexer": {"rope_scaling": {**YARN, "mscale_all_dim": 0.707}, "index_n_heads": 32,
+                          "index_head_dim": 24, "index_topk": 20},
+}
+
+
+def _daulat_model(name: str, seed: int) -> DeepseekV32:
+    torch.manual_seed(seed)
+    model = DeepseekV32(DeepseekV32Config(**{**BASE, **SPREAD[name]})).eval()
+    with torch.no_grad():
+        for moe in model.moe_layers():  # a trained model's bias is not zero: make routing depend on it
+            moe.gate.e_score_correction_bias.normal_(0, 0.2)
+        for name_, p in model.named_parameters():
+            if name_.endswith(".bias"):
+                p.normal_(0, 0.05)
+    return model
+
+
+def _hf_config_dict(config: DeepseekV32Config) -> dict:
+    return {k: v for k, v in config.to_hf_dict().items()
+            if k not in ("mtp_loss_weight", "bias_update_speed", "seq_aux_loss_alpha", "num_nextn_predict_layers")}
+
+
+@pytest.mark.parametrize("name", list(SPREAD))
+def test_daulat_weights_load_in_transformers_with_same_logits(name, tmp_path):
+    model = _daulat_model(name, seed=0)
+    main, mtp = to_hf_state_dict(model)
+    assert not mtp
+    assert "model.layers.0.self_attn.indexer.weights_proj.weight" in main
+    save_file(main, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
+                                                           dtype=torch.float32).eval()
+    assert type(hf).__name__ == "DeepseekV32ForCausalLM"
+    ids = torch.randint(0, BASE["vocab_size"], (2, T))
+    with torch.no_grad():
+        diff = (model(ids) - hf(ids).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("name", list(SPREAD))
+def test_transformers_weights_load_in_daulat_with_same_logits(name, tmp_path):
+    torch.manual_seed(1)
+    hf_config = transformers.DeepseekV32Config(**_hf_config_dict(DeepseekV32Config(**{**BASE, **SPREAD[name]})))
+    hf = transformers.DeepseekV32ForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for layer in hf.model.layers[hf_config.first_k_dense_replace:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.2)
+    hf.save_pretrained(tmp_path)
+    config = DeepseekV32Config.from_hf_dict(json.loads((tmp_path / "config.json").read_text()))
+    model = DeepseekV32(config).eval()
+    state = from_hf_state_dict(load_file(tmp_path / "model.safetensors"), config, "model.safetensors")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert unexpected == [] and missing == (["lm_head.weight"] if config.tie_word_embeddings else []), missing
+    ids = torch.randint(0, BASE["vocab_size"], (2, 29))
+    with torch.no_grad():
+        diff = (model(ids) - hf(ids).logits).abs().max().item()
+    assert diff <= 1e-4, diff
