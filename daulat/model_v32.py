@@ -16,7 +16,8 @@ The lightning indexer (DeepSeek-V3.2 report, section 2.1), for query t and key s
 with the first r dims of q_I and k_I rotated by RoPE in halves (not interleaved, unlike MLA's), and
 q_resid = q_a_layernorm(q_a_proj(x)) the low-rank query MLA already computes (so V3.2 needs
 q_lora_rank). Each query keeps the top-k keys s <= t by I; with k >= T that is every earlier key and
-the attention is V3's dense causal one.
+the attention is V3's dense causal one. Decoding goes through `IndexedLatentCache` (`model.make_cache`),
+which keeps the indexer's key beside MLA's latent: c + r + d numbers per token per layer.
 
 Shapes: B batch, T tokens, S keys, H attention heads, h indexer heads, d = index_head_dim,
 K = min(index_topk, S) selected keys, c = kv_lora_rank, n/r/v as in daulat/model.py.
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from daulat.model import MLA, Block, DeepseekV3, ModelConfig, apply_rope
+from daulat.model import MLA, Block, DeepseekV3, LatentCache, ModelConfig, apply_rope
 
 # tensors kept in float32 at any load dtype: the router's correction bias and the indexer's head weights
 KEEP_FP32 = ("e_score_correction_bias", "indexer.weights_proj.weight")
@@ -140,9 +141,9 @@ class SparseMLA(MLA):
         self.indexer = Indexer(config)
 
     def forward(self, x, cos, sin, positions=None, cache=None, absorb=None):
-        """x [B, T, D]; cos/sin [B, T, 1, r/2]. Returns [B, T, D]. Full sequences only (training, prefill)."""
-        if cache is not None:
-            raise NotImplementedError("DeepSeek-V3.2 decoding with a cache is not implemented yet")
+        """x [B, T, D]; cos/sin [B, T, 1, r/2]; positions [B, T] (needed with a cache, see
+        IndexedLatentCache). Returns [B, T, D]. `absorb` is accepted for MLA's signature: the sparse path
+        always attends in latent space."""
         B, T, _ = x.shape
         H = self.n_heads
         q_resid = self.q_a_layernorm(self.q_a_proj(x))  # [B, T, q_lora_rank]: shared with the indexer
@@ -151,40 +152,45 @@ class SparseMLA(MLA):
         kv_latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
         kv_latent = self.kv_a_layernorm(kv_latent)  # [B, T, c]
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)  # [B, T, r]
-        if self.indexer.topk >= T:  # every query keeps all its earlier keys: V3's dense causal attention
-            out = self._expanded(q_nope, q_pe, kv_latent, k_pe, None)
-        else:
-            out = self._sparse(x, q_resid, cos, sin, q_nope, q_pe, kv_latent, k_pe)
-        return self.o_proj(out.reshape(B, T, H * self.v_dim))
-
-    def _sparse(self, x, q_resid, cos, sin, q_nope, q_pe, kv_latent, k_pe):
-        """Top-k selection and attention over the gathered keys, a chunk of queries at a time.
-
-        x [B, T, D], q_resid [B, T, q], q_nope [B, T, H, n], q_pe [B, T, H, r], kv_latent [B, T, c],
-        k_pe [B, T, r] -> [B, T, H, v].
-        """
-        B, T, _ = x.shape
-        K = self.indexer.topk
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
-        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w[:, : self.nope])  # [B, T, H, c]
-        per_query = T * self.indexer.n_heads + K * (self.kv_lora_rank + self.rope + self.n_heads)
-        chunk = max(1, CHUNK_NUMBERS // (B * per_query))
+        if cache is None and self.indexer.topk >= T:  # each query keeps all its earlier keys: V3's dense attention
+            return self.o_proj(self._expanded(q_nope, q_pe, kv_latent, k_pe, None).reshape(B, T, H * self.v_dim))
         # the indexer only chooses keys: no gradient flows through top-k, so it runs without autograd
         with torch.no_grad():
             index_keys = self.indexer.keys(x, cos, sin)  # [B, T, d]
+        if cache is None:  # key s of the sequence is visible to query t when s <= t
+            query_pos = torch.arange(T, device=x.device).expand(B, T)
+        else:  # the key at cache index s has position s
+            kv_latent, k_pe = cache.update(self.layer_idx, kv_latent, k_pe, positions)  # [B, S, c], [B, S, r]
+            index_keys = cache.update_indexer(self.layer_idx, index_keys, positions)  # [B, S, d]
+            query_pos = positions
+        out = self._sparse(x, q_resid, cos, sin, q_nope, q_pe, kv_latent, k_pe, index_keys, query_pos)
+        return self.o_proj(out.reshape(B, T, H * self.v_dim))
+
+    def _sparse(self, x, q_resid, cos, sin, q_nope, q_pe, kv_latent, k_pe, index_keys, query_pos):
+        """Top-k selection and attention over the gathered keys, a chunk of queries at a time.
+
+        Queries: x [B, T, D], q_resid [B, T, q], q_nope [B, T, H, n], q_pe [B, T, H, r] at positions
+        query_pos [B, T]; keys: kv_latent [B, S, c], k_pe [B, S, r], index_keys [B, S, d], key s at
+        position s. Returns [B, T, H, v].
+        """
+        B, T, _ = x.shape
+        S, K = kv_latent.shape[1], self.indexer.topk
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w[:, : self.nope])  # [B, T, H, c]
+        per_query = S * self.indexer.n_heads + K * (self.kv_lora_rank + self.rope + self.n_heads)
+        chunk = max(1, CHUNK_NUMBERS // (B * per_query))
         out = []
         for start in range(0, T, chunk):
-            end = min(start + chunk, T)
-            query_pos = torch.arange(start, end, device=x.device)  # [t]
+            rows = slice(start, start + chunk)
+            pos = query_pos[:, rows]  # [B, t]
+            end = int(pos.max()) + 1  # keys after the chunk's last query are never needed
             with torch.no_grad():
-                scores = self.indexer(x[:, start:end], q_resid[:, start:end], cos[:, start:end], sin[:, start:end],
-                                      index_keys[:, :end])  # [B, t, end]: later keys are never needed
-                future = torch.arange(end, device=x.device)[None, :] > query_pos[:, None]  # [t, end]
+                scores = self.indexer(x[:, rows], q_resid[:, rows], cos[:, rows], sin[:, rows], index_keys[:, :end])
+                future = torch.arange(end, device=x.device) > pos[..., None]  # [B, t, end]
                 selected = scores.masked_fill_(future, float("-inf")).topk(min(K, end), dim=-1).indices  # [B, t, K]
             # a query with fewer than K earlier keys also selected some later ones: they stay masked
-            visible = selected <= query_pos[:, None]  # [B, t, K]
-            out.append(self._attend_selected(q_latent[:, start:end], q_pe[:, start:end], kv_latent, k_pe,
-                                             selected, visible))
+            visible = selected <= pos[..., None]  # [B, t, K]
+            out.append(self._attend_selected(q_latent[:, rows], q_pe[:, rows], kv_latent, k_pe, selected, visible))
         return torch.einsum("bthc,hvc->bthv", torch.cat(out, dim=1), w[:, self.nope :])  # [B, T, H, v]
 
     def _attend_selected(self, q_latent, q_pe, kv_latent, k_pe, selected, visible):
@@ -197,6 +203,28 @@ class SparseMLA(MLA):
         scores = scores.float().mul_(self.scale).masked_fill_(~visible[:, :, None, :], float("-inf"))
         probs = scores.softmax(dim=-1).to(q_latent.dtype)  # [B, t, H, K]
         return torch.einsum("bthk,btkc->bthc", probs, kv)
+
+
+class IndexedLatentCache(LatentCache):
+    """The V3.2 decode cache: MLA's latent and RoPE key (LatentCache) plus, per layer, the indexer's key
+    [B, S_max, d]: c + r + d numbers per token per layer. The key at index s of a row has position s."""
+
+    def __init__(self, config: DeepseekV32Config, batch_size: int, max_len: int, device=None,
+                 dtype=torch.float32):
+        super().__init__(config, batch_size, max_len, device, dtype)
+        self.index_keys = [torch.zeros(batch_size, max_len, config.index_head_dim, device=device, dtype=dtype)
+                           for _ in range(config.num_hidden_layers)]
+
+    def update_indexer(self, layer_idx: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Store the indexer keys [B, T, d] at `positions` [B, T]; return every row's up to the largest
+        position [B, S, d]."""
+        store = self.index_keys[layer_idx]
+        rows = self.rows if self.rows is not None else torch.arange(keys.shape[0], device=store.device)
+        store[rows[:, None], positions] = keys.to(store.dtype)
+        return store[rows, : int(positions.max()) + 1]
+
+    def bytes_per_token(self) -> int:
+        return super().bytes_per_token() + sum(t[0, 0].numel() * t.element_size() for t in self.index_keys)
 
 
 class SparseBlock(Block):
@@ -214,3 +242,7 @@ class DeepseekV32(DeepseekV3):
         if not isinstance(config, DeepseekV32Config):
             raise TypeError(f"DeepseekV32 needs a DeepseekV32Config, got {type(config).__name__}")
         super().__init__(config)
+
+    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> IndexedLatentCache:
+        """The decode cache for `batch_size` sequences of up to `max_len` tokens."""
+        return IndexedLatentCache(self.config, batch_size, max_len, device, dtype)

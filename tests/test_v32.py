@@ -64,13 +64,17 @@ def _hf_config_dict(config: DeepseekV32Config) -> dict:
 
 @pytest.mark.parametrize("name", list(SPREAD))
 def test_daulat_weights_load_in_transformers_with_same_logits(name, tmp_path):
+    _check_daulat_to_transformers(name, tmp_path)
+
+
+def _check_daulat_to_transformers(name, path):
     model = _daulat_model(name, seed=0)
     main, mtp = to_hf_state_dict(model)
     assert not mtp
     assert "model.layers.0.self_attn.indexer.weights_proj.weight" in main
-    save_file(main, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    (tmp_path / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
+    save_file(main, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager",
                                                            dtype=torch.float32).eval()
     assert type(hf).__name__ == "DeepseekV32ForCausalLM"
     ids = torch.randint(0, BASE["vocab_size"], (2, T))
@@ -97,3 +101,70 @@ def test_transformers_weights_load_in_daulat_with_same_logits(name, tmp_path):
     with torch.no_grad():
         diff = (model(ids) - hf(ids).logits).abs().max().item()
     assert diff <= 1e-4, diff
+
+
+def test_queries_chunked_one_at_a_time_give_the_same_logits_as_transformers(tmp_path, monkeypatch):
+    import daulat.model_v32
+
+    monkeypatch.setattr(daulat.model_v32, "CHUNK_NUMBERS", 1)  # the sparse path then runs one query per chunk
+    _check_daulat_to_transformers("yarn_topk_12", tmp_path)
+
+
+def test_with_every_key_selected_it_is_deepseek_v3():
+    model = _daulat_model("topk_above_length", seed=2)
+    v3_fields = {k: v for k, v in {**BASE, **SPREAD["topk_above_length"]}.items() if not k.startswith("index_")}
+    v3 = DeepseekV3(ModelConfig(**v3_fields)).eval()
+    state = {k: v for k, v in model.state_dict().items() if ".indexer." not in k}
+    v3.load_state_dict(state)
+    ids = torch.randint(0, BASE["vocab_size"], (2, T))
+    with torch.no_grad():
+        assert (model(ids) - v3(ids)).abs().max() <= 1e-5
+
+
+def test_sparse_training_step_has_gradients_for_attention_and_experts():
+    model = _daulat_model("topk_8_of_33", seed=3).train()
+    ids = torch.randint(0, BASE["vocab_size"], (2, T))
+    loss, _ = model.training_loss(ids, ids.roll(-1, dims=1))
+    loss.backward()
+    attention = model.layers[1].self_attn
+    for p in (attention.kv_b_proj.weight, attention.q_a_proj.weight, attention.kv_a_proj_with_mqa.weight,
+              model.layers[1].mlp.gate_up_proj):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("q_lora_rank", None, "low-rank query"),
+    ("index_topk", 0, "positive integer"),
+    ("index_head_dim", 4, "at least qk_rope_head_dim"),
+    ("rope_interleave", False, "interleaved"),
+    ("num_nextn_predict_layers", 1, "not implemented"),
+])
+def test_bad_config_is_one_clear_error(field, value, words):
+    with pytest.raises(ValueError, match=words):
+        DeepseekV32Config(**{**BASE, field: value})
+
+
+def test_config_json_round_trips_and_other_models_are_refused():
+    config = DeepseekV32Config(**{**BASE, "rope_scaling": YARN})
+    d = config.to_hf_dict()
+    assert d["model_type"] == "deepseek_v32" and d["architectures"] == ["DeepseekV32ForCausalLM"]
+    assert DeepseekV32Config.from_hf_dict(json.loads(json.dumps(d))) == config
+    with pytest.raises(ValueError, match="deepseek_v32"):
+        DeepseekV32Config.from_hf_dict(ModelConfig().to_hf_dict())
+    with pytest.raises(ValueError, match="mlp_layer_types"):
+        DeepseekV32Config.from_hf_dict({**d, "mlp_layer_types": ["sparse", "dense", "sparse"]})
+
+
+@pytest.mark.parametrize("name", ["topk_8_of_33", "topk_above_length", "yarn_topk_12"])
+def test_prefill_then_decoding_through_the_cache_equals_the_full_forward(name):
+    model = _daulat_model(name, seed=4)
+    ids = torch.randint(0, BASE["vocab_size"], (2, T))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.make_cache(2, T + 4)
+        steps = [model(ids[:, :20], positions=torch.arange(20).expand(2, 20), cache=cache)]
+        for t in range(20, T):  # one token at a time: the indexer scores against its cached keys
+            steps.append(model(ids[:, t : t + 1], positions=torch.full((2, 1), t), cache=cache))
+    assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-4
+    c = model.config
+    assert cache.bytes_per_token() == c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim + c.index_head_dim) * 4
