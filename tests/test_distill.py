@@ -230,6 +230,7 @@ def test_on_policy_batches_resume_where_they_stopped(checkpoint):
 # ------------------------------------------------------------------------------------------ errors
 
 
+@pytest.mark.slow
 def test_tokenizer_mismatch_is_a_one_line_error(checkpoint, tmp_path, capsys):
     other = make_checkpoint(tmp_path / "other", vocab_size=400)  # another tokenizer
     args = ["--teacher", str(checkpoint), "--student", str(other), "--task", "addition", "--steps", "1"]
@@ -265,6 +266,7 @@ def test_api_base_accepts_what_users_type():
 # ------------------------------------------------------------------------------------------ an HTTP teacher
 
 
+@pytest.mark.slow
 def test_sft_from_a_daulat_serve_teacher_across_tokenizers(checkpoint, tmp_path):
     require("daulat.infer.server")
     student = make_checkpoint(tmp_path / "student", vocab_size=400, seed=1)  # its own tokenizer

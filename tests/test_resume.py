@@ -42,6 +42,7 @@ def logged_steps(out: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_uninterrupted_run_bitwise(tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     ref_proc, victim = pretrain(reference), pretrain(killed)  # side by side: one core each

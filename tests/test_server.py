@@ -199,6 +199,7 @@ def test_a_client_that_goes_away_frees_its_sequence(server):
     assert httpx.get(server.url + "/health").json()["requests_in_flight"] == 0
 
 
+@pytest.mark.slow
 def test_serve_rejects_bad_input_in_one_line(tmp_path, checkpoint):
     import subprocess
     import sys

@@ -15,6 +15,8 @@ from conftest import require
 from daulat.checkpoint import load_info, load_model
 from daulat.report import _cell, annex_xi, missing_fields, read_metrics
 
+pytestmark = pytest.mark.slow  # over ~10 s: left out of the fast loop (-m 'not slow')
+
 STAGES = ["pretrain", "sft", "grpo", "distill"]
 
 

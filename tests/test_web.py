@@ -15,6 +15,8 @@ import pytest
 from conftest import missing, require
 from infer_fixtures import API_KEY, checkpoint, server  # noqa: F401  (pytest fixtures)
 
+pytestmark = pytest.mark.slow  # over ~10 s: left out of the fast loop (-m 'not slow')
+
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-dev-shm-usage"]
 
