@@ -53,7 +53,7 @@ def require(module: str, package: str | None = None, install: str | None = None)
         absent = (error.name or module).split(".")[0]  # for daulat.infer.server: fastapi
         if absent == "daulat":  # only a missing dependency is excused, never a broken daulat module
             raise
-        missing(package or PACKAGE.get(absent, absent), install or INSTALL.get(absent, PIP_TEST_EXTRA))
+    missing(package or PACKAGE.get(absent, absent), install or INSTALL.get(absent, PIP_TEST_EXTRA))
 
 
 def require_program(name: str, install: str) -> str:
