@@ -25,8 +25,9 @@ K = min(index_topk, S) selected keys, c = kv_lora_rank, n/r/v as in daulat/model
 Checkpoints: the tensor names are DeepSeek-V3's plus, per layer,
 `model.layers.{i}.self_attn.indexer.{wq_b,wk,weights_proj}.weight` and `...indexer.k_norm.{weight,bias}`,
 so daulat/checkpoint.py's `to_hf_state_dict` / `from_hf_state_dict` map them unchanged; the config is
-`DeepseekV32Config.to_hf_dict` / `from_hf_dict`; `KEEP_FP32` names the tensors kept in float32 whatever
-the load dtype (as transformers keeps them).
+`DeepseekV32Config.to_hf_dict` / `from_hf_dict`, `config_from_hf_dict` and `build_model` pick the
+architecture a config.json names, and `KEEP_FP32` lists the tensors kept in float32 whatever the load
+dtype (as transformers keeps them).
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ class SparseMLA(MLA):
     """MLA (daulat/model.py) whose queries attend to the keys their indexer selects.
 
     The selected keys' latents are gathered and attention runs in latent space (kv_b_proj folded into
-    the query and the output, as MLA's absorbed path), so the work per query is O(k), not O(S).
+    the query and the output, as MLA's absorbed path): attention costs O(k) per query, not O(S); only
+    the indexer, with its few small heads, scores all S keys.
     """
 
     def __init__(self, config: DeepseekV32Config, layer_idx: int):
@@ -181,24 +183,26 @@ class SparseMLA(MLA):
         chunk = max(1, CHUNK_NUMBERS // (B * per_query))
         out = []
         for start in range(0, T, chunk):
-            rows = slice(start, start + chunk)
-            pos = query_pos[:, rows]  # [B, t]
+            queries = slice(start, start + chunk)
+            pos = query_pos[:, queries]  # [B, t]
             end = int(pos.max()) + 1  # keys after the chunk's last query are never needed
             with torch.no_grad():
-                scores = self.indexer(x[:, rows], q_resid[:, rows], cos[:, rows], sin[:, rows], index_keys[:, :end])
+                scores = self.indexer(x[:, queries], q_resid[:, queries], cos[:, queries], sin[:, queries],
+                                      index_keys[:, :end])
                 future = torch.arange(end, device=x.device) > pos[..., None]  # [B, t, end]
                 selected = scores.masked_fill_(future, float("-inf")).topk(min(K, end), dim=-1).indices  # [B, t, K]
             # a query with fewer than K earlier keys also selected some later ones: they stay masked
             visible = selected <= pos[..., None]  # [B, t, K]
-            out.append(self._attend_selected(q_latent[:, rows], q_pe[:, rows], kv_latent, k_pe, selected, visible))
+            out.append(self._attend_selected(q_latent[:, queries], q_pe[:, queries], kv_latent, k_pe, selected,
+                                             visible))
         return torch.einsum("bthc,hvc->bthv", torch.cat(out, dim=1), w[:, self.nope :])  # [B, T, H, v]
 
     def _attend_selected(self, q_latent, q_pe, kv_latent, k_pe, selected, visible):
         """Latent-space attention of q_latent [B, t, H, c] and q_pe [B, t, H, r] over the keys `selected`
         [B, t, K] (indices into kv_latent [B, S, c] and k_pe [B, S, r]), where `visible` [B, t, K].
         Returns the attended latents [B, t, H, c]."""
-        rows = torch.arange(selected.shape[0], device=selected.device)[:, None, None]
-        kv, pe = kv_latent[rows, selected], k_pe[rows, selected]  # gathered: [B, t, K, c], [B, t, K, r]
+        batch = torch.arange(selected.shape[0], device=selected.device)[:, None, None]
+        kv, pe = kv_latent[batch, selected], k_pe[batch, selected]  # gathered: [B, t, K, c], [B, t, K, r]
         scores = torch.einsum("bthc,btkc->bthk", q_latent, kv) + torch.einsum("bthr,btkr->bthk", q_pe, pe)
         scores = scores.float().mul_(self.scale).masked_fill_(~visible[:, :, None, :], float("-inf"))
         probs = scores.softmax(dim=-1).to(q_latent.dtype)  # [B, t, H, K]
@@ -246,3 +250,19 @@ class DeepseekV32(DeepseekV3):
     def make_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> IndexedLatentCache:
         """The decode cache for `batch_size` sequences of up to `max_len` tokens."""
         return IndexedLatentCache(self.config, batch_size, max_len, device, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: which config and model a config.json asks for (the tensor names are V3's, see above)
+# ------------------------------------------------------------------------------------------------
+
+
+def config_from_hf_dict(d: dict) -> ModelConfig:
+    """The config of a transformers config.json: `deepseek_v32` or else DeepSeek-V3's (which names
+    the model_type it expects when it is neither)."""
+    return (DeepseekV32Config if d.get("model_type") == "deepseek_v32" else ModelConfig).from_hf_dict(d)
+
+
+def build_model(config: ModelConfig) -> DeepseekV3:
+    """The model for a config: DeepseekV32 for a DeepseekV32Config, DeepseekV3 otherwise."""
+    return DeepseekV32(config) if isinstance(config, DeepseekV32Config) else DeepseekV3(config)

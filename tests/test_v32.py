@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from daulat.checkpoint import from_hf_state_dict, to_hf_state_dict  # noqa: E402
 from daulat.model import DeepseekV3, ModelConfig  # noqa: E402
-from daulat.model_v32 import DeepseekV32, DeepseekV32Config  # noqa: E402
+from daulat.model_v32 import DeepseekV32, DeepseekV32Config, build_model, config_from_hf_dict  # noqa: E402
 
 # 16 indexer heads: with very few heads, ties in the top-k make even transformers disagree with itself
 BASE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
@@ -92,8 +92,9 @@ def test_transformers_weights_load_in_daulat_with_same_logits(name, tmp_path):
         for layer in hf.model.layers[hf_config.first_k_dense_replace:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0, 0.2)
     hf.save_pretrained(tmp_path)
-    config = DeepseekV32Config.from_hf_dict(json.loads((tmp_path / "config.json").read_text()))
-    model = DeepseekV32(config).eval()
+    config = config_from_hf_dict(json.loads((tmp_path / "config.json").read_text()))
+    model = build_model(config).eval()
+    assert isinstance(model, DeepseekV32)
     state = from_hf_state_dict(load_file(tmp_path / "model.safetensors"), config, "model.safetensors")
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert unexpected == [] and missing == (["lm_head.weight"] if config.tie_word_embeddings else []), missing
@@ -151,6 +152,8 @@ def test_config_json_round_trips_and_other_models_are_refused():
     assert DeepseekV32Config.from_hf_dict(json.loads(json.dumps(d))) == config
     with pytest.raises(ValueError, match="deepseek_v32"):
         DeepseekV32Config.from_hf_dict(ModelConfig().to_hf_dict())
+    v3 = config_from_hf_dict(ModelConfig().to_hf_dict())  # a deepseek_v3 config.json stays DeepSeek-V3
+    assert type(v3) is ModelConfig and type(build_model(v3)) is DeepseekV3
     with pytest.raises(ValueError, match="mlp_layer_types"):
         DeepseekV32Config.from_hf_dict({**d, "mlp_layer_types": ["sparse", "dense", "sparse"]})
 
