@@ -124,10 +124,11 @@ class Indexer(nn.Module):
         cos/sin [B, T, 1, r/2] against keys [B, S, d]. No causal mask: the caller applies it."""
         B, T, _ = x.shape
         q = self._rotate(self.wq_b(q_resid).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        # [B, T, h, d] @ [B, 1, d, S] -> per-head scores [B, T, h, S], computed in float32
-        scores = torch.matmul(q.float(), keys.float().transpose(1, 2).unsqueeze(1)).mul_(self.scale).relu_()
-        weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads**-0.5  # [B, T, h]
-        return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # heads weighted and summed: [B, T, S]
+        with torch.autocast(x.device.type, enabled=False):  # float32 even in bf16 training
+            # [B, T, h, d] @ [B, 1, d, S] -> per-head scores [B, T, h, S]
+            scores = torch.matmul(q.float(), keys.float().transpose(1, 2).unsqueeze(1)).mul_(self.scale).relu_()
+            weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads**-0.5  # [B, T, h]
+            return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # heads weighted and summed: [B, T, S]
 
 
 class SparseMLA(MLA):
