@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from daulat.model import MLA, Block, DeepseekV3, LatentCache, ModelConfig, apply_rope
 
@@ -194,8 +195,11 @@ class SparseMLA(MLA):
                 selected = scores.masked_fill_(future, float("-inf")).topk(min(K, end), dim=-1).indices  # [B, t, K]
             # a query with fewer than K earlier keys also selected some later ones: they stay masked
             visible = selected <= pos[..., None]  # [B, t, K]
-            out.append(self._attend_selected(q_latent[:, queries], q_pe[:, queries], kv_latent, k_pe, selected,
-                                             visible))
+            args = (q_latent[:, queries], q_pe[:, queries], kv_latent, k_pe, selected, visible)
+            if torch.is_grad_enabled():  # keep only the chunk's output for backward, not its gathered keys
+                out.append(checkpoint(self._attend_selected, *args, use_reentrant=False))
+            else:
+                out.append(self._attend_selected(*args))
         return torch.einsum("bthc,hvc->bthv", torch.cat(out, dim=1), w[:, self.nope :])  # [B, T, H, v]
 
     def _attend_selected(self, q_latent, q_pe, kv_latent, k_pe, selected, visible):

@@ -171,3 +171,21 @@ def test_prefill_then_decoding_through_the_cache_equals_the_full_forward(name):
     assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-4
     c = model.config
     assert cache.bytes_per_token() == c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim + c.index_head_dim) * 4
+
+
+def test_gradients_through_the_sparse_attention_equal_transformers(tmp_path):
+    model = _daulat_model("topk_8_of_33", seed=5).train()
+    save_file(to_hf_state_dict(model)[0], tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
+                                                           dtype=torch.float32).train()
+    ids = torch.randint(0, BASE["vocab_size"], (2, T))
+    probe = torch.randn(2, T, BASE["vocab_size"])  # a loss that weighs every logit differently
+    (model(ids) * probe).sum().backward()
+    (hf(ids).logits * probe).sum().backward()
+    ours, theirs = dict(model.named_parameters()), dict(hf.named_parameters())
+    for name in ["layers.1.self_attn.kv_b_proj.weight", "layers.1.self_attn.q_a_proj.weight",
+                 "layers.2.self_attn.kv_a_proj_with_mqa.weight", "layers.0.self_attn.o_proj.weight",
+                 "embed_tokens.weight"]:
+        a, b = ours[name].grad, theirs["model." + name].grad
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max(), name
