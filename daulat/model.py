@@ -686,10 +686,12 @@ class MoE(DecodeCalls, nn.Module):
 
 
 class Block(DecodeCalls, nn.Module):
+    attention_type = MLA  # an architecture with another attention (daulat/model_v32.py) subclasses this
+
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLA(config, layer_idx)
+        self.self_attn = self.attention_type(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
 
@@ -775,11 +777,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
 class DeepseekV3(DecodeCalls, nn.Module):
     """Causal LM: `model(input_ids [B, T]) -> logits [B, T, V]`."""
 
+    block_type = Block  # the decoder block; an architecture with another block subclasses this
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.block_type(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

@@ -39,6 +39,7 @@ def test_init_then_inspect_prints_counts_and_cache(tmp_path, capsys):
     assert facts["kv_cache_bytes_per_token_bf16"]["full_per_head_kv"] == 2 * 2 * 40 * 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,words", [
     (["inspect", "/no/such/dir"], "does not exist"),
     (["init", "--preset", "nope", "--out", "x"], "unknown preset"),

@@ -6,6 +6,7 @@ import json
 import logging
 
 import pytest
+from conftest import require
 
 from daulat.data.corpus import Corpus, Source, iter_documents, parse_source
 from daulat.errors import DaulatError
@@ -86,7 +87,7 @@ def test_explicit_files_licences_and_text_field(tmp_path):
 
 
 def test_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    pa = require("pyarrow")
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"content": ["row one", None, "row three"], "id": [1, 2, 3]}), tmp_path / "t.parquet")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require
 
 from daulat.cli import main
 from daulat.data.tasks import get_task
@@ -227,6 +228,7 @@ def test_on_policy_batches_resume_where_they_stopped(checkpoint):
 # ------------------------------------------------------------------------------------------ errors
 
 
+@pytest.mark.slow
 def test_tokenizer_mismatch_is_a_one_line_error(checkpoint, tmp_path, capsys):
     other = make_checkpoint(tmp_path / "other", vocab_size=400)  # another tokenizer
     args = ["--teacher", str(checkpoint), "--student", str(other), "--task", "addition", "--steps", "1"]
@@ -262,8 +264,9 @@ def test_api_base_accepts_what_users_type():
 # ------------------------------------------------------------------------------------------ an HTTP teacher
 
 
+@pytest.mark.slow
 def test_sft_from_a_daulat_serve_teacher_across_tokenizers(checkpoint, tmp_path):
-    pytest.importorskip("daulat.infer.server")
+    require("daulat.infer.server")
     student = make_checkpoint(tmp_path / "student", vocab_size=400, seed=1)  # its own tokenizer
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."}]}) + "\n"

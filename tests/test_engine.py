@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from conftest import require
 from infer_fixtures import checkpoint  # noqa: F401  (a pytest fixture)
 
 from daulat.checkpoint import load_model
@@ -57,7 +58,7 @@ def greedy_plain_forward(model, ids: list[int], max_new: int, eos: int) -> list[
 
 
 def test_greedy_equals_plain_forward_and_transformers(checkpoint, model, tokenizer):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint)).eval()
     engine = Engine(model, tokenizer)
     results = engine.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24))

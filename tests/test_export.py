@@ -5,8 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import require
 
-gguf = pytest.importorskip("gguf")
+gguf = require("gguf")
 
 from daulat.checkpoint import load_model, save_model  # noqa: E402
 from daulat.cli import main  # noqa: E402
@@ -321,7 +322,7 @@ def _full_checkpoint(path, tokenizer):
 
 
 def test_hf_export_is_a_clean_transformers_directory_with_the_same_logits(tmp_path, tokenizer):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     model = _full_checkpoint(tmp_path / "ckpt", tokenizer)
     assert main(["export", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     files = {p.name for p in (tmp_path / "hf").iterdir()}

@@ -7,8 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from daulat.data.tasks import default_corpus
 from daulat.tokenizer import train_tokenizer
+
+pytestmark = pytest.mark.slow  # over ~10 s: left out of the fast loop (-m 'not slow')
 
 STEPS = 8
 

@@ -20,12 +20,11 @@ import random
 
 import pytest
 import torch
+from conftest import require
 
 pytestmark = pytest.mark.slow
 
-llama_cpp = pytest.importorskip(
-    "llama_cpp", reason="llama-cpp-python is not installed; `pip install -e '.[test]'` builds it from source "
-                        "(needs cmake and a C++ compiler; pip's wheel cache makes later installs instant)")
+llama_cpp = require("llama_cpp")  # llama-cpp-python builds llama.cpp from source once
 
 from daulat.checkpoint import save_model  # noqa: E402
 from daulat.cli import main  # noqa: E402

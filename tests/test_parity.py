@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import require
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 from daulat.checkpoint import load_model, save_model  # noqa: E402
 from daulat.model import DeepseekV3, ModelConfig  # noqa: E402

@@ -44,6 +44,7 @@ def logged_steps(out: Path) -> int:
 
 # AdamW, and Muon with QK-clip (micro's logits start near 0.1: tau 0.09 clips heads at most steps):
 # Muon's momentum buffers and the clipped weights must come back exactly too
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", [(), ("train.optimizer=muon", "train.qk_clip=0.09")], ids=["adamw", "muon"])
 def test_sigkill_mid_run_then_resume_matches_uninterrupted_run_bitwise(tmp_path, optimizer):
     reference, killed = tmp_path / "reference", tmp_path / "killed"

@@ -8,9 +8,10 @@ import time
 import httpx
 import pytest
 import torch
+from conftest import require
 from infer_fixtures import API_KEY, checkpoint, server  # noqa: F401  (pytest fixtures)
 
-openai = pytest.importorskip("openai")
+openai = require("openai")
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2 + 3?"}]
 
@@ -198,6 +199,7 @@ def test_a_client_that_goes_away_frees_its_sequence(server):
     assert httpx.get(server.url + "/health").json()["requests_in_flight"] == 0
 
 
+@pytest.mark.slow
 def test_serve_rejects_bad_input_in_one_line(tmp_path, checkpoint):
     import subprocess
     import sys

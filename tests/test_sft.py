@@ -143,6 +143,7 @@ def test_bad_data_is_a_one_line_error(tmp_path, tokenizer, model, capsys, conten
     assert not (tmp_path / "out").exists()  # bad input leaves nothing behind
 
 
+@pytest.mark.slow
 def test_errors_from_the_command_line_have_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "daulat.cli", "sft", "--init", str(tmp_path / "missing"), "--task",
                            "addition", "--out", str(tmp_path / "out")], capture_output=True, text=True)

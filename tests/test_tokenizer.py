@@ -5,6 +5,7 @@ import json
 import random
 
 import pytest
+from conftest import require
 
 from daulat import tokenizer as tokenizer_command
 from daulat.data.tasks import default_corpus
@@ -50,7 +51,7 @@ def tok(tok_dir):
 
 @pytest.fixture(scope="module")
 def hf(tok_dir):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(tok_dir))
 
 

@@ -12,7 +12,10 @@ import subprocess
 
 import httpx
 import pytest
+from conftest import missing, require
 from infer_fixtures import API_KEY, checkpoint, server  # noqa: F401  (pytest fixtures)
+
+pytestmark = pytest.mark.slow  # over ~10 s: left out of the fast loop (-m 'not slow')
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-dev-shm-usage"]
@@ -30,13 +33,13 @@ def chromium() -> str:
             pass
         path = shutil.which("chromium")
     if path is None:
-        pytest.skip("needs Chromium: `apt-get install chromium` (the test does it itself when run as root with apt-get)")
+        missing("Chromium", "`apt-get install chromium` (tests/install-chromium.sh does it as root)")
     return path
 
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright: pip install -e '.[test]'")
+    sync_api = require("playwright.sync_api")
     executable = chromium()
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)

@@ -1,0 +1,273 @@
+"""DeepSeek-V3.2: DeepSeek-V3 plus DeepSeek Sparse Attention (the lightning indexer), in one file.
+
+Semantics match transformers' `deepseek_v32` model, so checkpoints load both ways. Everything but the
+attention is DeepSeek-V3's and comes from daulat/model.py unchanged (RMSNorm, RoPE, the MoE with its
+router and grouped experts, the blocks, the loss):
+
+    Block = x + SparseMLA(RMSNorm(x)); x + FFN(RMSNorm(x))
+    SparseMLA = MLA whose queries each attend only to the `index_topk` earlier keys that the
+                lightning indexer scores highest, gathered (never a masked dense [T, S] matrix)
+
+The lightning indexer (DeepSeek-V3.2 report, section 2.1), for query t and key s:
+
+    q_I[t, j] = wq_b(q_resid[t])_j     k_I[s] = LayerNorm(wk(x[s]))      (j = 1..h indexer heads)
+    I[t, s]   = sum_j w[t, j] * ReLU(q_I[t, j] . k_I[s] / sqrt(d))      w = weights_proj(x) / sqrt(h), fp32
+
+with the first r dims of q_I and k_I rotated by RoPE in halves (not interleaved, unlike MLA's), and
+q_resid = q_a_layernorm(q_a_proj(x)) the low-rank query MLA already computes (so V3.2 needs
+q_lora_rank). Each query keeps the top-k keys s <= t by I; with k >= T that is every earlier key and
+the attention is V3's dense causal one. Decoding goes through `IndexedLatentCache` (`model.make_cache`),
+which keeps the indexer's key beside MLA's latent: c + r + d numbers per token per layer.
+
+Shapes: B batch, T tokens, S keys, H attention heads, h indexer heads, d = index_head_dim,
+K = min(index_topk, S) selected keys, c = kv_lora_rank, n/r/v as in daulat/model.py.
+
+Checkpoints: the tensor names are DeepSeek-V3's plus, per layer,
+`model.layers.{i}.self_attn.indexer.{wq_b,wk,weights_proj}.weight` and `...indexer.k_norm.{weight,bias}`,
+so daulat/checkpoint.py's `to_hf_state_dict` / `from_hf_state_dict` map them unchanged; the config is
+`DeepseekV32Config.to_hf_dict` / `from_hf_dict`, `config_from_hf_dict` and `build_model` pick the
+architecture a config.json names, and `KEEP_FP32` lists the tensors kept in float32 whatever the load
+dtype (as transformers keeps them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from daulat.model import MLA, Block, DeepseekV3, LatentCache, ModelConfig, apply_rope
+
+# tensors kept in float32 at any load dtype: the router's correction bias and the indexer's head weights
+KEEP_FP32 = ("e_score_correction_bias", "indexer.weights_proj.weight")
+
+# numbers (float32) one chunk of queries may hold at once in the sparse path: index scores, gathered
+# latents, attention probabilities; bounds memory at long context (about 64 MiB)
+CHUNK_NUMBERS = 1 << 24
+
+
+@dataclass
+class DeepseekV32Config(ModelConfig):
+    """ModelConfig plus the lightning indexer, named as in transformers' `DeepseekV32Config`."""
+
+    q_lora_rank: int | None = 64  # required: the indexer's queries are read from the low-rank query
+    index_topk: int = 2048  # k: keys each query attends to
+    index_n_heads: int = 64  # h
+    index_head_dim: int = 128  # d (its first qk_rope_head_dim dims carry RoPE)
+
+    def validate(self) -> None:
+        super().validate()
+
+        def bad(name, why):
+            raise ValueError(f"config field {name!r} = {getattr(self, name)!r}: {why}")
+
+        if self.q_lora_rank is None:
+            bad("q_lora_rank", "DeepSeek-V3.2 needs a low-rank query (its indexer reads it)")
+        for name in ["index_topk", "index_n_heads", "index_head_dim"]:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                bad(name, "must be a positive integer")
+        if self.index_head_dim < self.qk_rope_head_dim:
+            bad("index_head_dim", f"must be at least qk_rope_head_dim ({self.qk_rope_head_dim}): RoPE rotates "
+                                  "its first qk_rope_head_dim dims")
+        if not self.rope_interleave:
+            bad("rope_interleave", "DeepSeek-V3.2's attention rotates interleaved pairs; there is no other layout")
+        if self.num_nextn_predict_layers:
+            bad("num_nextn_predict_layers", "multi-token prediction is not implemented for DeepSeek-V3.2 yet")
+
+    def to_hf_dict(self) -> dict:
+        """The config.json that transformers' `DeepseekV32Config` reads (daulat's extra keys included)."""
+        d = super().to_hf_dict()
+        d.pop("rope_interleave")  # always interleaved in V3.2: transformers' config has no such field
+        d.update(model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"])
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "DeepseekV32Config":
+        """Read a `deepseek_v32` config.json written by daulat or transformers."""
+        if d.get("model_type") != "deepseek_v32":
+            raise ValueError(f"config field 'model_type' = {d.get('model_type')!r}: expected 'deepseek_v32'")
+        layers, dense = d.get("num_hidden_layers", 0), d.get("first_k_dense_replace", 0)
+        mlp_layer_types = d.get("mlp_layer_types")
+        if mlp_layer_types is not None and mlp_layer_types != ["dense"] * dense + ["sparse"] * (layers - dense):
+            raise ValueError(f"config field 'mlp_layer_types' = {mlp_layer_types!r}: daulat supports "
+                             "first_k_dense_replace dense layers followed by MoE layers only")
+        return super().from_hf_dict({**d, "model_type": "deepseek_v3"})
+
+
+class Indexer(nn.Module):
+    """The lightning indexer: a small multi-head scorer of which keys each query should attend to."""
+
+    def __init__(self, config: DeepseekV32Config):
+        super().__init__()
+        self.n_heads, self.head_dim = config.index_n_heads, config.index_head_dim
+        self.rope_dim, self.topk = config.qk_rope_head_dim, config.index_topk
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+        self.scale = self.head_dim**-0.5
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE in halves on the first r dims of x [B, T, h, d]; the other d - r dims pass unrotated."""
+        rotated, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat([apply_rope(rotated, cos, sin, interleave=False), rest], dim=-1)
+
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The one key per token: x [B, S, D], cos/sin [B, S, 1, r/2] -> k_I [B, S, d]."""
+        return self._rotate(self.k_norm(self.wk(x)).unsqueeze(2), cos, sin).squeeze(2)
+
+    def forward(self, x, q_resid, cos, sin, keys):
+        """Index scores I [B, T, S] (float32) of queries x [B, T, D] with q_resid [B, T, q_lora_rank] and
+        cos/sin [B, T, 1, r/2] against keys [B, S, d]. No causal mask: the caller applies it."""
+        B, T, _ = x.shape
+        q = self._rotate(self.wq_b(q_resid).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        with torch.autocast(x.device.type, enabled=False):  # float32 even in bf16 training
+            # [B, T, h, d] @ [B, 1, d, S] -> per-head scores [B, T, h, S]
+            scores = torch.matmul(q.float(), keys.float().transpose(1, 2).unsqueeze(1)).mul_(self.scale).relu_()
+            weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads**-0.5  # [B, T, h]
+            return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # heads weighted and summed: [B, T, S]
+
+
+class SparseMLA(MLA):
+    """MLA (daulat/model.py) whose queries attend to the keys their indexer selects.
+
+    The selected keys' latents are gathered and attention runs in latent space (kv_b_proj folded into
+    the query and the output, as MLA's absorbed path): attention costs O(k) per query, not O(S); only
+    the indexer, with its few small heads, scores all S keys.
+    """
+
+    def __init__(self, config: DeepseekV32Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.indexer = Indexer(config)
+
+    def forward(self, x, cos, sin, positions=None, cache=None, absorb=None):
+        """x [B, T, D]; cos/sin [B, T, 1, r/2]; positions [B, T] (needed with a cache, see
+        IndexedLatentCache). Returns [B, T, D]. `absorb` is accepted for MLA's signature: the sparse path
+        always attends in latent space."""
+        B, T, _ = x.shape
+        H = self.n_heads
+        q_resid = self.q_a_layernorm(self.q_a_proj(x))  # [B, T, q_lora_rank]: shared with the indexer
+        q_nope, q_pe = self.q_b_proj(q_resid).view(B, T, H, self.nope + self.rope).split([self.nope, self.rope], -1)
+        q_pe = apply_rope(q_pe, cos, sin, self.interleave)  # [B, T, H, r]
+        kv_latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        kv_latent = self.kv_a_layernorm(kv_latent)  # [B, T, c]
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)  # [B, T, r]
+        if cache is None and self.indexer.topk >= T:  # each query keeps all its earlier keys: V3's dense attention
+            return self.o_proj(self._expanded(q_nope, q_pe, kv_latent, k_pe, None).reshape(B, T, H * self.v_dim))
+        # the indexer only chooses keys: no gradient flows through top-k, so it runs without autograd
+        with torch.no_grad():
+            index_keys = self.indexer.keys(x, cos, sin)  # [B, T, d]
+        if cache is None:  # key s of the sequence is visible to query t when s <= t
+            query_pos = torch.arange(T, device=x.device).expand(B, T)
+        else:  # the key at cache index s has position s
+            kv_latent, k_pe = cache.update(self.layer_idx, kv_latent, k_pe, positions)  # [B, S, c], [B, S, r]
+            index_keys = cache.update_indexer(self.layer_idx, index_keys, positions)  # [B, S, d]
+            query_pos = positions
+        out = self._sparse(x, q_resid, cos, sin, q_nope, q_pe, kv_latent, k_pe, index_keys, query_pos)
+        return self.o_proj(out.reshape(B, T, H * self.v_dim))
+
+    def _sparse(self, x, q_resid, cos, sin, q_nope, q_pe, kv_latent, k_pe, index_keys, query_pos):
+        """Top-k selection and attention over the gathered keys, a chunk of queries at a time.
+
+        Queries: x [B, T, D], q_resid [B, T, q], q_nope [B, T, H, n], q_pe [B, T, H, r] at positions
+        query_pos [B, T]; keys: kv_latent [B, S, c], k_pe [B, S, r], index_keys [B, S, d], key s at
+        position s. Returns [B, T, H, v].
+        """
+        B, T, _ = x.shape
+        S, K = kv_latent.shape[1], self.indexer.topk
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w[:, : self.nope])  # [B, T, H, c]
+        per_query = S * self.indexer.n_heads + K * (self.kv_lora_rank + self.rope + self.n_heads)
+        chunk = max(1, CHUNK_NUMBERS // (B * per_query))
+        out = []
+        for start in range(0, T, chunk):
+            queries = slice(start, start + chunk)
+            pos = query_pos[:, queries]  # [B, t]
+            end = int(pos.max()) + 1  # keys after the chunk's last query are never needed
+            with torch.no_grad():
+                scores = self.indexer(x[:, queries], q_resid[:, queries], cos[:, queries], sin[:, queries],
+                                      index_keys[:, :end])
+                future = torch.arange(end, device=x.device) > pos[..., None]  # [B, t, end]
+                selected = scores.masked_fill_(future, float("-inf")).topk(min(K, end), dim=-1).indices  # [B, t, K]
+            # a query with fewer than K earlier keys also selected some later ones: they stay masked
+            visible = selected <= pos[..., None]  # [B, t, K]
+            args = (q_latent[:, queries], q_pe[:, queries], kv_latent, k_pe, selected, visible)
+            if torch.is_grad_enabled():  # keep only the chunk's output for backward, not its gathered keys
+                out.append(checkpoint(self._attend_selected, *args, use_reentrant=False))
+            else:
+                out.append(self._attend_selected(*args))
+        return torch.einsum("bthc,hvc->bthv", torch.cat(out, dim=1), w[:, self.nope :])  # [B, T, H, v]
+
+    def _attend_selected(self, q_latent, q_pe, kv_latent, k_pe, selected, visible):
+        """Latent-space attention of q_latent [B, t, H, c] and q_pe [B, t, H, r] over the keys `selected`
+        [B, t, K] (indices into kv_latent [B, S, c] and k_pe [B, S, r]), where `visible` [B, t, K].
+        Returns the attended latents [B, t, H, c]."""
+        batch = torch.arange(selected.shape[0], device=selected.device)[:, None, None]
+        kv, pe = kv_latent[batch, selected], k_pe[batch, selected]  # gathered: [B, t, K, c], [B, t, K, r]
+        scores = torch.einsum("bthc,btkc->bthk", q_latent, kv) + torch.einsum("bthr,btkr->bthk", q_pe, pe)
+        scores = scores.float().mul_(self.scale).masked_fill_(~visible[:, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(q_latent.dtype)  # [B, t, H, K]
+        return torch.einsum("bthk,btkc->bthc", probs, kv)
+
+
+class IndexedLatentCache(LatentCache):
+    """The V3.2 decode cache: MLA's latent and RoPE key (LatentCache) plus, per layer, the indexer's key
+    [B, S_max, d]: c + r + d numbers per token per layer. The key at index s of a row has position s."""
+
+    def __init__(self, config: DeepseekV32Config, batch_size: int, max_len: int, device=None,
+                 dtype=torch.float32):
+        super().__init__(config, batch_size, max_len, device, dtype)
+        self.index_keys = [torch.zeros(batch_size, max_len, config.index_head_dim, device=device, dtype=dtype)
+                           for _ in range(config.num_hidden_layers)]
+
+    def update_indexer(self, layer_idx: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Store the indexer keys [B, T, d] at `positions` [B, T]; return every row's up to the largest
+        position [B, S, d]."""
+        store = self.index_keys[layer_idx]
+        rows = self.rows if self.rows is not None else torch.arange(keys.shape[0], device=store.device)
+        store[rows[:, None], positions] = keys.to(store.dtype)
+        return store[rows, : int(positions.max()) + 1]
+
+    def bytes_per_token(self) -> int:
+        return super().bytes_per_token() + sum(t[0, 0].numel() * t.element_size() for t in self.index_keys)
+
+
+class SparseBlock(Block):
+    """DeepSeek-V3's block with the sparse attention."""
+
+    attention_type = SparseMLA
+
+
+class DeepseekV32(DeepseekV3):
+    """Causal LM: `model(input_ids [B, T]) -> logits [B, T, V]`, DeepSeek-V3 with sparse attention."""
+
+    block_type = SparseBlock
+
+    def __init__(self, config: DeepseekV32Config):
+        if not isinstance(config, DeepseekV32Config):
+            raise TypeError(f"DeepseekV32 needs a DeepseekV32Config, got {type(config).__name__}")
+        super().__init__(config)
+
+    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> IndexedLatentCache:
+        """The decode cache for `batch_size` sequences of up to `max_len` tokens."""
+        return IndexedLatentCache(self.config, batch_size, max_len, device, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: which config and model a config.json asks for (the tensor names are V3's, see above)
+# ------------------------------------------------------------------------------------------------
+
+
+def config_from_hf_dict(d: dict) -> ModelConfig:
+    """The config of a transformers config.json: `deepseek_v32` or else DeepSeek-V3's (which names
+    the model_type it expects when it is neither)."""
+    return (DeepseekV32Config if d.get("model_type") == "deepseek_v32" else ModelConfig).from_hf_dict(d)
+
+
+def build_model(config: ModelConfig) -> DeepseekV3:
+    """The model for a config: DeepseekV32 for a DeepseekV32Config, DeepseekV3 otherwise."""
+    return DeepseekV32(config) if isinstance(config, DeepseekV32Config) else DeepseekV3(config)
