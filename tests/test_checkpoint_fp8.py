@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import require
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -135,8 +136,8 @@ def test_transformers_fp8_reader_gives_the_same_tensors_and_logits(tmp_path):
     Every size is a whole number of 128x128 blocks: transformers derives the block from the scale grid
     (rows // scale rows), which is DeepSeek's semantics only then (for 192 rows in two blocks it uses
     blocks of 96, not 128 + 64); ragged sizes are checked against DeepSeek's loop above instead."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
+    transformers = require("transformers")
+    require("accelerate")
     aligned = dict(BASE, vocab_size=256, hidden_size=256, intermediate_size=384, moe_intermediate_size=128,
                    q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=128, v_head_dim=64)
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import require
 import torch
 
 from daulat import lora
@@ -71,8 +72,8 @@ def base_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_peft_loads_the_adapter_onto_transformers_with_daulats_logits(variant, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    transformers = require("transformers")
+    peft = require("peft")
     base = make_base(tmp_path / "base", **VARIANTS[variant])
     before = file_hashes(base)
     model = adapted(base)
@@ -341,8 +342,8 @@ def test_resuming_into_a_lora_run_needs_an_adapter_of_the_same_architecture(base
 
 
 def test_routed_expert_adapters_load_in_peft_merge_and_switch_off(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    transformers = require("transformers")
+    peft = require("peft")
     base = make_base(tmp_path / "base")
     before = file_hashes(base)
     model = adapted(base, targets=["q_proj"], experts=True)

@@ -4,10 +4,11 @@ same checkpoint in this process."""
 
 import httpx
 import pytest
+from conftest import require
 import torch
 from infer_fixtures import checkpoint, keyless_server  # noqa: F401  (pytest fixtures)
 
-openai = pytest.importorskip("openai")
+openai = require("openai")
 
 
 @pytest.fixture(scope="module")

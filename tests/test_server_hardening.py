@@ -9,9 +9,10 @@ import threading
 
 import httpx
 import pytest
+from conftest import require
 from infer_fixtures import API_KEY, checkpoint, keyless_server, server  # noqa: F401  (pytest fixtures)
 
-openai = pytest.importorskip("openai")
+openai = require("openai")
 
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
 JSON = {"Content-Type": "application/json"}
