@@ -257,13 +257,15 @@ def test_deep_folders_and_deeply_nested_records(tmp_path):
         folder.mkdir()
     (folder / "bottom.txt").write_text("found at the bottom")
     (root / "nested.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n" + '{"text": "next record"}\n')
-    corpus = Corpus(root)
-    assert list(corpus) == ["found at the bottom", "next record"]
-    assert corpus.manifest["skipped_records"] == {"bad_json": 1}
-    (folder / "bottom.txt").unlink()
-    while folder != root:  # shutil.rmtree recurses too: remove bottom-up
-        folder.rmdir()
-        folder = folder.parent
+    try:
+        corpus = Corpus(root)
+        assert list(corpus) == ["found at the bottom", "next record"]
+        assert corpus.manifest["skipped_records"] == {"bad_json": 1}
+    finally:  # shutil.rmtree (and so pytest's clean-up) recurses too: remove bottom-up, pass or fail
+        (folder / "bottom.txt").unlink()
+        while folder != root:
+            folder.rmdir()
+            folder = folder.parent
 
 
 def test_symlinks_follow_only_inside_the_root(tmp_path):
