@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--lrs", default="1e-3,2e-3,4e-3,8e-3,1.6e-2", help="comma-separated peak rates, both optimizers")
+    p.add_argument("--lrs", default="4e-3,8e-3,1.6e-2,3.2e-2,6.4e-2", help="comma-separated peak rates, both optimizers")
     p.add_argument("--seeds", type=int, default=3, help="seeds at the best rate (the sweep's seed 0 included)")
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--tau", type=float, default=None, help="QK-clip threshold (default: half the unclipped max logit)")
