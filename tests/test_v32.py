@@ -188,3 +188,19 @@ def test_gradients_through_the_sparse_attention_equal_transformers(tmp_path):
                  "embed_tokens.weight"]:
         a, b = ours[name].grad, theirs["model." + name].grad
         assert (a - b).abs().max() <= 1e-4 * b.abs().max(), name
+
+
+def test_a_prompt_prefilled_once_and_copied_to_another_row_decodes_alike():
+    model = _daulat_model("topk_8_of_33", seed=6)
+    ids = torch.randint(0, BASE["vocab_size"], (1, T))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.make_cache(3, T)
+        cache.rows = [2]  # the prompt goes to cache row 2 only
+        model(ids[:, :20], positions=torch.arange(20)[None], cache=cache)
+        cache.copy_rows(2, [0], 20)  # latents and indexer keys alike
+        cache.rows = [0, 2]
+        steps = [model(ids[:, t : t + 1].expand(2, 1), positions=torch.full((2, 1), t), cache=cache)
+                 for t in range(20, T)]
+    decoded = torch.cat(steps, dim=1)  # [2, T - 20, V]
+    assert (decoded - full[:, 20:]).abs().max() <= 1e-4
