@@ -144,31 +144,35 @@ class SparseMLA(MLA):
         super().__init__(config, layer_idx)
         self.indexer = Indexer(config)
 
-    def forward(self, x, cos, sin, positions=None, cache=None, absorb=None):
-        """x [B, T, D]; cos/sin [B, T, 1, r/2]; positions [B, T] (needed with a cache, see
-        IndexedLatentCache). Returns [B, T, D]. `absorb` is accepted for MLA's signature: the sparse path
-        always attends in latent space."""
+    def forward(self, x, cos, sin, positions=None, cache=None, absorb=None, rotation=None):
+        """x [B, T, D], or [B, D] for one new token per sequence (decoding); cos/sin [B, T, 1, r/2];
+        positions [B, T]; cache: an IndexedLatentCache (its `begin` has run). Returns x's shape.
+        `absorb` and `rotation` are MLA's: the sparse path always attends in latent space."""
+        shape = x.shape
+        x = x[:, None] if x.dim() == 2 else x
         B, T, _ = x.shape
-        H = self.n_heads
+        H, c = self.n_heads, self.kv_lora_rank
         q_resid = self.q_a_layernorm(self.q_a_proj(x))  # [B, T, q_lora_rank]: shared with the indexer
         q_nope, q_pe = self.q_b_proj(q_resid).view(B, T, H, self.nope + self.rope).split([self.nope, self.rope], -1)
         q_pe = apply_rope(q_pe, cos, sin, self.interleave)  # [B, T, H, r]
-        kv_latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        kv_latent, k_pe = self.kv_a_proj_with_mqa(x).split([c, self.rope], dim=-1)
         kv_latent = self.kv_a_layernorm(kv_latent)  # [B, T, c]
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)  # [B, T, r]
         if cache is None and self.indexer.topk >= T:  # each query keeps all its earlier keys: V3's dense attention
-            return self.o_proj(self._expanded(q_nope, q_pe, kv_latent, k_pe, None).reshape(B, T, H * self.v_dim))
+            out = self._expanded(q_nope, q_pe, kv_latent, k_pe, None, causal=True)
+            return self.o_proj(out.reshape(*shape[:-1], H * self.v_dim))
         # the indexer only chooses keys: no gradient flows through top-k, so it runs without autograd
         with torch.no_grad():
             index_keys = self.indexer.keys(x, cos, sin)  # [B, T, d]
         if cache is None:  # key s of the sequence is visible to query t when s <= t
             query_pos = torch.arange(T, device=x.device).expand(B, T)
         else:  # the key at cache index s has position s
-            kv_latent, k_pe = cache.update(self.layer_idx, kv_latent, k_pe, positions)  # [B, S, c], [B, S, r]
-            index_keys = cache.update_indexer(self.layer_idx, index_keys, positions)  # [B, S, d]
+            keys = cache.update(self.layer_idx, torch.cat([kv_latent, k_pe], dim=-1))  # [B, S, c + r]
+            kv_latent, k_pe = keys[..., :c], keys[..., c:]
+            index_keys = cache.update_indexer(self.layer_idx, index_keys)  # [B, S, d]
             query_pos = positions
         out = self._sparse(x, q_resid, cos, sin, q_nope, q_pe, kv_latent, k_pe, index_keys, query_pos)
-        return self.o_proj(out.reshape(B, T, H * self.v_dim))
+        return self.o_proj(out.reshape(*shape[:-1], H * self.v_dim))
 
     def _sparse(self, x, q_resid, cos, sin, q_nope, q_pe, kv_latent, k_pe, index_keys, query_pos):
         """Top-k selection and attention over the gathered keys, a chunk of queries at a time.
@@ -215,8 +219,9 @@ class SparseMLA(MLA):
 
 
 class IndexedLatentCache(LatentCache):
-    """The V3.2 decode cache: MLA's latent and RoPE key (LatentCache) plus, per layer, the indexer's key
-    [B, S_max, d]: c + r + d numbers per token per layer. The key at index s of a row has position s."""
+    """The V3.2 decode cache: MLA's entries (LatentCache: latent and RoPE key [B, S_max, c + r] per
+    layer) plus the indexer's key per token [B, S_max, d] per layer. The same interface as LatentCache,
+    and `update_indexer` beside `update`."""
 
     def __init__(self, config: DeepseekV32Config, batch_size: int, max_len: int, device=None,
                  dtype=torch.float32):
@@ -224,16 +229,22 @@ class IndexedLatentCache(LatentCache):
         self.index_keys = [torch.zeros(batch_size, max_len, config.index_head_dim, device=device, dtype=dtype)
                            for _ in range(config.num_hidden_layers)]
 
-    def update_indexer(self, layer_idx: int, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Store the indexer keys [B, T, d] at `positions` [B, T]; return every row's up to the largest
-        position [B, S, d]."""
+    def update_indexer(self, layer_idx: int, keys: torch.Tensor) -> torch.Tensor:
+        """Store the new tokens' indexer keys [B, T, d] where `begin` said; return the keys the batch
+        sees [B, S, d]."""
         store = self.index_keys[layer_idx]
-        rows = self.rows if self.rows is not None else torch.arange(keys.shape[0], device=store.device)
-        store[rows[:, None], positions] = keys.to(store.dtype)
-        return store[rows, : int(positions.max()) + 1]
+        store[self._write_rows, self._positions] = keys.to(store.dtype)
+        return store[self._read_rows, : self._span]
+
+    def copy_rows(self, source: int, targets: list[int], length: int) -> None:
+        super().copy_rows(source, targets, length)
+        if targets:
+            rows = torch.tensor(targets, device=self.index_keys[0].device)
+            for store in self.index_keys:
+                store[rows, :length] = store[source, :length]
 
     def bytes_per_token(self) -> int:
-        return super().bytes_per_token() + sum(t[0, 0].numel() * t.element_size() for t in self.index_keys)
+        return super().bytes_per_token() + sum(t.shape[-1] * t.element_size() for t in self.index_keys)
 
 
 class SparseBlock(Block):
@@ -252,9 +263,12 @@ class DeepseekV32(DeepseekV3):
             raise TypeError(f"DeepseekV32 needs a DeepseekV32Config, got {type(config).__name__}")
         super().__init__(config)
 
-    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> IndexedLatentCache:
-        """The decode cache for `batch_size` sequences of up to `max_len` tokens."""
-        return IndexedLatentCache(self.config, batch_size, max_len, device, dtype)
+    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> IndexedLatentCache:
+        """The decode cache for `batch_size` sequences of up to `max_len` tokens; device and dtype
+        default to the model's."""
+        weight = self.embed_tokens.weight
+        return IndexedLatentCache(self.config, batch_size, max_len, device=weight.device if device is None else device,
+                                  dtype=weight.dtype if dtype is None else dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,3 +285,13 @@ def config_from_hf_dict(d: dict) -> ModelConfig:
 def build_model(config: ModelConfig) -> DeepseekV3:
     """The model for a config: DeepseekV32 for a DeepseekV32Config, DeepseekV3 otherwise."""
     return DeepseekV32(config) if isinstance(config, DeepseekV32Config) else DeepseekV3(config)
+
+
+def from_transformers_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' in-memory `DeepseekV32ForCausalLM.state_dict()` (fused experts) -> daulat's names.
+    (On disk the experts are split per expert: daulat/checkpoint.py reads that layout for V3 and V3.2.)"""
+    out = {}
+    for key, tensor in state.items():
+        name = key.removeprefix("model.").replace(".mlp.experts.gate_up_proj", ".mlp.gate_up_proj")
+        out[name.replace(".mlp.experts.down_proj", ".mlp.down_proj")] = tensor
+    return out

@@ -12,9 +12,10 @@ transformers = require("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from daulat.checkpoint import from_hf_state_dict, to_hf_state_dict  # noqa: E402
+from daulat.checkpoint import to_hf_state_dict  # noqa: E402
 from daulat.model import DeepseekV3, ModelConfig  # noqa: E402
-from daulat.model_v32 import DeepseekV32, DeepseekV32Config, build_model, config_from_hf_dict  # noqa: E402
+from daulat.model_v32 import (DeepseekV32, DeepseekV32Config, build_model, config_from_hf_dict,  # noqa: E402
+                               from_transformers_state_dict)
 
 # 16 indexer heads: with very few heads, ties in the top-k make even transformers disagree with itself
 BASE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
@@ -91,13 +92,11 @@ def test_transformers_weights_load_in_daulat_with_same_logits(name, tmp_path):
     with torch.no_grad():
         for layer in hf.model.layers[hf_config.first_k_dense_replace:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0, 0.2)
-    hf.save_pretrained(tmp_path)
-    config = config_from_hf_dict(json.loads((tmp_path / "config.json").read_text()))
+    config = config_from_hf_dict(hf.config.to_dict())
     model = build_model(config).eval()
     assert isinstance(model, DeepseekV32)
-    state = from_hf_state_dict(load_file(tmp_path / "model.safetensors"), config, "model.safetensors")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert unexpected == [] and missing == (["lm_head.weight"] if config.tie_word_embeddings else []), missing
+    missing, unexpected = model.load_state_dict(from_transformers_state_dict(hf.state_dict()), strict=False)
+    assert unexpected == [] and missing == [], (missing, unexpected)
     ids = torch.randint(0, BASE["vocab_size"], (2, 29))
     with torch.no_grad():
         diff = (model(ids) - hf(ids).logits).abs().max().item()
@@ -189,3 +188,19 @@ def test_gradients_through_the_sparse_attention_equal_transformers(tmp_path):
                  "embed_tokens.weight"]:
         a, b = ours[name].grad, theirs["model." + name].grad
         assert (a - b).abs().max() <= 1e-4 * b.abs().max(), name
+
+
+def test_a_prompt_prefilled_once_and_copied_to_another_row_decodes_alike():
+    model = _daulat_model("topk_8_of_33", seed=6)
+    ids = torch.randint(0, BASE["vocab_size"], (1, T))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.make_cache(3, T)
+        cache.rows = [2]  # the prompt goes to cache row 2 only
+        model(ids[:, :20], positions=torch.arange(20)[None], cache=cache)
+        cache.copy_rows(2, [0], 20)  # latents and indexer keys alike
+        cache.rows = [0, 2]
+        steps = [model(ids[:, t : t + 1].expand(2, 1), positions=torch.full((2, 1), t), cache=cache)
+                 for t in range(20, T)]
+    decoded = torch.cat(steps, dim=1)  # [2, T - 20, V]
+    assert (decoded - full[:, 20:]).abs().max() <= 1e-4
