@@ -31,8 +31,9 @@ def add_arguments(p) -> None:
 class Chat:
     """A conversation with an engine: the history, and one streamed reply per user message."""
 
-    def __init__(self, engine, params, system: str | None = None, out=sys.stdout):
-        self.engine, self.params, self.system, self.out = engine, params, system, out
+    def __init__(self, engine, params, system: str | None = None, out=None):
+        # sys.stdout as it is when the chat starts, not when this module was first imported
+        self.engine, self.params, self.system, self.out = engine, params, system, out or sys.stdout
         self.history: list[dict] = []
 
     def clear(self) -> None:
