@@ -108,16 +108,22 @@ def _same_logits(a: DeepseekV3, b: DeepseekV3) -> float:
         return (a(ids) - b(ids)).abs().max().item()
 
 
-@pytest.mark.parametrize("case", ["aligned_8", "ragged_64", "ue8m0_sharded", "kimi_k2_fused"])
+@pytest.mark.parametrize("case", ["aligned_8", "ragged_64", "ue8m0_sharded", "ue8m0_as_e8m0_dtype", "kimi_k2_fused"])
 def test_fp8_releases_load_with_the_dequantized_models_logits(case, tmp_path):
     spec, shards, model_type, fused = {
         "aligned_8": (BlockFP8((8, 8)), 1, "deepseek_v3", False),  # every size a whole number of blocks
         "ragged_64": (BlockFP8((64, 64)), 1, "deepseek_v3", False),  # 96, 40, 48: ragged edge blocks everywhere
         "ue8m0_sharded": (BlockFP8((32, 32), "ue8m0"), 3, "deepseek_v3", False),
+        "ue8m0_as_e8m0_dtype": (BlockFP8((32, 32), "ue8m0"), 1, "deepseek_v3", False),  # scales stored 1 byte each
         "kimi_k2_fused": (BlockFP8((32, 32)), 2, "kimi_k2", True),
     }[case]
     model = _model()
     tensors = _release(model, tmp_path / "fp8", spec, shards, model_type, fused)
+    if case == "ue8m0_as_e8m0_dtype":
+        shard = tmp_path / "fp8" / "model-00001-of-00001.safetensors"
+        tensors = {k: v.to(torch.float8_e8m0fnu) if k.endswith("_scale_inv") else v for k, v in tensors.items()}
+        save_file(tensors, shard)
+        assert load_file(shard)[W + "_scale_inv"].dtype == torch.float8_e8m0fnu
     loaded = load_model(tmp_path / "fp8")
     expected = _dequantized_model(model, tensors, spec.block, tmp_path / "reference")
     for (name, got), want in zip(loaded.state_dict().items(), expected.state_dict().values()):
