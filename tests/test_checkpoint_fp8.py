@@ -314,3 +314,24 @@ def test_streaming_load_peaks_within_1_2x_of_the_result(tmp_path, fp8):
     assert proc.returncode == 0, proc.stderr[-2000:]
     ratio = float(proc.stdout.strip().splitlines()[-1])
     assert ratio <= 1.2, ratio
+
+
+# ------------------------------------------------------------------------------ FP8-resident linear
+
+
+def test_fp8_linear_stays_one_byte_and_computes_the_dequantized_product():
+    from daulat.quant import FP8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(200, 576, bias=True)  # 4.5 row blocks, ragged column block
+    layer = FP8Linear.from_linear(linear)
+    layer.slab_rows = 128  # several slabs, the last one ragged
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight.element_size() == 1
+    x = torch.randn(3, 5, 200, requires_grad=True)
+    y = layer(x)
+    w = _reference_dequant(layer.weight, layer.weight_scale_inv, (128, 128))
+    assert torch.allclose(y, x @ w.T + linear.bias, atol=1e-5, rtol=1e-5)
+    y.sum().backward()  # adapters train through it: the input gets a gradient, the base has none
+    assert x.grad is not None and not any(p.requires_grad for p in layer.parameters())
+    with pytest.raises(DaulatError, match="scale grid"):
+        FP8Linear(layer.weight, torch.ones(1, 1))
