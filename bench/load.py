@@ -70,11 +70,12 @@ def make_checkpoints(directory: Path, mb: int, fp8: bool) -> dict[str, Path]:
     from daulat.export import fp8_weights
     from daulat.model import DeepseekV3, ModelConfig
 
-    # DeepSeek-V3's proportions, scaled: MLA with q_lora, 1 dense + MoE layers, 8 routed experts
-    hidden = 1024
-    config = ModelConfig(vocab_size=32768, hidden_size=hidden, intermediate_size=2816, moe_intermediate_size=512,
-                         num_hidden_layers=2, num_attention_heads=8, q_lora_rank=384, kv_lora_rank=256,
-                         qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, first_k_dense_replace=1,
+    # DeepSeek-V3's proportions, scaled: MLA with q_lora, 1 dense + MoE layers, 8 routed experts. Every
+    # linear size is a whole number of 128-blocks, because transformers' FP8 reader refuses ragged ones
+    # (DeepSeek-V3's own kv_a_proj_with_mqa, 576 rows in 5 scale rows, among them); daulat reads both.
+    config = ModelConfig(vocab_size=32768, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+                         num_hidden_layers=2, num_attention_heads=8, q_lora_rank=384, kv_lora_rank=384,
+                         qk_nope_head_dim=64, qk_rope_head_dim=128, v_head_dim=64, first_k_dense_replace=1,
                          n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2)
     with torch.device("meta"):  # scale the depth to the size asked for
         two = DeepseekV3(config).num_parameters()

@@ -118,3 +118,44 @@ def quantize(weight: torch.Tensor, block: tuple[int, int] = (128, 128),
     q = (blocks / scale[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
     q = q.reshape(w.shape)[..., :rows, :cols].to(torch.float8_e4m3fn)
     return q.contiguous(), scale.float().contiguous()
+
+
+class FP8Linear(torch.nn.Module):
+    """A frozen linear layer held FP8-resident: the weight stays one byte per parameter
+    (float8_e4m3fn [out, in]) with its float32 block scales, and the product is computed one slab of
+    block rows at a time, each dequantized into the input's dtype just before use:
+
+        y[..., rows] = x @ dequantize(q[rows], s[rows / bm]).T       (+ bias)
+
+    so at most `slab_rows` rows of the weight ever exist in high precision. For inference and for
+    training adapters on top (nothing here has a gradient; the input does).
+    """
+
+    def __init__(self, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
+                 bias: torch.Tensor | None = None, slab_rows: int = 1024):
+        super().__init__()
+        if weight.dtype != torch.float8_e4m3fn or tuple(scale_inv.shape) != scale_grid(tuple(weight.shape), block):
+            raise DaulatError(f"FP8Linear needs a float8_e4m3fn weight and a {scale_grid(tuple(weight.shape), block)} "
+                              f"scale grid, got {weight.dtype} and {tuple(scale_inv.shape)}")
+        self.block, self.slab_rows = block, max(block[0], slab_rows // block[0] * block[0])
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale_inv", scale_inv.float())
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, block: tuple[int, int] = (128, 128),
+                    scale_fmt: str | None = None) -> "FP8Linear":
+        q, s = quantize(linear.weight.detach(), block, scale_fmt)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(q, s, block, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bm = self.block[0]
+        outs = []
+        for r0 in range(0, self.weight.shape[0], self.slab_rows):
+            r1 = min(self.weight.shape[0], r0 + self.slab_rows)
+            w = dequantize(self.weight[r0:r1], self.weight_scale_inv[r0 // bm:(r1 + bm - 1) // bm], self.block,
+                           dtype=x.dtype)
+            outs.append(x @ w.T)
+        y = torch.cat(outs, dim=-1)
+        return y if self.bias is None else y + self.bias.to(x.dtype)

@@ -109,16 +109,22 @@ def _same_logits(a: DeepseekV3, b: DeepseekV3) -> float:
         return (a(ids) - b(ids)).abs().max().item()
 
 
-@pytest.mark.parametrize("case", ["aligned_8", "ragged_64", "ue8m0_sharded", "kimi_k2_fused"])
+@pytest.mark.parametrize("case", ["aligned_8", "ragged_64", "ue8m0_sharded", "ue8m0_as_e8m0_dtype", "kimi_k2_fused"])
 def test_fp8_releases_load_with_the_dequantized_models_logits(case, tmp_path):
     spec, shards, model_type, fused = {
         "aligned_8": (BlockFP8((8, 8)), 1, "deepseek_v3", False),  # every size a whole number of blocks
         "ragged_64": (BlockFP8((64, 64)), 1, "deepseek_v3", False),  # 96, 40, 48: ragged edge blocks everywhere
         "ue8m0_sharded": (BlockFP8((32, 32), "ue8m0"), 3, "deepseek_v3", False),
+        "ue8m0_as_e8m0_dtype": (BlockFP8((32, 32), "ue8m0"), 1, "deepseek_v3", False),  # scales stored 1 byte each
         "kimi_k2_fused": (BlockFP8((32, 32)), 2, "kimi_k2", True),
     }[case]
     model = _model()
     tensors = _release(model, tmp_path / "fp8", spec, shards, model_type, fused)
+    if case == "ue8m0_as_e8m0_dtype":
+        shard = tmp_path / "fp8" / "model-00001-of-00001.safetensors"
+        tensors = {k: v.to(torch.float8_e8m0fnu) if k.endswith("_scale_inv") else v for k, v in tensors.items()}
+        save_file(tensors, shard)
+        assert load_file(shard)[W + "_scale_inv"].dtype == torch.float8_e8m0fnu
     loaded = load_model(tmp_path / "fp8")
     expected = _dequantized_model(model, tensors, spec.block, tmp_path / "reference")
     for (name, got), want in zip(loaded.state_dict().items(), expected.state_dict().values()):
@@ -309,3 +315,24 @@ def test_streaming_load_peaks_within_1_2x_of_the_result(tmp_path, fp8):
     assert proc.returncode == 0, proc.stderr[-2000:]
     ratio = float(proc.stdout.strip().splitlines()[-1])
     assert ratio <= 1.2, ratio
+
+
+# ------------------------------------------------------------------------------ FP8-resident linear
+
+
+def test_fp8_linear_stays_one_byte_and_computes_the_dequantized_product():
+    from daulat.quant import FP8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(200, 576, bias=True)  # 4.5 row blocks, ragged column block
+    layer = FP8Linear.from_linear(linear)
+    layer.slab_rows = 128  # several slabs, the last one ragged
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight.element_size() == 1
+    x = torch.randn(3, 5, 200, requires_grad=True)
+    y = layer(x)
+    w = _reference_dequant(layer.weight, layer.weight_scale_inv, (128, 128))
+    assert torch.allclose(y, x @ w.T + linear.bias, atol=1e-5, rtol=1e-5)
+    y.sum().backward()  # adapters train through it: the input gets a gradient, the base has none
+    assert x.grad is not None and not any(p.requires_grad for p in layer.parameters())
+    with pytest.raises(DaulatError, match="scale grid"):
+        FP8Linear(layer.weight, torch.ones(1, 1))
