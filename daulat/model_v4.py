@@ -1,0 +1,469 @@
+"""The DeepSeek-V4 architecture, with transformers' `deepseek_v4` semantics (checkpoints load both ways):
+
+    tokens -> embed -> copy into n = hc_mult residual streams -> [Block x L] -> collapse -> RMSNorm -> lm_head
+    Block  = streams mixed through a hyper-connection around attention, then around the MoE
+
+  * attention (daulat/v4_attention.py): shared-KV multi-query attention over a sliding window in every
+    layer, plus compressed entries (CSA with a top-k indexer, or HCA) as `layer_types` says;
+  * manifold-constrained hyper-connections: each block reads a weighted sum of the n streams and writes
+    its output back to each of them, while the streams are mixed by a doubly stochastic matrix
+    (Sinkhorn-Knopp), computed in float32;
+  * MoE: daulat's grouped-GEMM experts with V4's SwiGLU clamp; the first layers route by a frozen
+    token-id table (`tid2eid`), the rest by top-k of sqrt(softplus) scores plus the correction bias.
+
+Shapes: B batch, T tokens, n streams, D hidden size, E routed experts, K experts per token, V vocab.
+MTP modules are not built (transformers drops them on load too); there is no decode cache yet.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from daulat.model import MLP, MoE, RMSNorm, linear_cross_entropy, rope_frequencies
+from daulat.v4_attention import Rotary, V4Attention, unit_rms
+
+LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
+
+
+@dataclass
+class ModelConfigV4:
+    """Hyper-parameters, named as in transformers' `DeepseekV4Config` (small defaults for tests)."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    moe_intermediate_size: int = 32  # each routed expert's and the shared expert's SwiGLU width
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 1  # one key/value head shared by all query heads
+    head_dim: int = 32
+    qk_rope_head_dim: int = 8  # r: the rotated tail of each head (transformers: partial_rotary_factor * head_dim)
+    q_lora_rank: int = 32
+    o_groups: int = 2
+    o_lora_rank: int = 16
+    sliding_window: int = 8
+    layer_types: list[str] = field(default_factory=lambda: list(LAYER_TYPES))
+    compress_rates: dict = field(default_factory=lambda: {"compressed_sparse_attention": 4,
+                                                          "heavily_compressed_attention": 8})
+    index_n_heads: int = 16
+    index_head_dim: int = 16
+    index_topk: int = 4
+    # RoPE: `rope_theta` for sliding layers, `compress_rope_theta` (+ optional YaRN) for CSA/HCA layers
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_scaling: dict | None = None  # the compress branch's YaRN: {"rope_type": "yarn", "factor", ...}
+    max_position_embeddings: int = 4096
+    # hyper-connections
+    hc_mult: int = 2
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    # MoE
+    mlp_layer_types: list[str] = field(default_factory=lambda: ["hash_moe", "moe", "moe"])
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 2
+    scoring_func: str = "sqrtsoftplus"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.5
+    swiglu_limit: float = 10.0
+    # the rest
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    pad_token_id: int | None = None
+    num_nextn_predict_layers: int = 0
+    # daulat's training knobs (transformers ignores them)
+    bias_update_speed: float = 1e-3
+    seq_aux_loss_alpha: float = 0.0
+    indexer_loss_weight: float = 0.0  # > 0: the CSA indexers learn toward their attention (KL)
+    n_group: int = 1  # daulat's MoE reads these; V4 has no group-limited routing
+    topk_group: int = 1
+
+    def __post_init__(self):
+        self.layer_types, self.mlp_layer_types = list(self.layer_types), list(self.mlp_layer_types)
+        self.compress_rates = dict(self.compress_rates)
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)
+            self.rope_scaling["rope_type"] = self.rope_scaling.pop("type", self.rope_scaling.get("rope_type"))
+            if self.rope_scaling["rope_type"] in (None, "default"):
+                self.rope_scaling = None
+            else:  # V4 does not scale cos/sin by YaRN's mscale unless told to
+                self.rope_scaling.setdefault("attention_factor", 1.0)
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name, why):
+            raise ValueError(f"config field {name!r} = {getattr(self, name)!r}: {why}")
+
+        for name in ["vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "head_dim", "qk_rope_head_dim", "q_lora_rank", "o_groups",
+                     "o_lora_rank", "sliding_window", "index_n_heads", "index_head_dim", "index_topk",
+                     "hc_mult", "hc_sinkhorn_iters", "n_routed_experts", "num_experts_per_tok"]:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                bad(name, "must be a positive integer")
+        if self.num_key_value_heads != 1:
+            bad("num_key_value_heads", "DeepSeek-V4 shares one key/value head")
+        if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > min(self.head_dim, self.index_head_dim):
+            bad("qk_rope_head_dim", "must be even and at most head_dim and index_head_dim")
+        if self.num_attention_heads * self.head_dim % self.o_groups:
+            bad("o_groups", "must divide num_attention_heads * head_dim")
+        for name, allowed in (("layer_types", LAYER_TYPES), ("mlp_layer_types", ("hash_moe", "moe"))):
+            types = getattr(self, name)
+            if len(types) != self.num_hidden_layers or any(t not in allowed for t in types):
+                bad(name, f"needs num_hidden_layers entries from {allowed}")
+        for kind in set(self.layer_types) - {"sliding_attention"}:
+            rate = self.compress_rates.get(kind)
+            if not isinstance(rate, int) or rate <= 0:
+                bad("compress_rates", f"needs a positive integer rate for {kind!r}")
+        if not self.num_experts_per_tok <= self.n_routed_experts:
+            bad("num_experts_per_tok", "must be at most n_routed_experts")
+        if self.scoring_func not in ("sqrtsoftplus", "sigmoid"):
+            bad("scoring_func", "must be 'sqrtsoftplus' or 'sigmoid'")
+        if self.hidden_act != "silu":
+            bad("hidden_act", "only 'silu' (SwiGLU) is supported")
+        if self.rope_scaling is not None and (self.rope_scaling["rope_type"] != "yarn" or not
+                                              {"factor", "original_max_position_embeddings"} <= set(self.rope_scaling)):
+            bad("rope_scaling", "only YaRN with 'factor' and 'original_max_position_embeddings' is supported")
+
+    # -- transformers' config.json ---------------------------------------------------------------
+    def to_hf_dict(self) -> dict:
+        """The config.json that transformers' `DeepseekV4Config` reads (daulat's knobs included)."""
+        d = asdict(self)
+        for key in ("rope_scaling", "qk_rope_head_dim", "n_group", "topk_group"):
+            d.pop(key)
+        factor = self.qk_rope_head_dim / self.head_dim
+        main = {"rope_type": "default", "rope_theta": self.rope_theta, "partial_rotary_factor": factor}
+        compress = {"rope_type": "default", **(self.rope_scaling or {}),
+                    "rope_theta": self.compress_rope_theta, "partial_rotary_factor": factor}
+        d.update(model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], dtype="float32",
+                 partial_rotary_factor=factor, rope_parameters={"main": main, "compress": compress})
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "ModelConfigV4":
+        """Read a config.json written by daulat or transformers (nested or flat rope parameters)."""
+        if d.get("model_type") != "deepseek_v4":
+            raise ValueError(f"config field 'model_type' = {d.get('model_type')!r}: expected 'deepseek_v4'")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        head_dim = d.get("head_dim", cls.head_dim)
+        if d.get("partial_rotary_factor"):
+            kwargs["qk_rope_head_dim"] = int(head_dim * d["partial_rotary_factor"])
+        rope = d.get("rope_parameters") or {}
+        compress = rope.get("compress", {k: v for k, v in rope.items() if k != "main"})
+        if "rope_theta" in rope.get("main", {}):
+            kwargs["rope_theta"] = rope["main"]["rope_theta"]
+        if "rope_theta" in compress and "main" in rope:
+            kwargs["compress_rope_theta"] = compress["rope_theta"]
+        scaling = {k: v for k, v in compress.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        kwargs["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+        for key in ("bos_token_id", "eos_token_id"):
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = kwargs[key][0]
+        return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hyper-connections
+# ------------------------------------------------------------------------------------------------
+
+
+class HyperConnection(nn.Module):
+    """Manifold-constrained hyper-connection (mHC) around one attention or MoE block.
+
+    From the n streams it makes, by a one-layer perceptron over their flattened, normalised values:
+    pre [n] (how the block's input is read), post [n] (how its output is written to each stream) and
+    comb [n, n] (how the streams carry over), comb projected onto doubly stochastic matrices so that
+    mixing neither grows nor shrinks the residual. Kept in float32, as transformers does.
+    """
+
+    def __init__(self, config: ModelConfigV4):
+        super().__init__()
+        n = config.hc_mult
+        self.n, self.iters, self.eps, self.norm_eps = n, config.hc_sinkhorn_iters, config.hc_eps, config.rms_norm_eps
+        self.fn = nn.Parameter(torch.empty((2 + n) * n, n * config.hidden_size))
+        self.base = nn.Parameter(torch.zeros((2 + n) * n))
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, streams: torch.Tensor):
+        """streams [B, T, n, D] -> (post [B, T, n], comb [B, T, n, n], block input [B, T, D]), float32 weights."""
+        n = self.n
+        mixes = F.linear(unit_rms(streams.flatten(2).float(), self.norm_eps), self.fn.float())
+        pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
+        pre_b, post_b, comb_b = self.base.split([n, n, n * n])
+        pre_s, post_s, comb_s = self.scale.unbind(0)
+        pre = torch.sigmoid(pre_w * pre_s + pre_b) + self.eps
+        post = 2 * torch.sigmoid(post_w * post_s + post_b)
+        comb = torch.softmax(comb_w.unflatten(-1, (n, n)) * comb_s + comb_b.view(n, n), dim=-1) + self.eps
+        # Sinkhorn-Knopp: alternate column and row normalisation (columns first and last)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + self.eps)
+        for _ in range(self.iters - 1):
+            comb = comb / (comb.sum(dim=-1, keepdim=True) + self.eps)
+            comb = comb / (comb.sum(dim=-2, keepdim=True) + self.eps)
+        collapsed = (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
+        return post, comb, collapsed
+
+
+class HyperHead(nn.Module):
+    """The final collapse of the n streams into one hidden state: [B, T, n, D] -> [B, T, D]."""
+
+    def __init__(self, config: ModelConfigV4):
+        super().__init__()
+        n = config.hc_mult
+        self.eps, self.norm_eps = config.hc_eps, config.rms_norm_eps
+        self.hc_fn = nn.Parameter(torch.empty(n, n * config.hidden_size))
+        self.hc_base = nn.Parameter(torch.zeros(n))
+        self.hc_scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        mixes = F.linear(unit_rms(streams.flatten(2).float(), self.norm_eps), self.hc_fn.float())
+        pre = torch.sigmoid(mixes * self.hc_scale.float() + self.hc_base.float()) + self.eps
+        return (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
+
+
+def mix_streams(streams: torch.Tensor, block_out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):
+    """streams [B, T, n, D], block_out [B, T, D] -> new streams: out written by `post`, streams carried
+    by comb (new stream k = sum_j comb[j, k] * stream j; comb is not symmetric)."""
+    dtype = streams.dtype
+    return post.to(dtype).unsqueeze(-1) * block_out.unsqueeze(-2) + comb.to(dtype).transpose(-1, -2) @ streams
+
+
+# ------------------------------------------------------------------------------------------------
+# MoE
+# ------------------------------------------------------------------------------------------------
+
+
+def _score(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    return F.softplus(logits).sqrt() if scoring_func == "sqrtsoftplus" else logits.sigmoid()
+
+
+class V4Router(nn.Module):
+    """Top-k of the scores plus the correction bias (which only steers the choice); the chosen scores,
+    normalised and scaled, weight the experts."""
+
+    def __init__(self, config: ModelConfigV4):
+        super().__init__()
+        self.top_k, self.scoring_func, self.scaling = config.num_experts_per_tok, config.scoring_func, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        return (scores + self.e_score_correction_bias).topk(self.top_k, dim=-1, sorted=False).indices
+
+    def forward(self, x: torch.Tensor):
+        """x [N, D] -> (scores [N, E] float32, weights [N, K], expert indices [N, K])."""
+        scores = _score(F.linear(x.float(), self.weight.float()), self.scoring_func)
+        topk_idx = self.choose(scores)
+        weights = scores.gather(1, topk_idx)
+        return scores, weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * self.scaling, topk_idx
+
+
+class HashRouter(V4Router):
+    """Hash routing: a frozen token id -> experts table picks the experts; the learned scores weight them.
+    The token ids of the current batch are handed over in `token_ids` [N] by the MoE layer."""
+
+    def __init__(self, config: ModelConfigV4):
+        super().__init__(config)
+        del self.e_score_correction_bias  # a fixed table needs no balancing
+        self.register_buffer("tid2eid", torch.zeros(config.vocab_size, self.top_k, dtype=torch.long))
+        self.token_ids: torch.Tensor | None = None
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        return self.tid2eid[self.token_ids]
+
+
+class ClampedMLP(MLP):
+    """V4's SwiGLU with clamped pre-activations: gate <= limit, |up| <= limit."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, limit: float):
+        super().__init__(hidden_size, intermediate_size)
+        self.limit = limit
+
+    def forward(self, x):
+        gate, up = self.gate_proj(x).clamp(max=self.limit), self.up_proj(x).clamp(-self.limit, self.limit)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class V4MoE(MoE):
+    """daulat's MoE (stacked experts, grouped GEMM) with V4's routers, clamp and one shared expert."""
+
+    def __init__(self, config: ModelConfigV4, layer_idx: int):
+        super().__init__(config)
+        self.is_hash = config.mlp_layer_types[layer_idx] == "hash_moe"
+        self.gate = HashRouter(config) if self.is_hash else V4Router(config)
+        self.swiglu_limit = config.swiglu_limit
+        # transformers' shared expert is one MLP of moe_intermediate_size whatever n_shared_experts says
+        self.shared_experts = ClampedMLP(config.hidden_size, config.moe_intermediate_size, config.swiglu_limit)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D], input_ids [B, T] -> [B, T, D]."""
+        if self.is_hash:
+            self.gate.token_ids = input_ids.reshape(-1)
+        try:
+            return super().forward(x)
+        finally:
+            self.gate.token_ids = None
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------------
+
+
+class V4Block(nn.Module):
+    def __init__(self, config: ModelConfigV4, layer_idx: int):
+        super().__init__()
+        self.self_attn = V4Attention(config, layer_idx)
+        self.mlp = V4MoE(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn_hc = HyperConnection(config)
+        self.ffn_hc = HyperConnection(config)
+
+    def forward(self, streams, input_ids, rope):
+        """streams [B, T, n, D] -> [B, T, n, D]."""
+        post, comb, x = self.attn_hc(streams)
+        streams = mix_streams(streams, self.self_attn(self.input_layernorm(x), rope), post, comb)
+        post, comb, x = self.ffn_hc(streams)
+        return mix_streams(streams, self.mlp(self.post_attention_layernorm(x), input_ids), post, comb)
+
+
+def _rotary(config: ModelConfigV4, theta: float, scaling: dict | None) -> Rotary:
+    inv_freq, factor = rope_frequencies(SimpleNamespace(qk_rope_head_dim=config.qk_rope_head_dim,
+                                                        rope_theta=theta, rope_scaling=scaling))
+    return Rotary(inv_freq, factor)
+
+
+class DeepseekV4(nn.Module):
+    """Causal LM: `model(input_ids [B, T]) -> logits [B, T, V]`."""
+
+    def __init__(self, config: ModelConfigV4):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(V4Block(config, i) for i in range(config.num_hidden_layers))
+        self.hc_head = HyperHead(config)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope_main = _rotary(config, config.rope_theta, None)
+        self.rope_compress = _rotary(config, config.compress_rope_theta, config.rope_scaling)
+        for layer in self.layers:
+            layer.self_attn.train_indexer = config.indexer_loss_weight > 0
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) matrices, output projections scaled by 1/sqrt(2L); norms one;
+        sinks, biases and position biases zero; each token hashed to K distinct experts."""
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(("hc_scale", "hc.scale")):
+                nn.init.ones_(p)
+            elif name.endswith(("sinks", "base", "hc_base", "position_bias")):
+                nn.init.zeros_(p)
+            elif name.endswith(("o_b_proj.weight", "down_proj.weight", "down_proj")):
+                nn.init.normal_(p, std=out_std)
+            else:
+                nn.init.normal_(p, std=std)
+        E, K = self.config.n_routed_experts, self.config.num_experts_per_tok
+        for moe in self.moe_layers():
+            if moe.is_hash:
+                tokens = torch.arange(self.config.vocab_size, device=moe.gate.tid2eid.device)
+                moe.gate.tid2eid.copy_((tokens[:, None] * 7 + torch.arange(K, device=tokens.device) * (E // K)) % E)
+            else:
+                moe.gate.e_score_correction_bias.zero_()
+
+    def moe_layers(self) -> list[V4MoE]:
+        return [layer.mlp for layer in self.layers]
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The trunk: input_ids [B, T] -> the collapsed hidden states before the final norm [B, T, D]."""
+        x = self.embed_tokens(input_ids)
+        streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, T, n, D]
+        for layer in self.layers:
+            rope = self.rope_main if layer.self_attn.compressor is None else self.rope_compress
+            streams = layer(streams, input_ids, rope)
+        return self.hc_head(streams)
+
+    def forward(self, input_ids, positions=None, cache=None):
+        """input_ids [B, T] -> logits [B, T, V] (tokens at positions 0..T-1; no decode cache yet)."""
+        if cache is not None or positions is not None:
+            raise NotImplementedError("DeepSeek-V4 has no incremental decode path yet: run the full sequence")
+        return self.lm_head(self.norm(self.hidden_states(input_ids)))
+
+    def training_loss(self, input_ids, targets, ignore_index: int = -100):
+        """Next-token cross-entropy plus the balance and indexer terms that are switched on.
+
+        input_ids, targets [B, T]. Returns (loss, stats) where stats holds detached values: ce,
+        balance, indexer (the mean KL of the CSA indexers to their layers' attention).
+        """
+        h = self.hidden_states(input_ids)
+        ce = linear_cross_entropy(self.norm(h).flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index)
+        loss, stats = ce, {"ce": ce.detach()}
+        balance = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        if balance:
+            balance_loss = torch.stack(balance).sum()
+            loss, stats["balance"] = loss + balance_loss, balance_loss.detach()
+        kl = [layer.self_attn.indexer_loss for layer in self.layers if layer.self_attn.indexer_loss is not None]
+        for layer in self.layers:
+            layer.self_attn.indexer_loss = None  # never a stale one in the next step
+        if kl:
+            indexer_loss = torch.stack(kl).mean()
+            loss, stats["indexer"] = loss + self.config.indexer_loss_weight * indexer_loss, indexer_loss.detach()
+        return loss, stats
+
+    @torch.no_grad()
+    def update_router_bias(self, gamma: float | None = None) -> list[torch.Tensor]:
+        """Auxiliary-loss-free balancing of the learned routers (hash layers have nothing to balance):
+        call after each optimizer step; returns each such layer's expert load since the last call."""
+        gamma = self.config.bias_update_speed if gamma is None else gamma
+        return [moe.update_bias(gamma) for moe in self.moe_layers() if not moe.is_hash]
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers' tensor names
+# ------------------------------------------------------------------------------------------------
+
+# daulat name fragment <-> transformers name fragment, beyond the "model." prefix
+_RENAMES = [(".mlp.gate_up_proj", ".mlp.experts.gate_up_proj"), (".mlp.down_proj", ".mlp.experts.down_proj"),
+            (".indexer.weights_proj.", ".indexer.scorer.weights_proj.")]
+
+
+def to_hf_state_dict_v4(model: DeepseekV4) -> dict[str, torch.Tensor]:
+    """daulat's state dict under the names of transformers' `DeepseekV4ForCausalLM` (fused experts)."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            if not model.config.tie_word_embeddings:
+                out[name] = tensor
+            continue
+        for ours, theirs in _RENAMES:
+            name = name.replace(ours, theirs)
+        out["model." + name] = tensor
+    return out
+
+
+def from_hf_state_dict_v4(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' `DeepseekV4ForCausalLM` tensors -> daulat's names. MTP tensors (`mtp.*`) are
+    dropped, as transformers drops them; any other name passes through for a strict load to judge."""
+    out = {}
+    for name, tensor in tensors.items():
+        if name.startswith("mtp.") or ".mtp." in name:
+            continue
+        name = name.removeprefix("model.")
+        for ours, theirs in _RENAMES:
+            name = name.replace(theirs, ours)
+        out[name] = tensor
+    return out

@@ -1,0 +1,240 @@
+"""DeepSeek-V4's attention: shared-KV multi-query attention over a sliding window plus compressed entries.
+
+Every layer attends to the last `sliding_window` tokens. A compressed layer also attends to entries that
+each summarise a window of `m` source tokens (softmax-gated pooling with a learned position bias):
+
+  * compressed sparse attention (CSA, rate m, overlapping windows of width 2m): a lightning indexer
+    scores the compressed entries per query and only the top `index_topk` of them are gathered;
+  * heavily compressed attention (HCA, rate m', non-overlapping windows): every finished entry is seen.
+
+Keys and values are one tensor (K = V, one head shared by all query heads), so the RoPE a key carries
+also lands in the output: the output's rope slice is rotated back by the query's own position. Each
+head has a learned sink logit (a softmax slot with no value), and heads are projected out in groups.
+
+Semantics (names, order of operations, which entries a query sees) follow transformers'
+`deepseek_v4` so that checkpoints load both ways; unlike transformers the sparse branch is computed
+over the gathered selected entries and the window over a banded view, never over a masked [T, T] matrix.
+
+Shapes: B batch, T tokens, H query heads, d head_dim, r rope dims, W sliding window, N compressed
+entries, k selected entries, m compression rate, g output groups, h_I / c_I indexer heads / head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from daulat.model import RMSNorm, apply_rope
+
+
+def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the last r = 2 * cos.shape[-1] channels of x [..., d]; cos/sin broadcast to [..., r/2].
+
+    V4 pairs channels (0,1), (2,3), ... and, unlike V3, keeps each pair in place: the rotated key is
+    also the value, so its layout reaches the output projection and must be the checkpoint's.
+    """
+    r = 2 * cos.shape[-1]
+    rotated = apply_rope(x[..., -r:], cos, sin, interleave=True)  # [evens', odds']
+    rotated = rotated.unflatten(-1, (2, r // 2)).transpose(-1, -2).flatten(-2)  # pairs back in place
+    return torch.cat([x[..., :-r], rotated], dim=-1)
+
+
+def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a weight, statistics in float32: x [..., n] -> [..., n]."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables of one RoPE base (V4 has two: `main` for sliding layers, `compress` with YaRN)."""
+
+    def __init__(self, inv_freq: torch.Tensor, attention_factor: float):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.attention_factor = attention_factor
+
+    def forward(self, positions: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [...] -> cos, sin [..., r/2]."""
+        angles = positions[..., None].float() * self.inv_freq.float()
+        return (angles.cos() * self.attention_factor).to(dtype), (angles.sin() * self.attention_factor).to(dtype)
+
+
+class Compressor(nn.Module):
+    """Pools every m tokens into one entry: C_w = RMSNorm(sum_j softmax_j(Z_j + B) * C_j), rotated at w*m.
+
+    overlap=True (CSA) projects 2*dim channels per token: the second half pools into its own window's
+    entry, the first half into the next window's, so entry w covers tokens (w-1)m .. (w+1)m - 1.
+    """
+
+    def __init__(self, hidden_size: int, dim: int, rate: int, overlap: bool, eps: float):
+        super().__init__()
+        self.dim, self.rate, self.overlap = dim, rate, overlap
+        width = 2 * dim if overlap else dim
+        self.kv_proj = nn.Linear(hidden_size, width, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, width, bias=False)
+        self.position_bias = nn.Parameter(torch.zeros(rate, width))
+        self.kv_norm = RMSNorm(dim, eps)
+
+    def compress(self, x: torch.Tensor, rope: Rotary) -> torch.Tensor:
+        """x [B, T, D] -> entries [B, N, dim] with N = T // m (a trailing partial window is not ready)."""
+        B, T, _ = x.shape
+        m, n = self.rate, T // self.rate
+        usable = x[:, : n * m]
+        kv = self.kv_proj(usable).view(B, n, m, -1)  # [B, N, m, width]
+        gate = self.gate_proj(usable).view(B, n, m, -1) + self.position_bias
+        if self.overlap:
+            # [B, N, 2m, dim]: slots 0..m-1 are the previous window's first halves (none for w = 0:
+            # weight zero through a -inf gate), slots m..2m-1 this window's second halves
+            previous_kv = F.pad(kv[:, :-1, :, : self.dim], (0, 0, 0, 0, 1, 0))
+            previous_gate = F.pad(gate[:, :-1, :, : self.dim], (0, 0, 0, 0, 1, 0), value=float("-inf"))
+            kv = torch.cat([previous_kv, kv[..., self.dim :]], dim=2)
+            gate = torch.cat([previous_gate, gate[..., self.dim :]], dim=2)
+        # the gate's softmax runs over the window's slots, per channel, in float32
+        pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)  # [B, N, dim]
+        positions = torch.arange(n, device=x.device) * m  # an entry sits at its window's first token
+        cos, sin = rope(positions, pooled.dtype)
+        return rope_tail(self.kv_norm(pooled), cos, sin)
+
+
+class Indexer(Compressor):
+    """Lightning indexer over CSA's compressed entries (its own compressor at c_I channels):
+    score[t, s] = sum_h w[t, h] * ReLU(q[t, h] . K[s]) ; each query keeps its top `index_topk` entries."""
+
+    def __init__(self, config):
+        super().__init__(config.hidden_size, config.index_head_dim,
+                         config.compress_rates["compressed_sparse_attention"], True, config.rms_norm_eps)
+        self.n_heads, self.topk = config.index_n_heads, config.index_topk
+        self.q_b_proj = nn.Linear(config.q_lora_rank, self.n_heads * self.dim, bias=False)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+
+    def scores(self, x: torch.Tensor, q_residual: torch.Tensor, rope: Rotary) -> torch.Tensor:
+        """x [B, T, D], q_residual [B, T, q_lora_rank] -> index scores [B, T, N] (float32; -inf where the
+        entry's window is not finished at the query's position)."""
+        B, T, _ = x.shape
+        keys = self.compress(x, rope)  # [B, N, c_I]
+        positions = torch.arange(T, device=x.device)
+        cos, sin = rope(positions, x.dtype)
+        q = rope_tail(self.q_b_proj(q_residual).view(B, T, self.n_heads, self.dim), cos[:, None], sin[:, None])
+        per_head = F.relu(torch.einsum("bthc,bnc->bthn", q.float(), keys.float())) * self.dim**-0.5
+        weights = self.weights_proj(x).float() * self.n_heads**-0.5  # [B, T, h_I]
+        scores = torch.einsum("bthn,bth->btn", per_head, weights)
+        return scores.masked_fill(~entry_visible(T, keys.shape[1], self.rate, x.device), float("-inf"))
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores [B, T, N] -> indices [B, T, k] of the best entries, -1 where fewer than k are visible."""
+        top = scores.topk(min(self.topk, scores.shape[-1]), dim=-1)
+        return top.indices.masked_fill(top.values == float("-inf"), -1)
+
+
+def entry_visible(T: int, N: int, rate: int, device) -> torch.Tensor:
+    """[T, N] bool: query t sees compressed entry w once its window has ended, (w + 1) * m <= t + 1."""
+    t = torch.arange(T, device=device)
+    return torch.arange(N, device=device)[None, :] < ((t + 1) // rate)[:, None]
+
+
+class V4Attention(nn.Module):
+    """One layer's attention: x [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        H, d = config.num_attention_heads, config.head_dim
+        self.n_heads, self.head_dim, self.window = H, d, config.sliding_window
+        self.o_groups, self.eps = config.o_groups, config.rms_norm_eps
+        self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=False)
+        self.q_a_norm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+        self.q_b_proj = nn.Linear(config.q_lora_rank, H * d, bias=False)
+        self.kv_proj = nn.Linear(config.hidden_size, d, bias=False)
+        self.kv_norm = RMSNorm(d, config.rms_norm_eps)
+        # grouped low-rank output: each group of H*d/g channels -> o_lora_rank, then all groups -> D
+        self.o_a_proj = nn.Linear(H * d // config.o_groups, config.o_groups * config.o_lora_rank, bias=False)
+        self.o_b_proj = nn.Linear(config.o_groups * config.o_lora_rank, config.hidden_size, bias=False)
+        self.sinks = nn.Parameter(torch.zeros(H))
+        self.compressor: Compressor | None = None
+        if self.layer_type == "compressed_sparse_attention":
+            rate = config.compress_rates[self.layer_type]
+            self.compressor = Compressor(config.hidden_size, d, rate, True, config.rms_norm_eps)
+            self.compressor.indexer = Indexer(config)
+        elif self.layer_type == "heavily_compressed_attention":
+            rate = config.compress_rates[self.layer_type]
+            self.compressor = Compressor(config.hidden_size, d, rate, False, config.rms_norm_eps)
+        self.indexer_loss: torch.Tensor | None = None  # KL of the indexer to this layer's attention
+        self.train_indexer = False  # set by the model when its indexer loss is switched on
+
+    def forward(self, x: torch.Tensor, rope: Rotary) -> torch.Tensor:
+        """x [B, T, D] at positions 0..T-1; rope is this layer's table (main or compress)."""
+        B, T, _ = x.shape
+        H, d = self.n_heads, self.head_dim
+        cos, sin = rope(torch.arange(T, device=x.device), x.dtype)  # [T, r/2]
+        q_residual = self.q_a_norm(self.q_a_proj(x))  # [B, T, q_lora_rank]
+        q = unit_rms(self.q_b_proj(q_residual).view(B, T, H, d), self.eps)
+        q = rope_tail(q, cos[:, None], sin[:, None])  # [B, T, H, d]
+        kv = rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)  # [B, T, d]: key and value alike
+
+        # the window as a banded view: slot j of query t holds token t - W + 1 + j
+        W = self.window
+        windows = F.pad(kv, (0, 0, W - 1, 0)).unfold(1, W, 1)  # [B, T, d, W]
+        slot_pos = torch.arange(T, device=x.device)[:, None] - W + 1 + torch.arange(W, device=x.device)
+        logits = [torch.einsum("bthd,btdw->bhtw", q, windows).masked_fill(slot_pos < 0, float("-inf"))]
+        values = [windows]
+        selected = None
+        if self.compressor is not None:
+            entries = self.compressor.compress(x, rope)  # [B, N, d]
+            if self.layer_type == "compressed_sparse_attention":
+                selected, entry_logits, entry_values = self._selected(x, q_residual, q, entries, rope)
+            else:  # HCA sees every finished entry
+                visible = entry_visible(T, entries.shape[1], self.compressor.rate, x.device)
+                entry_logits = torch.einsum("bthd,bnd->bhtn", q, entries).masked_fill(~visible, float("-inf"))
+                entry_values = entries
+            logits.append(entry_logits)
+            values.append(entry_values)
+        out, probs = self._softmax_with_sinks(logits, values)  # [B, T, H, d]
+        if selected is not None and self.training and self.train_indexer:
+            self.indexer_loss = self._indexer_kl(x, q_residual, rope, selected, probs[-1])
+        out = rope_tail(out, cos[:, None], -sin[:, None])  # undo the keys' rotation at the query's position
+        grouped = out.reshape(B, T, self.o_groups, -1)  # [B, T, g, H*d/g]
+        weight = self.o_a_proj.weight.view(self.o_groups, -1, grouped.shape[-1])  # [g, o_lora_rank, H*d/g]
+        return self.o_b_proj(torch.einsum("btgi,gri->btgr", grouped, weight).flatten(2))
+
+    def _selected(self, x, q_residual, q, entries, rope):
+        """CSA: the indexer's top-k entries per query, gathered. Returns (indices [B, T, k] with -1 for
+        none, logits [B, H, T, k], values [B, T, k, d])."""
+        indexer = self.compressor.indexer
+        with torch.no_grad():  # top-k is discrete: the indexer learns only through its own KL loss
+            selected = indexer.select(indexer.scores(x, q_residual, rope))
+        B, T, k = selected.shape
+        batch = torch.arange(B, device=x.device)[:, None, None]
+        gathered = entries[batch, selected.clamp(min=0)]  # [B, T, k, d]
+        entry_logits = torch.einsum("bthd,btkd->bhtk", q, gathered)
+        return selected, entry_logits.masked_fill((selected < 0)[:, None], float("-inf")), gathered
+
+    def _softmax_with_sinks(self, logits, values):
+        """Softmax over every key slot plus one sink slot per head; the sink takes weight but adds no value.
+        logits: list of [B, H, T, S_i]; values: [B, T, d, W] for the window, then [B, N, d] or [B, T, k, d].
+        Returns (output [B, T, H, d], per-part probabilities)."""
+        scale = self.head_dim**-0.5
+        B, H, T, _ = logits[0].shape
+        sink = self.sinks.to(logits[0].dtype).view(1, H, 1, 1).expand(B, H, T, 1)
+        combined = torch.cat([part * scale for part in logits] + [sink], dim=-1)
+        probs = (combined - combined.amax(dim=-1, keepdim=True)).softmax(dim=-1)
+        parts = probs[..., :-1].split([part.shape[-1] for part in logits], dim=-1)
+        out = torch.einsum("bhtw,btdw->bthd", parts[0], values[0])
+        for p, v in zip(parts[1:], values[1:]):
+            out = out + (torch.einsum("bhtn,bnd->bthd", p, v) if v.dim() == 3 else
+                         torch.einsum("bhtk,btkd->bthd", p, v))
+        return out, parts
+
+    def _indexer_kl(self, x, q_residual, rope, selected, entry_probs):
+        """KL(attention || indexer) over each query's selected entries (DeepSeek-V3.2's sparse stage):
+        the target is the heads' summed attention, renormalised; the indexer's input is detached, so
+        this loss trains the indexer only. entry_probs [B, H, T, k] -> scalar."""
+        indexer = self.compressor.indexer
+        scores = indexer.scores(x.detach(), q_residual.detach(), rope)  # [B, T, N]
+        valid = selected >= 0
+        chosen = scores.gather(-1, selected.clamp(min=0)).masked_fill(~valid, float("-inf"))
+        log_q = chosen.log_softmax(dim=-1).masked_fill(~valid, 0.0)
+        target = entry_probs.detach().float().sum(1)  # [B, T, k]
+        target = target / target.sum(-1, keepdim=True).clamp(min=1e-20)
+        rows = valid.any(-1)  # queries that see at least one entry
+        kl = (target * (target.clamp(min=1e-20).log() - log_q)).sum(-1)
+        return kl[rows].mean() if rows.any() else scores.new_zeros(())
