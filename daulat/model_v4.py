@@ -344,16 +344,16 @@ def _rotary(config: ModelConfigV4, theta: float, scaling: dict | None) -> Rotary
 
 
 class DeepseekV4(nn.Module):
-    """Causal LM: `model(input_ids [B, T]) -> logits [B, T, V]`."""
+    """Causal LM over n residual streams: `model(input_ids [B, T]) -> logits [B, T, V]`."""
 
     def __init__(self, config: ModelConfigV4):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        D, V = config.hidden_size, config.vocab_size
+        self.embed_tokens = nn.Embedding(V, D)
         self.layers = nn.ModuleList(V4Block(config, i) for i in range(config.num_hidden_layers))
-        self.hc_head = HyperHead(config)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.hc_head = HyperHead(config)  # the streams collapse into one before the final norm
+        self.norm, self.lm_head = RMSNorm(D, config.rms_norm_eps), nn.Linear(D, V, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope_main = _rotary(config, config.rope_theta, None)
