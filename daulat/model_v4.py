@@ -12,7 +12,9 @@
     token-id table (`tid2eid`), the rest by top-k of sqrt(softplus) scores plus the correction bias.
 
 Shapes: B batch, T tokens, n streams, D hidden size, E routed experts, K experts per token, V vocab.
-MTP modules are not built (transformers drops them on load too); there is no decode cache yet.
+MTP modules are not built (transformers drops them on load too). Decoding runs the same forward over
+the new tokens with a V4Cache (per layer: the last W - 1 keys, the compressors' partial windows and
+entries, the indexers' keys); every row of a batch sits at the same position.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from daulat.model import MLP, MoE, RMSNorm, linear_cross_entropy, rope_frequencies
-from daulat.v4_attention import Rotary, V4Attention, unit_rms
+from daulat.v4_attention import LayerCache, Rotary, V4Attention, unit_rms
 
 LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 
@@ -329,10 +331,10 @@ class V4Block(nn.Module):
         self.attn_hc = HyperConnection(config)
         self.ffn_hc = HyperConnection(config)
 
-    def forward(self, streams, input_ids, rope):
-        """streams [B, T, n, D] -> [B, T, n, D]."""
+    def forward(self, streams, input_ids, rope, start=0, cache=None):
+        """streams [B, T, n, D] at positions start..start+T-1 -> [B, T, n, D]."""
         post, comb, x = self.attn_hc(streams)
-        streams = mix_streams(streams, self.self_attn(self.input_layernorm(x), rope), post, comb)
+        streams = mix_streams(streams, self.self_attn(self.input_layernorm(x), rope, start, cache), post, comb)
         post, comb, x = self.ffn_hc(streams)
         return mix_streams(streams, self.mlp(self.post_attention_layernorm(x), input_ids), post, comb)
 
@@ -388,20 +390,36 @@ class DeepseekV4(nn.Module):
     def moe_layers(self) -> list[V4MoE]:
         return [layer.mlp for layer in self.layers]
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The trunk: input_ids [B, T] -> the collapsed hidden states before the final norm [B, T, D]."""
+    def hidden_states(self, input_ids: torch.Tensor, cache: "V4Cache | None" = None) -> torch.Tensor:
+        """The trunk: input_ids [B, T] -> the collapsed hidden states before the final norm [B, T, D].
+        The tokens sit at positions 0..T-1, or right after what the cache holds."""
+        start = 0 if cache is None else cache.length
         x = self.embed_tokens(input_ids)
         streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, T, n, D]
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             rope = self.rope_main if layer.self_attn.compressor is None else self.rope_compress
-            streams = layer(streams, input_ids, rope)
+            streams = layer(streams, input_ids, rope, start, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.length += input_ids.shape[1]
         return self.hc_head(streams)
 
     def forward(self, input_ids, positions=None, cache=None):
-        """input_ids [B, T] -> logits [B, T, V] (tokens at positions 0..T-1; no decode cache yet)."""
+        """input_ids [B, T] (LongTensor) -> logits [B, T, V].
+
+        Without a cache the tokens are a whole sequence from position 0. With one (see make_cache),
+        positions [B, T] are required and must continue it: every row at cache.length + 0..T-1.
+        """
         if cache is not None or positions is not None:
-            raise NotImplementedError("DeepSeek-V4 has no incremental decode path yet: run the full sequence")
-        return self.lm_head(self.norm(self.hidden_states(input_ids)))
+            start = 0 if cache is None else cache.length
+            expected = start + torch.arange(input_ids.shape[1], device=input_ids.device)
+            if positions is None or not bool((positions == expected).all()):
+                raise ValueError(f"DeepSeek-V4 positions must be {start}..{start + input_ids.shape[1] - 1} "
+                                 "in every row (the cache is filled in order, one position for the batch)")
+        return self.lm_head(self.norm(self.hidden_states(input_ids, cache)))
+
+    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> "V4Cache":
+        """An empty decode cache for batch_size rows (its tensors are made by the first forward)."""
+        return V4Cache(self.config.num_hidden_layers, batch_size, max_len)
 
     def training_loss(self, input_ids, targets, ignore_index: int = -100):
         """Next-token cross-entropy plus the balance and indexer terms that are switched on.
@@ -430,6 +448,16 @@ class DeepseekV4(nn.Module):
         call after each optimizer step; returns each such layer's expert load since the last call."""
         gamma = self.config.bias_update_speed if gamma is None else gamma
         return [moe.update_bias(gamma) for moe in self.moe_layers() if not moe.is_hash]
+
+
+class V4Cache:
+    """DeepSeek-V4's decode state, one LayerCache per layer: the sliding window's last W - 1 keys, and
+    for compressed layers the compressor's (and CSA's indexer's) partial window and entries. Unlike a
+    full K/V cache it grows by one entry per m tokens, not per token, beyond the fixed window."""
+
+    def __init__(self, num_layers: int, batch_size: int, max_len: int):
+        self.layers = [LayerCache() for _ in range(num_layers)]
+        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
 
 
 # ------------------------------------------------------------------------------------------------

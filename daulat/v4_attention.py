@@ -21,6 +21,8 @@ entries, k selected entries, m compression rate, g output groups, h_I / c_I inde
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,25 +77,71 @@ class Compressor(nn.Module):
         self.position_bias = nn.Parameter(torch.zeros(rate, width))
         self.kv_norm = RMSNorm(dim, eps)
 
-    def compress(self, x: torch.Tensor, rope: Rotary) -> torch.Tensor:
-        """x [B, T, D] -> entries [B, N, dim] with N = T // m (a trailing partial window is not ready)."""
-        B, T, _ = x.shape
-        m, n = self.rate, T // self.rate
-        usable = x[:, : n * m]
-        kv = self.kv_proj(usable).view(B, n, m, -1)  # [B, N, m, width]
-        gate = self.gate_proj(usable).view(B, n, m, -1) + self.position_bias
+    def compress(self, x: torch.Tensor, rope: Rotary, state: "CompressorState | None" = None) -> torch.Tensor:
+        """x [B, T, D] -> entries [B, N, dim]: N = T // m without a state; with one, the rows of the
+        unfinished window wait in it and all entries so far are returned."""
+        kv, gate = self.kv_proj(x), self.gate_proj(x)  # [B, T, width]
+        first = 0
+        if state is not None:
+            if state.tail_kv is not None:
+                kv, gate = torch.cat([state.tail_kv, kv], dim=1), torch.cat([state.tail_gate, gate], dim=1)
+            first = 0 if state.entries is None else state.entries.shape[1]
+        B, L, _ = kv.shape
+        m, n = self.rate, L // self.rate
+        if state is not None:
+            state.tail_kv, state.tail_gate = kv[:, n * m :], gate[:, n * m :]
+        kv = kv[:, : n * m].view(B, n, m, kv.shape[-1])  # [B, N_new, m, width]
+        gate = gate[:, : n * m].view(B, n, m, gate.shape[-1]) + self.position_bias
+        previous = None if state is None else state.last_window
+        entries = self._pool(kv, gate, previous, first, rope)
+        if state is None:
+            return entries
+        if n:
+            state.last_window = (kv[:, -1], gate[:, -1])
+        state.entries = entries if state.entries is None else torch.cat([state.entries, entries], dim=1)
+        return state.entries
+
+    def _pool(self, kv, gate, previous, first: int, rope: Rotary) -> torch.Tensor:
+        """kv, gate [B, N, m, width] (gate with its position bias) -> entries [B, N, dim], entry w
+        rotated at its window's first token (first + w) * m. previous: the (kv, gate) [B, m, width] of
+        the window before these, or None at the sequence's start."""
         if self.overlap:
-            # [B, N, 2m, dim]: slots 0..m-1 are the previous window's first halves (none for w = 0:
-            # weight zero through a -inf gate), slots m..2m-1 this window's second halves
-            previous_kv = F.pad(kv[:, :-1, :, : self.dim], (0, 0, 0, 0, 1, 0))
-            previous_gate = F.pad(gate[:, :-1, :, : self.dim], (0, 0, 0, 0, 1, 0), value=float("-inf"))
+            # [B, N, 2m, dim]: slots 0..m-1 are the previous window's first halves (none before the
+            # first window: weight zero through a -inf gate), slots m..2m-1 this window's second halves
+            if previous is None:
+                previous = (kv.new_zeros(kv[:, :1].shape), gate.new_full(gate[:, :1].shape, float("-inf")))
+            else:
+                previous = (previous[0][:, None], previous[1][:, None])
+            n = kv.shape[1]
+            previous_kv = torch.cat([previous[0], kv], dim=1)[:, :n, :, : self.dim]
+            previous_gate = torch.cat([previous[1], gate], dim=1)[:, :n, :, : self.dim]
             kv = torch.cat([previous_kv, kv[..., self.dim :]], dim=2)
             gate = torch.cat([previous_gate, gate[..., self.dim :]], dim=2)
         # the gate's softmax runs over the window's slots, per channel, in float32
         pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)  # [B, N, dim]
-        positions = torch.arange(n, device=x.device) * m  # an entry sits at its window's first token
+        positions = (first + torch.arange(kv.shape[1], device=kv.device)) * self.rate
         cos, sin = rope(positions, pooled.dtype)
         return rope_tail(self.kv_norm(pooled), cos, sin)
+
+
+@dataclass
+class CompressorState:
+    """What a compressor carries between calls: the rows of its unfinished window (the partial tail),
+    the last finished window (CSA's overlap reads it) and every entry made so far."""
+
+    tail_kv: torch.Tensor | None = None  # [B, < m, width]
+    tail_gate: torch.Tensor | None = None
+    last_window: tuple[torch.Tensor, torch.Tensor] | None = None  # (kv, gate) [B, m, width]
+    entries: torch.Tensor | None = None  # [B, N, dim]
+
+
+@dataclass
+class LayerCache:
+    """One layer's decode state: the last W - 1 keys (the window), the compressor's and the indexer's."""
+
+    window: torch.Tensor | None = None  # [B, <= W - 1, d]
+    compressor: CompressorState = field(default_factory=CompressorState)
+    indexer: CompressorState = field(default_factory=CompressorState)
 
 
 class Indexer(Compressor):
@@ -107,18 +155,18 @@ class Indexer(Compressor):
         self.q_b_proj = nn.Linear(config.q_lora_rank, self.n_heads * self.dim, bias=False)
         self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
 
-    def scores(self, x: torch.Tensor, q_residual: torch.Tensor, rope: Rotary) -> torch.Tensor:
-        """x [B, T, D], q_residual [B, T, q_lora_rank] -> index scores [B, T, N] (float32; -inf where the
-        entry's window is not finished at the query's position)."""
+    def scores(self, x: torch.Tensor, q_residual: torch.Tensor, rope: Rotary, positions: torch.Tensor,
+               state: CompressorState | None = None) -> torch.Tensor:
+        """x [B, T, D], q_residual [B, T, q_lora_rank] at positions [T] -> index scores [B, T, N]
+        (float32; -inf where the entry's window is not finished at the query's position)."""
         B, T, _ = x.shape
-        keys = self.compress(x, rope)  # [B, N, c_I]
-        positions = torch.arange(T, device=x.device)
+        keys = self.compress(x, rope, state)  # [B, N, c_I]
         cos, sin = rope(positions, x.dtype)
         q = rope_tail(self.q_b_proj(q_residual).view(B, T, self.n_heads, self.dim), cos[:, None], sin[:, None])
         per_head = F.relu(torch.einsum("bthc,bnc->bthn", q.float(), keys.float())) * self.dim**-0.5
         weights = self.weights_proj(x).float() * self.n_heads**-0.5  # [B, T, h_I]
         scores = torch.einsum("bthn,bth->btn", per_head, weights)
-        return scores.masked_fill(~entry_visible(T, keys.shape[1], self.rate, x.device), float("-inf"))
+        return scores.masked_fill(~entry_visible(positions, keys.shape[1], self.rate), float("-inf"))
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """scores [B, T, N] -> indices [B, T, k] of the best entries, -1 where fewer than k are visible."""
@@ -126,10 +174,10 @@ class Indexer(Compressor):
         return top.indices.masked_fill(top.values == float("-inf"), -1)
 
 
-def entry_visible(T: int, N: int, rate: int, device) -> torch.Tensor:
-    """[T, N] bool: query t sees compressed entry w once its window has ended, (w + 1) * m <= t + 1."""
-    t = torch.arange(T, device=device)
-    return torch.arange(N, device=device)[None, :] < ((t + 1) // rate)[:, None]
+def entry_visible(positions: torch.Tensor, N: int, rate: int) -> torch.Tensor:
+    """positions [T] -> [T, N] bool: the query at t sees entry w once its window has ended,
+    (w + 1) * m <= t + 1."""
+    return torch.arange(N, device=positions.device)[None, :] < ((positions + 1) // rate)[:, None]
 
 
 class V4Attention(nn.Module):
@@ -161,47 +209,53 @@ class V4Attention(nn.Module):
         self.indexer_loss: torch.Tensor | None = None  # KL of the indexer to this layer's attention
         self.train_indexer = False  # set by the model when its indexer loss is switched on
 
-    def forward(self, x: torch.Tensor, rope: Rotary) -> torch.Tensor:
-        """x [B, T, D] at positions 0..T-1; rope is this layer's table (main or compress)."""
+    def forward(self, x: torch.Tensor, rope: Rotary, start: int = 0, cache: LayerCache | None = None) -> torch.Tensor:
+        """x [B, T, D] at positions start..start+T-1; rope is this layer's table (main or compress).
+        With a cache (filled from position 0 by earlier calls) the new tokens also see what it holds."""
         B, T, _ = x.shape
         H, d = self.n_heads, self.head_dim
-        cos, sin = rope(torch.arange(T, device=x.device), x.dtype)  # [T, r/2]
+        positions = start + torch.arange(T, device=x.device)
+        cos, sin = rope(positions, x.dtype)  # [T, r/2]
         q_residual = self.q_a_norm(self.q_a_proj(x))  # [B, T, q_lora_rank]
         q = unit_rms(self.q_b_proj(q_residual).view(B, T, H, d), self.eps)
         q = rope_tail(q, cos[:, None], sin[:, None])  # [B, T, H, d]
         kv = rope_tail(self.kv_norm(self.kv_proj(x)), cos, sin)  # [B, T, d]: key and value alike
 
-        # the window as a banded view: slot j of query t holds token t - W + 1 + j
+        # the window as a banded view: slot j of the query at t holds the key at t - W + 1 + j
         W = self.window
-        windows = F.pad(kv, (0, 0, W - 1, 0)).unfold(1, W, 1)  # [B, T, d, W]
-        slot_pos = torch.arange(T, device=x.device)[:, None] - W + 1 + torch.arange(W, device=x.device)
+        keys = kv if cache is None or cache.window is None else torch.cat([cache.window, kv], dim=1)
+        if cache is not None:
+            cache.window = keys[:, keys.shape[1] - min(W - 1, keys.shape[1]) :]
+        windows = F.pad(keys, (0, 0, W - 1 - (keys.shape[1] - T), 0)).unfold(1, W, 1)  # [B, T, d, W]
+        slot_pos = positions[:, None] - W + 1 + torch.arange(W, device=x.device)
         logits = [torch.einsum("bthd,btdw->bhtw", q, windows).masked_fill(slot_pos < 0, float("-inf"))]
         values = [windows]
         selected = None
         if self.compressor is not None:
-            entries = self.compressor.compress(x, rope)  # [B, N, d]
+            entries = self.compressor.compress(x, rope, None if cache is None else cache.compressor)  # [B, N, d]
             if self.layer_type == "compressed_sparse_attention":
-                selected, entry_logits, entry_values = self._selected(x, q_residual, q, entries, rope)
+                selected, entry_logits, entry_values = self._selected(x, q_residual, q, entries, rope, positions, cache)
             else:  # HCA sees every finished entry
-                visible = entry_visible(T, entries.shape[1], self.compressor.rate, x.device)
+                visible = entry_visible(positions, entries.shape[1], self.compressor.rate)
                 entry_logits = torch.einsum("bthd,bnd->bhtn", q, entries).masked_fill(~visible, float("-inf"))
                 entry_values = entries
             logits.append(entry_logits)
             values.append(entry_values)
         out, probs = self._softmax_with_sinks(logits, values)  # [B, T, H, d]
-        if selected is not None and self.training and self.train_indexer:
+        if selected is not None and self.training and self.train_indexer and cache is None:
             self.indexer_loss = self._indexer_kl(x, q_residual, rope, selected, probs[-1])
         out = rope_tail(out, cos[:, None], -sin[:, None])  # undo the keys' rotation at the query's position
         grouped = out.reshape(B, T, self.o_groups, -1)  # [B, T, g, H*d/g]
         weight = self.o_a_proj.weight.view(self.o_groups, -1, grouped.shape[-1])  # [g, o_lora_rank, H*d/g]
         return self.o_b_proj(torch.einsum("btgi,gri->btgr", grouped, weight).flatten(2))
 
-    def _selected(self, x, q_residual, q, entries, rope):
+    def _selected(self, x, q_residual, q, entries, rope, positions, cache):
         """CSA: the indexer's top-k entries per query, gathered. Returns (indices [B, T, k] with -1 for
         none, logits [B, H, T, k], values [B, T, k, d])."""
         indexer = self.compressor.indexer
         with torch.no_grad():  # top-k is discrete: the indexer learns only through its own KL loss
-            selected = indexer.select(indexer.scores(x, q_residual, rope))
+            state = None if cache is None else cache.indexer
+            selected = indexer.select(indexer.scores(x, q_residual, rope, positions, state))
         B, T, k = selected.shape
         batch = torch.arange(B, device=x.device)[:, None, None]
         gathered = entries[batch, selected.clamp(min=0)]  # [B, T, k, d]
@@ -229,7 +283,8 @@ class V4Attention(nn.Module):
         the target is the heads' summed attention, renormalised; the indexer's input is detached, so
         this loss trains the indexer only. entry_probs [B, H, T, k] -> scalar."""
         indexer = self.compressor.indexer
-        scores = indexer.scores(x.detach(), q_residual.detach(), rope)  # [B, T, N]
+        positions = torch.arange(x.shape[1], device=x.device)
+        scores = indexer.scores(x.detach(), q_residual.detach(), rope, positions)  # [B, T, N]
         valid = selected >= 0
         chosen = scores.gather(-1, selected.clamp(min=0)).masked_fill(~valid, float("-inf"))
         log_q = chosen.log_softmax(dim=-1).masked_fill(~valid, 0.0)
