@@ -31,6 +31,11 @@ from daulat.model import MLP, MoE, RMSNorm, linear_cross_entropy, rope_frequenci
 from daulat.v4_attention import LayerCache, Rotary, V4Attention, unit_rms
 
 LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
+# tensors that stay float32 whatever dtype the model is cast to (transformers keeps them so too): the
+# hyper-connections, whose Sinkhorn iterations and sigmoid gates are sensitive, the sinks, the
+# compressors' position biases and the routers' correction biases. (The norms, which transformers also
+# keeps in float32, follow the model's dtype here: daulat's RMSNorm scales in the input's dtype.)
+FP32_TENSORS = ("attn_hc.", "ffn_hc.", "hc_head.", ".sinks", ".position_bias", ".e_score_correction_bias")
 
 
 @dataclass
@@ -386,6 +391,16 @@ class DeepseekV4(nn.Module):
                 moe.gate.tid2eid.copy_((tokens[:, None] * 7 + torch.arange(K, device=tokens.device) * (E // K)) % E)
             else:
                 moe.gate.e_score_correction_bias.zero_()
+
+    def _apply(self, fn, recurse=True):
+        """Casts (`.to(torch.bfloat16)`, `.half()`) leave FP32_TENSORS in float32; moves still move them."""
+        kept = {name: t for name, t in [*self.named_parameters(), *self.named_buffers()]
+                if any(key in "." + name for key in FP32_TENSORS) and t.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, t in [*self.named_parameters(), *self.named_buffers()]:
+            if name in kept and t.dtype != torch.float32:
+                t.data = kept[name].data.to(device=t.device, dtype=torch.float32)
+        return self
 
     def moe_layers(self) -> list[V4MoE]:
         return [layer.mlp for layer in self.layers]

@@ -89,3 +89,19 @@ def test_indexer_kl_falls_when_the_indexer_trains():
         optimizer.step()
         kls.append(float(kl.detach()))
     assert kls[-1] < 0.8 * kls[0]
+
+
+def test_bfloat16_keeps_the_float32_islands_and_tracks_float32():
+    torch.manual_seed(0)
+    config = ModelConfigV4(layer_types=MIX)
+    model = DeepseekV4(config).eval()
+    ids, _ = _batch(config)
+    with torch.no_grad():
+        reference = model(ids)
+        model.to(torch.bfloat16)
+        islands = [p for n, p in model.named_parameters() if "hc" in n or "sinks" in n or "position_bias" in n]
+        assert islands and all(p.dtype == torch.float32 for p in islands)
+        assert model.embed_tokens.weight.dtype == torch.bfloat16
+        logits = model(ids)
+    assert logits.dtype == torch.bfloat16
+    assert (logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
