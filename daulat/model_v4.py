@@ -474,6 +474,25 @@ class V4Cache:
         self.layers = [LayerCache() for _ in range(num_layers)]
         self.batch_size, self.max_len, self.length = batch_size, max_len, 0
 
+    def bytes(self) -> int:
+        """Bytes the cache holds now, over all layers and rows."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+
+
+def kv_cache_bytes_per_token_v4(config: ModelConfigV4, bytes_per_number: int = 2) -> dict:
+    """What the decode cache grows by per token over all layers, once past the window (which stays at
+    W - 1 keys per layer): d/m per CSA layer plus its indexer's c_I/m, d/m' per HCA layer; against
+    full per-head K and V (2 H d per layer)."""
+    per_token = 0.0
+    for kind in config.layer_types:
+        if kind == "compressed_sparse_attention":
+            per_token += (config.head_dim + config.index_head_dim) / config.compress_rates[kind]
+        elif kind == "heavily_compressed_attention":
+            per_token += config.head_dim / config.compress_rates[kind]
+    v4 = per_token * bytes_per_number
+    mha = config.num_hidden_layers * 2 * config.num_attention_heads * config.head_dim * bytes_per_number
+    return {"v4": v4, "mha": mha, "saving": 1 - v4 / mha}
+
 
 # ------------------------------------------------------------------------------------------------
 # transformers' tensor names

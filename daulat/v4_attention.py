@@ -96,7 +96,7 @@ class Compressor(nn.Module):
         entries = self._pool(kv, gate, previous, first, rope)
         if state is None:
             return entries
-        if n:
+        if n and self.overlap:  # only the overlapping windows read the window before
             state.last_window = (kv[:, -1], gate[:, -1])
         state.entries = entries if state.entries is None else torch.cat([state.entries, entries], dim=1)
         return state.entries
@@ -134,6 +134,9 @@ class CompressorState:
     last_window: tuple[torch.Tensor, torch.Tensor] | None = None  # (kv, gate) [B, m, width]
     entries: torch.Tensor | None = None  # [B, N, dim]
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.tail_kv, self.tail_gate, *(self.last_window or ()), self.entries) if t is not None]
+
 
 @dataclass
 class LayerCache:
@@ -142,6 +145,10 @@ class LayerCache:
     window: torch.Tensor | None = None  # [B, <= W - 1, d]
     compressor: CompressorState = field(default_factory=CompressorState)
     indexer: CompressorState = field(default_factory=CompressorState)
+
+    def tensors(self) -> list[torch.Tensor]:
+        window = [] if self.window is None else [self.window]
+        return window + self.compressor.tensors() + self.indexer.tensors()
 
 
 class Indexer(Compressor):

@@ -20,7 +20,7 @@ CONFIGS = {
                           "index_topk": 3}, 37, 2),
     "hca-only-hash": ({"layer_types": ["heavily_compressed_attention"] * 3, "mlp_layer_types": ["hash_moe"] * 3,
                        "compress_rates": {"heavily_compressed_attention": 4}}, 30, 1),
-    "yarn-compress": ({"rope_scaling": YARN, "layer_types": ["compressed_sparse_attention",
+    "yarn-compress": ({"rope_scaling": YARN, "max_position_embeddings": 128, "layer_types": ["compressed_sparse_attention",
                        "heavily_compressed_attention", "sliding_attention"]}, 45, 2),
     "sigmoid-tied-4groups": ({"scoring_func": "sigmoid", "tie_word_embeddings": True, "o_groups": 4,
                               "q_lora_rank": 24, "qk_rope_head_dim": 16}, 33, 2),

@@ -4,7 +4,7 @@ same logits as the full forward, chunk by chunk, and greedy decoding picks the s
 import pytest
 import torch
 
-from daulat.model_v4 import DeepseekV4, ModelConfigV4
+from daulat.model_v4 import DeepseekV4, ModelConfigV4, kv_cache_bytes_per_token_v4
 
 MIX = ["compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"]
 
@@ -65,3 +65,17 @@ def test_positions_that_skip_the_cache_are_refused():
         model(torch.tensor([[5, 6, 7]]), torch.tensor([[0, 1, 2]]), cache)
         with pytest.raises(ValueError, match="positions must be 3..3"):
             model(torch.tensor([[8]]), torch.tensor([[4]]), cache)
+
+
+def test_cache_grows_by_the_formula_per_token():
+    model = _model(sliding_window=6)
+    config = model.config
+    per_token = kv_cache_bytes_per_token_v4(config, bytes_per_number=4)  # the cache is float32
+    cache = model.make_cache(2, 64)
+    ids = torch.randint(0, config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model(ids[:, :16], torch.arange(16).expand(2, -1), cache)  # past the window and a whole HCA window
+        before = cache.bytes()
+        model(ids[:, 16:], (16 + torch.arange(32)).expand(2, -1), cache)
+    assert cache.bytes() - before == 2 * 32 * per_token["v4"]
+    assert per_token["saving"] > 0.9
