@@ -110,3 +110,24 @@ def test_bad_config_is_one_clear_error():
         ModelConfigV4(layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     with pytest.raises(ValueError, match="num_key_value_heads"):
         ModelConfigV4(num_key_value_heads=2)
+
+
+def test_cached_decode_equals_transformers_cached_decode():
+    """Chunked prefill then single tokens, through daulat's cache and through transformers' own."""
+    from transformers import DynamicCache
+
+    config, hf = _pair({"layer_types": ["compressed_sparse_attention", "heavily_compressed_attention",
+                                        "sliding_attention"], "sliding_window": 6, "index_topk": 3})
+    _perturb(hf, config.n_routed_experts, seed=1)
+    ours = DeepseekV4(config).eval()
+    ours.load_state_dict(from_hf_state_dict_v4(hf.state_dict()))
+    ids = torch.randint(0, config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2))
+    hf_cache, our_cache = DynamicCache(config=hf.config), ours.make_cache(2, 30)
+    start = 0
+    with torch.no_grad():
+        for size in [9, 1, 1, 1, 6, 1, 11]:
+            chunk = ids[:, start : start + size]
+            expected = hf(chunk, cache=hf_cache, use_cache=True).logits
+            got = ours(chunk, (start + torch.arange(size)).expand(2, -1), our_cache)
+            assert (got - expected).abs().max() <= 1e-4
+            start += size
