@@ -89,7 +89,8 @@ class Compressor(nn.Module):
         B, L, _ = kv.shape
         m, n = self.rate, L // self.rate
         if state is not None:
-            state.tail_kv, state.tail_gate = kv[:, n * m :], gate[:, n * m :]
+            # copies, not views: a view would keep this whole call's projections alive in the cache
+            state.tail_kv, state.tail_gate = kv[:, n * m :].clone(), gate[:, n * m :].clone()
         kv = kv[:, : n * m].view(B, n, m, kv.shape[-1])  # [B, N_new, m, width]
         gate = gate[:, : n * m].view(B, n, m, gate.shape[-1]) + self.position_bias
         previous = None if state is None else state.last_window
@@ -97,7 +98,7 @@ class Compressor(nn.Module):
         if state is None:
             return entries
         if n and self.overlap:  # only the overlapping windows read the window before
-            state.last_window = (kv[:, -1], gate[:, -1])
+            state.last_window = (kv[:, -1].clone(), gate[:, -1].clone())
         state.entries = entries if state.entries is None else torch.cat([state.entries, entries], dim=1)
         return state.entries
 
@@ -232,7 +233,7 @@ class V4Attention(nn.Module):
         W = self.window
         keys = kv if cache is None or cache.window is None else torch.cat([cache.window, kv], dim=1)
         if cache is not None:
-            cache.window = keys[:, keys.shape[1] - min(W - 1, keys.shape[1]) :]
+            cache.window = keys[:, keys.shape[1] - min(W - 1, keys.shape[1]) :].clone()  # the ring's W - 1 keys
         windows = F.pad(keys, (0, 0, W - 1 - (keys.shape[1] - T), 0)).unfold(1, W, 1)  # [B, T, d, W]
         slot_pos = positions[:, None] - W + 1 + torch.arange(W, device=x.device)
         logits = [torch.einsum("bthd,btdw->bhtw", q, windows).masked_fill(slot_pos < 0, float("-inf"))]
