@@ -259,7 +259,8 @@ class V4Router(nn.Module):
 
     def __init__(self, config: ModelConfigV4):
         super().__init__()
-        self.top_k, self.scoring_func, self.scaling = config.num_experts_per_tok, config.scoring_func, config.routed_scaling_factor
+        self.top_k, self.scoring_func = config.num_experts_per_tok, config.scoring_func
+        self.scaling = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
 
