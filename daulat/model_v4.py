@@ -20,6 +20,7 @@ entries, the indexers' keys); every row of a batch sits at the same position.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from types import SimpleNamespace
 
@@ -496,37 +497,85 @@ def kv_cache_bytes_per_token_v4(config: ModelConfigV4, bytes_per_number: int = 2
 
 
 # ------------------------------------------------------------------------------------------------
-# transformers' tensor names
+# Checkpoint tensor names
 # ------------------------------------------------------------------------------------------------
+#
+# On disk a DeepSeek-V4 checkpoint uses DeepSeek's published names (`layers.0.attn.wq_a.weight`,
+# per-expert `ffn.experts.3.w1.weight`, ...), which transformers' `from_pretrained` converts to its
+# module names (`model.layers.0.self_attn.q_a_proj.weight`, fused `mlp.experts.gate_up_proj`).
+# to_hf_state_dict_v4 writes the published names; from_hf_state_dict_v4 reads either, with or without
+# the "model." prefix (transformers' save_pretrained mixes both).
 
-# daulat name fragment <-> transformers name fragment, beyond the "model." prefix
-_RENAMES = [(".mlp.gate_up_proj", ".mlp.experts.gate_up_proj"), (".mlp.down_proj", ".mlp.experts.down_proj"),
-            (".indexer.weights_proj.", ".indexer.scorer.weights_proj.")]
+_TOP_NAMES = {"embed_tokens.weight": "embed.weight", "lm_head.weight": "head.weight", "norm.weight": "norm.weight",
+              "hc_head.hc_fn": "hc_head_fn", "hc_head.hc_base": "hc_head_base", "hc_head.hc_scale": "hc_head_scale"}
+_COMPRESSOR_NAMES = {"kv_proj.weight": "wkv.weight", "gate_proj.weight": "wgate.weight", "position_bias": "ape",
+                     "kv_norm.weight": "norm.weight"}
+_LAYER_NAMES = {  # daulat's name inside layers.{i}. -> the published one
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    **{f"{hc}_hc.{p}": f"hc_{hc}_{p}" for hc in ("attn", "ffn") for p in ("fn", "base", "scale")},
+    "self_attn.q_a_proj.weight": "attn.wq_a.weight", "self_attn.q_a_norm.weight": "attn.q_norm.weight",
+    "self_attn.q_b_proj.weight": "attn.wq_b.weight", "self_attn.kv_proj.weight": "attn.wkv.weight",
+    "self_attn.kv_norm.weight": "attn.norm.weight", "self_attn.o_a_proj.weight": "attn.wo_a.weight",
+    "self_attn.o_b_proj.weight": "attn.wo_b.weight", "self_attn.sinks": "attn.attn_sink",
+    **{f"self_attn.compressor.{k}": f"attn.compressor.{v}" for k, v in _COMPRESSOR_NAMES.items()},
+    **{f"self_attn.compressor.indexer.{k}": f"attn.indexer.compressor.{v}" for k, v in _COMPRESSOR_NAMES.items()},
+    "self_attn.compressor.indexer.q_b_proj.weight": "attn.indexer.wq_b.weight",
+    "self_attn.compressor.indexer.weights_proj.weight": "attn.indexer.weights_proj.weight",
+    "mlp.gate.weight": "ffn.gate.weight", "mlp.gate.e_score_correction_bias": "ffn.gate.bias",
+    "mlp.gate.tid2eid": "ffn.gate.tid2eid", "mlp.shared_experts.gate_proj.weight": "ffn.shared_experts.w1.weight",
+    "mlp.shared_experts.down_proj.weight": "ffn.shared_experts.w2.weight",
+    "mlp.shared_experts.up_proj.weight": "ffn.shared_experts.w3.weight",
+}
+# transformers' module names that differ from daulat's (inside layers.{i}.)
+_TRANSFORMERS_NAMES = {"mlp.experts.gate_up_proj": "mlp.gate_up_proj", "mlp.experts.down_proj": "mlp.down_proj",
+                       "self_attn.compressor.indexer.scorer.weights_proj.weight":
+                       "self_attn.compressor.indexer.weights_proj.weight"}
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
 
 
 def to_hf_state_dict_v4(model: DeepseekV4) -> dict[str, torch.Tensor]:
-    """daulat's state dict under the names of transformers' `DeepseekV4ForCausalLM` (fused experts)."""
+    """daulat's state dict under DeepSeek-V4's published checkpoint names (experts one by one), which
+    `DeepseekV4ForCausalLM.from_pretrained` reads."""
     out = {}
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            if not model.config.tie_word_embeddings:
-                out[name] = tensor
-            continue
-        for ours, theirs in _RENAMES:
-            name = name.replace(ours, theirs)
-        out["model." + name] = tensor
+        layer = _LAYER.match(name)
+        if layer is None:
+            if name != "lm_head.weight" or not model.config.tie_word_embeddings:
+                out[_TOP_NAMES[name]] = tensor
+        elif layer[2] in ("mlp.gate_up_proj", "mlp.down_proj"):
+            for e, weight in enumerate(tensor):  # [2I, D] gate rows first, or [D, I]
+                if layer[2] == "mlp.down_proj":
+                    out[f"layers.{layer[1]}.ffn.experts.{e}.w2.weight"] = weight
+                else:
+                    gate, up = weight.chunk(2, dim=0)
+                    out[f"layers.{layer[1]}.ffn.experts.{e}.w1.weight"] = gate
+                    out[f"layers.{layer[1]}.ffn.experts.{e}.w3.weight"] = up
+        else:
+            out[f"layers.{layer[1]}.{_LAYER_NAMES[layer[2]]}"] = tensor
     return out
 
 
 def from_hf_state_dict_v4(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers' `DeepseekV4ForCausalLM` tensors -> daulat's names. MTP tensors (`mtp.*`) are
-    dropped, as transformers drops them; any other name passes through for a strict load to judge."""
-    out = {}
+    """Published or transformers names -> daulat's, experts stacked. MTP tensors (`mtp.*`) are dropped,
+    as transformers drops them; an unknown name passes through for a strict load to report."""
+    top = {v: k for k, v in _TOP_NAMES.items()}
+    in_layer = {v: k for k, v in _LAYER_NAMES.items()} | _TRANSFORMERS_NAMES
+    out, experts = {}, {}
     for name, tensor in tensors.items():
-        if name.startswith("mtp.") or ".mtp." in name:
-            continue
         name = name.removeprefix("model.")
-        for ours, theirs in _RENAMES:
-            name = name.replace(theirs, ours)
-        out[name] = tensor
+        if name.startswith("mtp."):
+            continue
+        layer = _LAYER.match(name)
+        if layer is None:
+            out[top.get(name, name)] = tensor
+        elif (expert := _EXPERT.match(layer[2])) is not None:
+            experts.setdefault(int(layer[1]), {})[(int(expert[1]), expert[2])] = tensor
+        else:
+            out[f"layers.{layer[1]}.{in_layer.get(layer[2], layer[2])}"] = tensor
+    for i, per_expert in experts.items():
+        n = 1 + max(e for e, _ in per_expert)
+        out[f"layers.{i}.mlp.gate_up_proj"] = torch.stack(
+            [torch.cat([per_expert[(e, "w1")], per_expert[(e, "w3")]]) for e in range(n)])
+        out[f"layers.{i}.mlp.down_proj"] = torch.stack([per_expert[(e, "w2")] for e in range(n)])
     return out

@@ -1,7 +1,10 @@
 """DeepSeek-V4: logits equal transformers' `DeepseekV4ForCausalLM` in both directions of weight loading."""
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM  # noqa: E402
@@ -68,17 +71,37 @@ def test_transformers_weights_load_into_daulat(name):
     assert (got - expected).abs().max() <= 1e-4
 
 
+def _save(model: DeepseekV4, path) -> None:
+    """A checkpoint directory as transformers reads it: config.json and published tensor names."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    save_file({k: v.contiguous() for k, v in to_hf_state_dict_v4(model).items()}, str(path / "model.safetensors"))
+
+
 @pytest.mark.parametrize("name", CONFIGS)
-def test_daulat_weights_load_into_transformers(name):
+def test_daulat_checkpoint_loads_into_transformers(name, tmp_path):
     overrides, T, B = CONFIGS[name]
-    config, hf = _pair(overrides)
+    config = ModelConfigV4(**overrides)
     ours = DeepseekV4(config).eval()
     _perturb(ours, config.n_routed_experts, seed=3)
-    state = to_hf_state_dict_v4(ours)
-    result = hf.load_state_dict(state, strict=False)
-    assert not result.unexpected_keys
-    assert set(result.missing_keys) <= ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    _save(ours, tmp_path / "ckpt")
+    hf, info = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="eager",
+                                                     output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched tensor
     ids = torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (hf.eval()(ids).logits - ours(ids)).abs().max() <= 1e-4
+
+
+def test_transformers_checkpoint_loads_into_daulat(tmp_path):
+    """A directory written by transformers' save_pretrained (its own mix of published names)."""
+    config, hf = _pair(CONFIGS["deep-pro-like"][0])
+    _perturb(hf, config.n_routed_experts, seed=5)
+    hf.save_pretrained(tmp_path / "hf")
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    ours = DeepseekV4(ModelConfigV4.from_hf_dict(hf_config)).eval()
+    ours.load_state_dict(from_hf_state_dict_v4(load_file(str(tmp_path / "hf" / "model.safetensors"))), strict=True)
+    ids = torch.randint(0, config.vocab_size, (1, 36), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max() <= 1e-4
 
