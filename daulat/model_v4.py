@@ -575,6 +575,10 @@ def from_hf_state_dict_v4(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
             out[f"layers.{layer[1]}.{in_layer.get(layer[2], layer[2])}"] = tensor
     for i, per_expert in experts.items():
         n = 1 + max(e for e, _ in per_expert)
+        missing = [f"layers.{i}.ffn.experts.{e}.{w}.weight" for e in range(n) for w in ("w1", "w2", "w3")
+                   if (e, w) not in per_expert]
+        if missing:
+            raise ValueError(f"missing tensor {missing[0]!r}")
         out[f"layers.{i}.mlp.gate_up_proj"] = torch.stack(
             [torch.cat([per_expert[(e, "w1")], per_expert[(e, "w3")]]) for e in range(n)])
         out[f"layers.{i}.mlp.down_proj"] = torch.stack([per_expert[(e, "w2")] for e in range(n)])

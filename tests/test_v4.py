@@ -155,3 +155,11 @@ def test_cached_decode_equals_transformers_cached_decode():
             got = ours(chunk, (start + torch.arange(size)).expand(2, -1), our_cache)
             assert (got - expected).abs().max() <= 1e-4
             start += size
+
+
+def test_a_missing_expert_tensor_is_named():
+    ours = DeepseekV4(ModelConfigV4())
+    state = to_hf_state_dict_v4(ours)
+    del state["layers.1.ffn.experts.2.w3.weight"]
+    with pytest.raises(ValueError, match="'layers.1.ffn.experts.2.w3.weight'"):
+        from_hf_state_dict_v4(state)
