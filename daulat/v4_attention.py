@@ -171,9 +171,15 @@ class Indexer(Compressor):
         keys = self.compress(x, rope, state)  # [B, N, c_I]
         cos, sin = rope(positions, x.dtype)
         q = rope_tail(self.q_b_proj(q_residual).view(B, T, self.n_heads, self.dim), cos[:, None], sin[:, None])
-        per_head = F.relu(torch.einsum("bthc,bnc->bthn", q.float(), keys.float())) * self.dim**-0.5
         weights = self.weights_proj(x).float() * self.n_heads**-0.5  # [B, T, h_I]
-        scores = torch.einsum("bthn,bth->btn", per_head, weights)
+        # the per-head scores [B, t, h_I, N] are made a block of queries at a time, so that at long
+        # context they never exist whole (at 4K tokens and 16 heads they would be 16 times the result)
+        rows = max(1, 2**22 // max(1, B * self.n_heads * keys.shape[1]))
+        scores = torch.cat([
+            torch.einsum("bthn,bth->btn", F.relu(torch.einsum("bthc,bnc->bthn", q_block.float(), keys.float())),
+                         w_block) * self.dim**-0.5
+            for q_block, w_block in zip(q.split(rows, dim=1), weights.split(rows, dim=1))
+        ], dim=1)
         return scores.masked_fill(~entry_visible(positions, keys.shape[1], self.rate), float("-inf"))
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
