@@ -313,6 +313,14 @@ class V4MoE(MoE):
         # transformers' shared expert is one MLP of moe_intermediate_size whatever n_shared_experts says
         self.shared_experts = ClampedMLP(config.hidden_size, config.moe_intermediate_size, config.swiglu_limit)
 
+    def _chosen_experts(self, flat, weights, topk_idx):
+        """flat [N, D] (a few tokens), weights and topk_idx [N, K] -> the routed output [N, D], each
+        token through its K chosen experts only, clamped like the grouped path (MoE's decode route)."""
+        gate, up = torch.einsum("nd,nkjd->nkj", flat, self.gate_up_proj[topk_idx]).chunk(2, dim=-1)
+        gate, up = gate.clamp(max=self.swiglu_limit), up.clamp(-self.swiglu_limit, self.swiglu_limit)
+        out = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, self.down_proj[topk_idx])  # [N, K, D]
+        return (out * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
+
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """x [B, T, D], input_ids [B, T] -> [B, T, D]."""
         if self.is_hash:

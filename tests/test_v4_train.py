@@ -105,3 +105,22 @@ def test_bfloat16_keeps_the_float32_islands_and_tracks_float32():
         logits = model(ids)
     assert logits.dtype == torch.bfloat16
     assert (logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_both_expert_routes_clamp_alike():
+    """MoE's grouped route (training, prefill) and its few-token route (decoding) agree where the
+    SwiGLU clamp bites."""
+    torch.manual_seed(0)
+    config = ModelConfigV4(swiglu_limit=0.5)
+    moe = DeepseekV4(config).layers[1].mlp.train()
+    with torch.no_grad():
+        moe.gate_up_proj.normal_(0, 1.0)  # pre-activations well past the limit
+    x = torch.randn(1, 3, config.hidden_size)
+    flat = x.view(3, -1)
+    with torch.no_grad():
+        routed = moe(x, None).view(3, -1) - moe.shared_experts(flat)
+        _, weights, idx = moe.gate(flat)
+        few = moe._chosen_experts(flat, weights, idx)
+        gate = torch.einsum("nd,nkjd->nkj", flat, moe.gate_up_proj[idx]).chunk(2, dim=-1)[0]
+    assert (gate.abs() > 0.5).any()
+    assert (routed - few).abs().max() < 1e-5
