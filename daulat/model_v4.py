@@ -14,11 +14,12 @@
 Shapes: B batch, T tokens, n streams, D hidden size, E routed experts, K experts per token, V vocab.
 MTP modules are not built (transformers drops them on load too). Decoding runs the same forward over
 the new tokens with a V4Cache (per layer: the last W - 1 keys, the compressors' partial windows and
-entries, the indexers' keys); every row of a batch sits at the same position.
+entries, the indexers' keys); each cache row advances at its own position.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -415,36 +416,47 @@ class DeepseekV4(nn.Module):
     def moe_layers(self) -> list[V4MoE]:
         return [layer.mlp for layer in self.layers]
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: "V4Cache | None" = None) -> torch.Tensor:
-        """The trunk: input_ids [B, T] -> the collapsed hidden states before the final norm [B, T, D].
-        The tokens sit at positions 0..T-1, or right after what the cache holds."""
-        start = 0 if cache is None else cache.length
+    def hidden_states(self, input_ids: torch.Tensor, layer_caches: list[LayerCache] | None = None,
+                      start: int = 0) -> torch.Tensor:
+        """The trunk: input_ids [B, T] at positions start..start+T-1 -> the collapsed hidden states
+        before the final norm [B, T, D]. layer_caches: one sequence's per-layer decode state."""
         x = self.embed_tokens(input_ids)
         streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, T, n, D]
         for i, layer in enumerate(self.layers):
             rope = self.rope_main if layer.self_attn.compressor is None else self.rope_compress
-            streams = layer(streams, input_ids, rope, start, None if cache is None else cache.layers[i])
-        if cache is not None:
-            cache.length += input_ids.shape[1]
+            streams = layer(streams, input_ids, rope, start, None if layer_caches is None else layer_caches[i])
         return self.hc_head(streams)
 
     def forward(self, input_ids, positions=None, cache=None):
         """input_ids [B, T] (LongTensor) -> logits [B, T, V].
 
         Without a cache the tokens are a whole sequence from position 0. With one (see make_cache),
-        positions [B, T] are required and must continue it: every row at cache.length + 0..T-1.
+        positions [B, T] are required and must continue each row's sequence: batch row b, cache row
+        r = cache.rows[b], at cache.lengths[r] + 0..T-1. Rows sit at their own positions (the
+        engine's slots); each runs through the layers on its own, with its own windows and entries.
         """
-        if cache is not None or positions is not None:
-            start = 0 if cache is None else cache.length
-            expected = start + torch.arange(input_ids.shape[1], device=input_ids.device)
-            if positions is None or not bool((positions == expected).all()):
-                raise ValueError(f"DeepSeek-V4 positions must be {start}..{start + input_ids.shape[1] - 1} "
-                                 "in every row (the cache is filled in order, one position for the batch)")
-        return self.lm_head(self.norm(self.hidden_states(input_ids, cache)))
+        T = input_ids.shape[1]
+        steps = torch.arange(T, device=input_ids.device)
+        if cache is None:
+            if positions is not None and not bool((positions == steps).all()):
+                raise ValueError(f"DeepSeek-V4 positions must be 0..{T - 1} without a cache")
+            return self.lm_head(self.norm(self.hidden_states(input_ids)))
+        rows = range(input_ids.shape[0]) if cache.rows is None else [int(r) for r in cache.rows]
+        logits = []
+        for b, row in enumerate(rows):
+            start = cache.lengths[row]
+            if positions is None or not bool((positions[b] == start + steps).all()):
+                raise ValueError(f"DeepSeek-V4 positions must be {start}..{start + T - 1} for cache row {row} "
+                                 "(each row's cache is filled in order)")
+            hidden = self.hidden_states(input_ids[b : b + 1], cache.slots[row], start)
+            cache.lengths[row] += T
+            logits.append(self.lm_head(self.norm(hidden)))
+        return torch.cat(logits)
 
-    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=torch.float32) -> "V4Cache":
-        """An empty decode cache for batch_size rows (its tensors are made by the first forward)."""
-        return V4Cache(self.config.num_hidden_layers, batch_size, max_len)
+    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> "V4Cache":
+        """An empty decode cache for batch_size rows (its tensors are made as tokens arrive)."""
+        element = torch.empty((), dtype=dtype or self.embed_tokens.weight.dtype).element_size()
+        return V4Cache(self.config, batch_size, max_len, element)
 
     def training_loss(self, input_ids, targets, ignore_index: int = -100):
         """Next-token cross-entropy plus the balance and indexer terms that are switched on.
@@ -476,17 +488,39 @@ class DeepseekV4(nn.Module):
 
 
 class V4Cache:
-    """DeepSeek-V4's decode state, one LayerCache per layer: the sliding window's last W - 1 keys, and
-    for compressed layers the compressor's (and CSA's indexer's) partial window and entries. Unlike a
-    full K/V cache it grows by one entry per m tokens, not per token, beyond the fixed window."""
+    """DeepSeek-V4's decode state: for each of batch_size rows, one LayerCache per layer (the sliding
+    window's last W - 1 keys, and for compressed layers the compressor's and CSA's indexer's partial
+    window and entries). Unlike a full K/V cache it grows by one entry per m tokens, not per token,
+    beyond the fixed window; its tensors are made as tokens arrive.
 
-    def __init__(self, num_layers: int, batch_size: int, max_len: int):
-        self.layers = [LayerCache() for _ in range(num_layers)]
-        self.batch_size, self.max_len, self.length = batch_size, max_len, 0
+    The engine's interface (see daulat.model.LatentCache): `rows` (the cache rows of the next
+    forward's batch rows; None: 0..B-1), `copy_rows`, `bytes_per_token`, `batch_size`, `max_len`.
+    """
+
+    def __init__(self, config: ModelConfigV4, batch_size: int, max_len: int, bytes_per_number: int = 4):
+        self.batch_size, self.max_len = batch_size, max_len
+        self.slots = [[LayerCache() for _ in range(config.num_hidden_layers)] for _ in range(batch_size)]
+        self.lengths = [0] * batch_size  # tokens each row holds
+        self.rows: list[int] | torch.Tensor | None = None
+        self._per_token = kv_cache_bytes_per_token_v4(config, bytes_per_number)["v4"]
+
+    def copy_rows(self, source: int, targets: list[int], length: int) -> None:
+        """Give each target row the state of source's first `length` tokens: a prompt prefilled once
+        for several samples. Only the whole of what source holds can be copied (windows and pooled
+        entries cannot be cut back to an earlier position)."""
+        if length != self.lengths[source]:
+            raise ValueError(f"cache row {source} holds {self.lengths[source]} tokens, cannot copy its first {length}")
+        for target in targets:
+            self.slots[target] = copy.deepcopy(self.slots[source])
+            self.lengths[target] = length
 
     def bytes(self) -> int:
         """Bytes the cache holds now, over all layers and rows."""
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
+        return sum(t.numel() * t.element_size() for slot in self.slots for layer in slot for t in layer.tensors())
+
+    def bytes_per_token(self) -> float:
+        """What the cache grows by per token once past the window (by formula, in its dtype)."""
+        return self._per_token
 
 
 def kv_cache_bytes_per_token_v4(config: ModelConfigV4, bytes_per_number: int = 2) -> dict:

@@ -79,3 +79,26 @@ def test_cache_grows_by_the_formula_per_token():
         model(ids[:, 16:], (16 + torch.arange(32)).expand(2, -1), cache)
     assert cache.bytes() - before == 2 * 32 * per_token["v4"]
     assert per_token["saving"] > 0.9
+
+
+def test_rows_at_their_own_positions_and_a_copied_prompt():
+    """The engine's slots: two sequences of different lengths decode in one batch through `rows`, and
+    a prompt prefilled once and copied to another row continues like the original."""
+    model = _model(sliding_window=6, index_topk=2)
+    g = torch.Generator().manual_seed(6)
+    long, short = (torch.randint(0, model.config.vocab_size, (1, n), generator=g) for n in (19, 10))
+    cache = model.make_cache(3, 32)
+    with torch.no_grad():
+        cache.rows = [2]
+        model(long[:, :18], torch.arange(18)[None], cache)
+        cache.rows = [0]
+        model(short[:, :9], torch.arange(9)[None], cache)
+        cache.copy_rows(0, [1], 9)
+        cache.rows = [2, 0, 1]
+        step = model(torch.cat([long[:, 18:], short[:, 9:], short[:, 9:]]), torch.tensor([[18], [9], [9]]), cache)
+        expected_long, expected_short = model(long)[:, -1], model(short)[:, -1]
+    assert (step[0, -1] - expected_long[0]).abs().max() <= 1e-4
+    assert (step[1, -1] - expected_short[0]).abs().max() <= 1e-4
+    assert torch.equal(step[1], step[2])
+    with pytest.raises(ValueError, match="cannot copy its first 5"):
+        cache.copy_rows(0, [1], 5)
