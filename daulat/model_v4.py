@@ -416,10 +416,10 @@ class DeepseekV4(nn.Module):
     def moe_layers(self) -> list[V4MoE]:
         return [layer.mlp for layer in self.layers]
 
-    def hidden_states(self, input_ids: torch.Tensor, layer_caches: list[LayerCache] | None = None,
-                      start: int = 0) -> torch.Tensor:
-        """The trunk: input_ids [B, T] at positions start..start+T-1 -> the collapsed hidden states
-        before the final norm [B, T, D]. layer_caches: one sequence's per-layer decode state."""
+    def _trunk(self, input_ids: torch.Tensor, layer_caches: list[LayerCache] | None = None,
+               start: int = 0) -> torch.Tensor:
+        """input_ids [B, T] at positions start..start+T-1 -> the collapsed hidden states [B, T, D].
+        layer_caches: one sequence's per-layer decode state."""
         x = self.embed_tokens(input_ids)
         streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, T, n, D]
         for i, layer in enumerate(self.layers):
@@ -427,8 +427,8 @@ class DeepseekV4(nn.Module):
             streams = layer(streams, input_ids, rope, start, None if layer_caches is None else layer_caches[i])
         return self.hc_head(streams)
 
-    def forward(self, input_ids, positions=None, cache=None):
-        """input_ids [B, T] (LongTensor) -> logits [B, T, V].
+    def hidden_states(self, input_ids, positions=None, cache=None):
+        """The trunk: input_ids [B, T] -> hidden states before the final norm [B, T, D].
 
         Without a cache the tokens are a whole sequence from position 0. With one (see make_cache),
         positions [B, T] are required and must continue each row's sequence: batch row b, cache row
@@ -440,18 +440,25 @@ class DeepseekV4(nn.Module):
         if cache is None:
             if positions is not None and not bool((positions == steps).all()):
                 raise ValueError(f"DeepSeek-V4 positions must be 0..{T - 1} without a cache")
-            return self.lm_head(self.norm(self.hidden_states(input_ids)))
+            return self._trunk(input_ids)
         rows = range(input_ids.shape[0]) if cache.rows is None else [int(r) for r in cache.rows]
-        logits = []
+        hidden = []
         for b, row in enumerate(rows):
             start = cache.lengths[row]
             if positions is None or not bool((positions[b] == start + steps).all()):
                 raise ValueError(f"DeepSeek-V4 positions must be {start}..{start + T - 1} for cache row {row} "
                                  "(each row's cache is filled in order)")
-            hidden = self.hidden_states(input_ids[b : b + 1], cache.slots[row], start)
+            hidden.append(self._trunk(input_ids[b : b + 1], cache.slots[row], start))
             cache.lengths[row] += T
-            logits.append(self.lm_head(self.norm(hidden)))
-        return torch.cat(logits)
+        return torch.cat(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden states [..., D] (from hidden_states) -> logits [..., V]."""
+        return self.lm_head(self.norm(hidden))
+
+    def forward(self, input_ids, positions=None, cache=None):
+        """input_ids [B, T] (LongTensor) -> logits [B, T, V]; positions and cache as in hidden_states."""
+        return self.logits(self.hidden_states(input_ids, positions, cache))
 
     def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> "V4Cache":
         """An empty decode cache for batch_size rows (its tensors are made as tokens arrive)."""
