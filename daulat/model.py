@@ -613,6 +613,7 @@ class MoE(DecodeCalls, nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.n_experts, D, I))
         self.shared_experts = MLP(D, I * config.n_shared_experts) if config.n_shared_experts else None
         self.seq_aux_loss_alpha = config.seq_aux_loss_alpha
+        self.swiglu_limit: float | None = None  # DeepSeek-V4 clamps the SwiGLU pre-activations to this
         # tokens routed to each expert since the last bias update (training only; not saved)
         self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None  # sequence-wise balance loss of the last forward
@@ -636,6 +637,8 @@ class MoE(DecodeCalls, nn.Module):
         # of the accumulating index_put that advanced indexing's backward runs
         xs = flat.index_select(0, token_of_slot)  # [N*K, D], grouped by expert
         gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), counts).chunk(2, dim=-1)
+        if self.swiglu_limit is not None:
+            gate, up = gate.clamp(max=self.swiglu_limit), up.clamp(-self.swiglu_limit, self.swiglu_limit)
         # the routing weight scales the [N*K, I] activation rather than the [N*K, D] output: the
         # down projection is linear, and usually I < D
         hidden = F.silu(gate) * up * weights.reshape(-1)[order, None].to(up.dtype)

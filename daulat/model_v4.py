@@ -1,0 +1,634 @@
+"""The DeepSeek-V4 architecture, with transformers' `deepseek_v4` semantics (checkpoints load both ways):
+
+    tokens -> embed -> copy into n = hc_mult residual streams -> [Block x L] -> collapse -> RMSNorm -> lm_head
+    Block  = streams mixed through a hyper-connection around attention, then around the MoE
+
+  * attention (daulat/v4_attention.py): shared-KV multi-query attention over a sliding window in every
+    layer, plus compressed entries (CSA with a top-k indexer, or HCA) as `layer_types` says;
+  * manifold-constrained hyper-connections: each block reads a weighted sum of the n streams and writes
+    its output back to each of them, while the streams are mixed by a doubly stochastic matrix
+    (Sinkhorn-Knopp), computed in float32;
+  * MoE: daulat's grouped-GEMM experts with V4's SwiGLU clamp; the first layers route by a frozen
+    token-id table (`tid2eid`), the rest by top-k of sqrt(softplus) scores plus the correction bias.
+
+Shapes: B batch, T tokens, n streams, D hidden size, E routed experts, K experts per token, V vocab.
+MTP modules are not built (transformers drops them on load too). Decoding runs the same forward over
+the new tokens with a V4Cache (per layer: the last W - 1 keys, the compressors' partial windows and
+entries, the indexers' keys); each cache row advances at its own position.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from daulat.model import MLP, MoE, RMSNorm, linear_cross_entropy, rope_frequencies
+from daulat.v4_attention import LayerCache, Rotary, V4Attention, unit_rms
+
+LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
+# tensors that stay float32 whatever dtype the model is cast to (transformers keeps them so too): the
+# hyper-connections, whose Sinkhorn iterations and sigmoid gates are sensitive, the sinks, the
+# compressors' position biases and the routers' correction biases. (The norms, which transformers also
+# keeps in float32, follow the model's dtype here: daulat's RMSNorm scales in the input's dtype.)
+FP32_TENSORS = ("attn_hc.", "ffn_hc.", "hc_head.", ".sinks", ".position_bias", ".e_score_correction_bias")
+
+
+@dataclass
+class ModelConfigV4:
+    """Hyper-parameters, named as in transformers' `DeepseekV4Config` (small defaults for tests)."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    moe_intermediate_size: int = 32  # each routed expert's and the shared expert's SwiGLU width
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 1  # one key/value head shared by all query heads
+    head_dim: int = 32
+    qk_rope_head_dim: int = 8  # r: the rotated tail of each head (transformers: partial_rotary_factor * head_dim)
+    q_lora_rank: int = 32
+    o_groups: int = 2
+    o_lora_rank: int = 16
+    sliding_window: int = 8
+    layer_types: list[str] = field(default_factory=lambda: list(LAYER_TYPES))
+    compress_rates: dict = field(default_factory=lambda: {"compressed_sparse_attention": 4,
+                                                          "heavily_compressed_attention": 8})
+    index_n_heads: int = 16
+    index_head_dim: int = 16
+    index_topk: int = 4
+    # RoPE: `rope_theta` for sliding layers, `compress_rope_theta` (+ optional YaRN) for CSA/HCA layers
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_scaling: dict | None = None  # the compress branch's YaRN: {"rope_type": "yarn", "factor", ...}
+    max_position_embeddings: int = 4096
+    # hyper-connections
+    hc_mult: int = 2
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    # MoE
+    mlp_layer_types: list[str] = field(default_factory=lambda: ["hash_moe", "moe", "moe"])
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 2
+    scoring_func: str = "sqrtsoftplus"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.5
+    swiglu_limit: float = 10.0
+    # the rest
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    pad_token_id: int | None = None
+    num_nextn_predict_layers: int = 0
+    # daulat's training knobs (transformers ignores them)
+    bias_update_speed: float = 1e-3
+    seq_aux_loss_alpha: float = 0.0
+    indexer_loss_weight: float = 0.0  # > 0: the CSA indexers learn toward their attention (KL)
+    n_group: int = 1  # daulat's MoE reads these; V4 has no group-limited routing
+    topk_group: int = 1
+
+    def __post_init__(self):
+        self.layer_types, self.mlp_layer_types = list(self.layer_types), list(self.mlp_layer_types)
+        self.compress_rates = dict(self.compress_rates)
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)
+            self.rope_scaling["rope_type"] = self.rope_scaling.pop("type", self.rope_scaling.get("rope_type"))
+            if self.rope_scaling["rope_type"] in (None, "default"):
+                self.rope_scaling = None
+            else:  # V4 does not scale cos/sin by YaRN's mscale unless told to
+                self.rope_scaling.setdefault("attention_factor", 1.0)
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name, why):
+            raise ValueError(f"config field {name!r} = {getattr(self, name)!r}: {why}")
+
+        for name in ["vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "head_dim", "qk_rope_head_dim", "q_lora_rank", "o_groups",
+                     "o_lora_rank", "sliding_window", "index_n_heads", "index_head_dim", "index_topk",
+                     "hc_mult", "hc_sinkhorn_iters", "n_routed_experts", "num_experts_per_tok"]:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                bad(name, "must be a positive integer")
+        if self.num_key_value_heads != 1:
+            bad("num_key_value_heads", "DeepSeek-V4 shares one key/value head")
+        if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > min(self.head_dim, self.index_head_dim):
+            bad("qk_rope_head_dim", "must be even and at most head_dim and index_head_dim")
+        if self.num_attention_heads * self.head_dim % self.o_groups:
+            bad("o_groups", "must divide num_attention_heads * head_dim")
+        for name, allowed in (("layer_types", LAYER_TYPES), ("mlp_layer_types", ("hash_moe", "moe"))):
+            types = getattr(self, name)
+            if len(types) != self.num_hidden_layers or any(t not in allowed for t in types):
+                bad(name, f"needs num_hidden_layers entries from {allowed}")
+        for kind in set(self.layer_types) - {"sliding_attention"}:
+            rate = self.compress_rates.get(kind)
+            if not isinstance(rate, int) or rate <= 0:
+                bad("compress_rates", f"needs a positive integer rate for {kind!r}")
+        if not self.num_experts_per_tok <= self.n_routed_experts:
+            bad("num_experts_per_tok", "must be at most n_routed_experts")
+        if self.scoring_func not in ("sqrtsoftplus", "sigmoid"):
+            bad("scoring_func", "must be 'sqrtsoftplus' or 'sigmoid'")
+        if self.hidden_act != "silu":
+            bad("hidden_act", "only 'silu' (SwiGLU) is supported")
+        if self.rope_scaling is not None and (self.rope_scaling["rope_type"] != "yarn" or not
+                                              {"factor", "original_max_position_embeddings"} <= set(self.rope_scaling)):
+            bad("rope_scaling", "only YaRN with 'factor' and 'original_max_position_embeddings' is supported")
+
+    # -- transformers' config.json ---------------------------------------------------------------
+    def to_hf_dict(self) -> dict:
+        """The config.json that transformers' `DeepseekV4Config` reads (daulat's knobs included)."""
+        d = asdict(self)
+        for key in ("rope_scaling", "qk_rope_head_dim", "n_group", "topk_group"):
+            d.pop(key)
+        factor = self.qk_rope_head_dim / self.head_dim
+        main = {"rope_type": "default", "rope_theta": self.rope_theta, "partial_rotary_factor": factor}
+        compress = {"rope_type": "default", **(self.rope_scaling or {}),
+                    "rope_theta": self.compress_rope_theta, "partial_rotary_factor": factor}
+        d.update(model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], dtype="float32",
+                 partial_rotary_factor=factor, rope_parameters={"main": main, "compress": compress})
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "ModelConfigV4":
+        """Read a config.json written by daulat or transformers (nested or flat rope parameters)."""
+        if d.get("model_type") != "deepseek_v4":
+            raise ValueError(f"config field 'model_type' = {d.get('model_type')!r}: expected 'deepseek_v4'")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        head_dim = d.get("head_dim", cls.head_dim)
+        if d.get("partial_rotary_factor"):
+            kwargs["qk_rope_head_dim"] = int(head_dim * d["partial_rotary_factor"])
+        rope = d.get("rope_parameters") or {}
+        compress = rope.get("compress", {k: v for k, v in rope.items() if k != "main"})
+        if "rope_theta" in rope.get("main", {}):
+            kwargs["rope_theta"] = rope["main"]["rope_theta"]
+        if "rope_theta" in compress and "main" in rope:
+            kwargs["compress_rope_theta"] = compress["rope_theta"]
+        scaling = {k: v for k, v in compress.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        kwargs["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+        for key in ("bos_token_id", "eos_token_id"):
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = kwargs[key][0]
+        return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hyper-connections
+# ------------------------------------------------------------------------------------------------
+
+
+class HyperConnection(nn.Module):
+    """Manifold-constrained hyper-connection (mHC) around one attention or MoE block.
+
+    From the n streams it makes, by a one-layer perceptron over their flattened, normalised values:
+    pre [n] (how the block's input is read), post [n] (how its output is written to each stream) and
+    comb [n, n] (how the streams carry over), comb projected onto doubly stochastic matrices so that
+    mixing neither grows nor shrinks the residual. Kept in float32, as transformers does.
+    """
+
+    def __init__(self, config: ModelConfigV4):
+        super().__init__()
+        n = config.hc_mult
+        self.n, self.iters, self.eps, self.norm_eps = n, config.hc_sinkhorn_iters, config.hc_eps, config.rms_norm_eps
+        self.fn = nn.Parameter(torch.empty((2 + n) * n, n * config.hidden_size))
+        self.base = nn.Parameter(torch.zeros((2 + n) * n))
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, streams: torch.Tensor):
+        """streams [B, T, n, D] -> (post [B, T, n], comb [B, T, n, n], block input [B, T, D]), float32 weights."""
+        n = self.n
+        mixes = F.linear(unit_rms(streams.flatten(2).float(), self.norm_eps), self.fn.float())
+        pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
+        pre_b, post_b, comb_b = self.base.split([n, n, n * n])
+        pre_s, post_s, comb_s = self.scale.unbind(0)
+        pre = torch.sigmoid(pre_w * pre_s + pre_b) + self.eps
+        post = 2 * torch.sigmoid(post_w * post_s + post_b)
+        comb = torch.softmax(comb_w.unflatten(-1, (n, n)) * comb_s + comb_b.view(n, n), dim=-1) + self.eps
+        # Sinkhorn-Knopp: alternate column and row normalisation (columns first and last)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + self.eps)
+        for _ in range(self.iters - 1):
+            comb = comb / (comb.sum(dim=-1, keepdim=True) + self.eps)
+            comb = comb / (comb.sum(dim=-2, keepdim=True) + self.eps)
+        collapsed = (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
+        return post, comb, collapsed
+
+
+class HyperHead(nn.Module):
+    """The final collapse of the n streams into one hidden state: [B, T, n, D] -> [B, T, D]."""
+
+    def __init__(self, config: ModelConfigV4):
+        super().__init__()
+        n = config.hc_mult
+        self.eps, self.norm_eps = config.hc_eps, config.rms_norm_eps
+        self.hc_fn = nn.Parameter(torch.empty(n, n * config.hidden_size))
+        self.hc_base = nn.Parameter(torch.zeros(n))
+        self.hc_scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        mixes = F.linear(unit_rms(streams.flatten(2).float(), self.norm_eps), self.hc_fn.float())
+        pre = torch.sigmoid(mixes * self.hc_scale.float() + self.hc_base.float()) + self.eps
+        return (pre.unsqueeze(-1) * streams).sum(dim=2).to(streams.dtype)
+
+
+def mix_streams(streams: torch.Tensor, block_out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):
+    """streams [B, T, n, D], block_out [B, T, D] -> new streams: out written by `post`, streams carried
+    by comb (new stream k = sum_j comb[j, k] * stream j; comb is not symmetric)."""
+    dtype = streams.dtype
+    return post.to(dtype).unsqueeze(-1) * block_out.unsqueeze(-2) + comb.to(dtype).transpose(-1, -2) @ streams
+
+
+# ------------------------------------------------------------------------------------------------
+# MoE
+# ------------------------------------------------------------------------------------------------
+
+
+def _score(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    return F.softplus(logits).sqrt() if scoring_func == "sqrtsoftplus" else logits.sigmoid()
+
+
+class V4Router(nn.Module):
+    """Top-k of the scores plus the correction bias (which only steers the choice); the chosen scores,
+    normalised and scaled, weight the experts."""
+
+    def __init__(self, config: ModelConfigV4):
+        super().__init__()
+        self.top_k, self.scoring_func = config.num_experts_per_tok, config.scoring_func
+        self.scaling = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts))
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        return (scores + self.e_score_correction_bias).topk(self.top_k, dim=-1, sorted=False).indices
+
+    def forward(self, x: torch.Tensor):
+        """x [N, D] -> (scores [N, E] float32, weights [N, K], expert indices [N, K])."""
+        scores = _score(F.linear(x.float(), self.weight.float()), self.scoring_func)
+        topk_idx = self.choose(scores)
+        weights = scores.gather(1, topk_idx)
+        return scores, weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * self.scaling, topk_idx
+
+
+class HashRouter(V4Router):
+    """Hash routing: a frozen token id -> experts table picks the experts; the learned scores weight them.
+    The token ids of the current batch are handed over in `token_ids` [N] by the MoE layer."""
+
+    def __init__(self, config: ModelConfigV4):
+        super().__init__(config)
+        del self.e_score_correction_bias  # a fixed table needs no balancing
+        self.register_buffer("tid2eid", torch.zeros(config.vocab_size, self.top_k, dtype=torch.long))
+        self.token_ids: torch.Tensor | None = None
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        return self.tid2eid[self.token_ids]
+
+
+class ClampedMLP(MLP):
+    """V4's SwiGLU with clamped pre-activations: gate <= limit, |up| <= limit."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, limit: float):
+        super().__init__(hidden_size, intermediate_size)
+        self.limit = limit
+
+    def forward(self, x):
+        gate, up = self.gate_proj(x).clamp(max=self.limit), self.up_proj(x).clamp(-self.limit, self.limit)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class V4MoE(MoE):
+    """daulat's MoE (stacked experts, grouped GEMM) with V4's routers, clamp and one shared expert."""
+
+    def __init__(self, config: ModelConfigV4, layer_idx: int):
+        super().__init__(config)
+        self.is_hash = config.mlp_layer_types[layer_idx] == "hash_moe"
+        self.gate = HashRouter(config) if self.is_hash else V4Router(config)
+        self.swiglu_limit = config.swiglu_limit
+        # transformers' shared expert is one MLP of moe_intermediate_size whatever n_shared_experts says
+        self.shared_experts = ClampedMLP(config.hidden_size, config.moe_intermediate_size, config.swiglu_limit)
+
+    def _chosen_experts(self, flat, weights, topk_idx):
+        """flat [N, D] (a few tokens), weights and topk_idx [N, K] -> the routed output [N, D], each
+        token through its K chosen experts only, clamped like the grouped path (MoE's decode route)."""
+        gate, up = torch.einsum("nd,nkjd->nkj", flat, self.gate_up_proj[topk_idx]).chunk(2, dim=-1)
+        gate, up = gate.clamp(max=self.swiglu_limit), up.clamp(-self.swiglu_limit, self.swiglu_limit)
+        out = torch.einsum("nki,nkdi->nkd", F.silu(gate) * up, self.down_proj[topk_idx])  # [N, K, D]
+        return (out * weights.unsqueeze(-1).to(out.dtype)).sum(dim=1)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D], input_ids [B, T] -> [B, T, D]."""
+        if self.is_hash:
+            self.gate.token_ids = input_ids.reshape(-1)
+        try:
+            return super().forward(x)
+        finally:
+            self.gate.token_ids = None
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------------
+
+
+class V4Block(nn.Module):
+    def __init__(self, config: ModelConfigV4, layer_idx: int):
+        super().__init__()
+        self.self_attn = V4Attention(config, layer_idx)
+        self.mlp = V4MoE(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn_hc = HyperConnection(config)
+        self.ffn_hc = HyperConnection(config)
+
+    def forward(self, streams, input_ids, rope, start=0, cache=None):
+        """streams [B, T, n, D] at positions start..start+T-1 -> [B, T, n, D]."""
+        post, comb, x = self.attn_hc(streams)
+        streams = mix_streams(streams, self.self_attn(self.input_layernorm(x), rope, start, cache), post, comb)
+        post, comb, x = self.ffn_hc(streams)
+        return mix_streams(streams, self.mlp(self.post_attention_layernorm(x), input_ids), post, comb)
+
+
+def _rotary(config: ModelConfigV4, theta: float, scaling: dict | None) -> Rotary:
+    inv_freq, factor = rope_frequencies(SimpleNamespace(qk_rope_head_dim=config.qk_rope_head_dim,
+                                                        rope_theta=theta, rope_scaling=scaling))
+    return Rotary(inv_freq, factor)
+
+
+class DeepseekV4(nn.Module):
+    """Causal LM over n residual streams: `model(input_ids [B, T]) -> logits [B, T, V]`."""
+
+    def __init__(self, config: ModelConfigV4):
+        super().__init__()
+        self.config = config
+        D, V = config.hidden_size, config.vocab_size
+        self.embed_tokens = nn.Embedding(V, D)
+        self.layers = nn.ModuleList(V4Block(config, i) for i in range(config.num_hidden_layers))
+        self.hc_head = HyperHead(config)  # the streams collapse into one before the final norm
+        self.norm, self.lm_head = RMSNorm(D, config.rms_norm_eps), nn.Linear(D, V, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope_main = _rotary(config, config.rope_theta, None)
+        self.rope_compress = _rotary(config, config.compress_rope_theta, config.rope_scaling)
+        for layer in self.layers:
+            layer.self_attn.train_indexer = config.indexer_loss_weight > 0
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) matrices, output projections scaled by 1/sqrt(2L); norms one;
+        sinks, biases and position biases zero; each token hashed to K distinct experts."""
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(("hc_scale", "hc.scale")):
+                nn.init.ones_(p)
+            elif name.endswith(("sinks", "base", "hc_base", "position_bias")):
+                nn.init.zeros_(p)
+            elif name.endswith(("o_b_proj.weight", "down_proj.weight", "down_proj")):
+                nn.init.normal_(p, std=out_std)
+            else:
+                nn.init.normal_(p, std=std)
+        E, K = self.config.n_routed_experts, self.config.num_experts_per_tok
+        for moe in self.moe_layers():
+            if moe.is_hash:
+                tokens = torch.arange(self.config.vocab_size, device=moe.gate.tid2eid.device)
+                moe.gate.tid2eid.copy_((tokens[:, None] * 7 + torch.arange(K, device=tokens.device) * (E // K)) % E)
+            else:
+                moe.gate.e_score_correction_bias.zero_()
+
+    def _apply(self, fn, recurse=True):
+        """Casts (`.to(torch.bfloat16)`, `.half()`) leave FP32_TENSORS in float32; moves still move them."""
+        kept = {name: t for name, t in [*self.named_parameters(), *self.named_buffers()]
+                if any(key in "." + name for key in FP32_TENSORS) and t.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, t in [*self.named_parameters(), *self.named_buffers()]:
+            if name in kept and t.dtype != torch.float32:
+                t.data = kept[name].data.to(device=t.device, dtype=torch.float32)
+        return self
+
+    def moe_layers(self) -> list[V4MoE]:
+        return [layer.mlp for layer in self.layers]
+
+    def _trunk(self, input_ids: torch.Tensor, layer_caches: list[LayerCache] | None = None,
+               start: int = 0) -> torch.Tensor:
+        """input_ids [B, T] at positions start..start+T-1 -> the collapsed hidden states [B, T, D].
+        layer_caches: one sequence's per-layer decode state."""
+        x = self.embed_tokens(input_ids)
+        streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, T, n, D]
+        for i, layer in enumerate(self.layers):
+            rope = self.rope_main if layer.self_attn.compressor is None else self.rope_compress
+            streams = layer(streams, input_ids, rope, start, None if layer_caches is None else layer_caches[i])
+        return self.hc_head(streams)
+
+    def hidden_states(self, input_ids, positions=None, cache=None):
+        """The trunk: input_ids [B, T] -> hidden states before the final norm [B, T, D].
+
+        Without a cache the tokens are a whole sequence from position 0. With one (see make_cache),
+        positions [B, T] are required and must continue each row's sequence: batch row b, cache row
+        r = cache.rows[b], at cache.lengths[r] + 0..T-1. Rows sit at their own positions (the
+        engine's slots); each runs through the layers on its own, with its own windows and entries.
+        """
+        T = input_ids.shape[1]
+        steps = torch.arange(T, device=input_ids.device)
+        if cache is None:
+            if positions is not None and not bool((positions == steps).all()):
+                raise ValueError(f"DeepSeek-V4 positions must be 0..{T - 1} without a cache")
+            return self._trunk(input_ids)
+        rows = range(input_ids.shape[0]) if cache.rows is None else [int(r) for r in cache.rows]
+        hidden = []
+        for b, row in enumerate(rows):
+            start = cache.lengths[row]
+            if positions is None or not bool((positions[b] == start + steps).all()):
+                raise ValueError(f"DeepSeek-V4 positions must be {start}..{start + T - 1} for cache row {row} "
+                                 "(each row's cache is filled in order)")
+            hidden.append(self._trunk(input_ids[b : b + 1], cache.slots[row], start))
+            cache.lengths[row] += T
+        return torch.cat(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden states [..., D] (from hidden_states) -> logits [..., V]."""
+        return self.lm_head(self.norm(hidden))
+
+    def forward(self, input_ids, positions=None, cache=None):
+        """input_ids [B, T] (LongTensor) -> logits [B, T, V]; positions and cache as in hidden_states."""
+        return self.logits(self.hidden_states(input_ids, positions, cache))
+
+    def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> "V4Cache":
+        """An empty decode cache for batch_size rows (its tensors are made as tokens arrive)."""
+        element = torch.empty((), dtype=dtype or self.embed_tokens.weight.dtype).element_size()
+        return V4Cache(self.config, batch_size, max_len, element)
+
+    def training_loss(self, input_ids, targets, ignore_index: int = -100):
+        """Next-token cross-entropy plus the balance and indexer terms that are switched on.
+
+        input_ids, targets [B, T]. Returns (loss, stats) where stats holds detached values: ce,
+        balance, indexer (the mean KL of the CSA indexers to their layers' attention).
+        """
+        h = self.hidden_states(input_ids)
+        ce = linear_cross_entropy(self.norm(h).flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index)
+        loss, stats = ce, {"ce": ce.detach()}
+        balance = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        if balance:
+            balance_loss = torch.stack(balance).sum()
+            loss, stats["balance"] = loss + balance_loss, balance_loss.detach()
+        kl = [layer.self_attn.indexer_loss for layer in self.layers if layer.self_attn.indexer_loss is not None]
+        for layer in self.layers:
+            layer.self_attn.indexer_loss = None  # never a stale one in the next step
+        if kl:
+            indexer_loss = torch.stack(kl).mean()
+            loss, stats["indexer"] = loss + self.config.indexer_loss_weight * indexer_loss, indexer_loss.detach()
+        return loss, stats
+
+    @torch.no_grad()
+    def update_router_bias(self, gamma: float | None = None) -> list[torch.Tensor]:
+        """Auxiliary-loss-free balancing of the learned routers (hash layers have nothing to balance):
+        call after each optimizer step; returns each such layer's expert load since the last call."""
+        gamma = self.config.bias_update_speed if gamma is None else gamma
+        return [moe.update_bias(gamma) for moe in self.moe_layers() if not moe.is_hash]
+
+
+class V4Cache:
+    """DeepSeek-V4's decode state: for each of batch_size rows, one LayerCache per layer (the sliding
+    window's last W - 1 keys, and for compressed layers the compressor's and CSA's indexer's partial
+    window and entries). Unlike a full K/V cache it grows by one entry per m tokens, not per token,
+    beyond the fixed window; its tensors are made as tokens arrive.
+
+    The engine's interface (see daulat.model.LatentCache): `rows` (the cache rows of the next
+    forward's batch rows; None: 0..B-1), `copy_rows`, `bytes_per_token`, `batch_size`, `max_len`.
+    """
+
+    def __init__(self, config: ModelConfigV4, batch_size: int, max_len: int, bytes_per_number: int = 4):
+        self.batch_size, self.max_len = batch_size, max_len
+        self.slots = [[LayerCache() for _ in range(config.num_hidden_layers)] for _ in range(batch_size)]
+        self.lengths = [0] * batch_size  # tokens each row holds
+        self.rows: list[int] | torch.Tensor | None = None
+        self._per_token = kv_cache_bytes_per_token_v4(config, bytes_per_number)["v4"]
+
+    def copy_rows(self, source: int, targets: list[int], length: int) -> None:
+        """Give each target row the state of source's first `length` tokens: a prompt prefilled once
+        for several samples. Only the whole of what source holds can be copied (windows and pooled
+        entries cannot be cut back to an earlier position)."""
+        if length != self.lengths[source]:
+            raise ValueError(f"cache row {source} holds {self.lengths[source]} tokens, cannot copy its first {length}")
+        for target in targets:
+            self.slots[target] = copy.deepcopy(self.slots[source])
+            self.lengths[target] = length
+
+    def bytes(self) -> int:
+        """Bytes the cache holds now, over all layers and rows."""
+        return sum(t.numel() * t.element_size() for slot in self.slots for layer in slot for t in layer.tensors())
+
+    def bytes_per_token(self) -> float:
+        """What the cache grows by per token once past the window (by formula, in its dtype)."""
+        return self._per_token
+
+
+def kv_cache_bytes_per_token_v4(config: ModelConfigV4, bytes_per_number: int = 2) -> dict:
+    """What the decode cache grows by per token over all layers, once past the window (which stays at
+    W - 1 keys per layer): d/m per CSA layer plus its indexer's c_I/m, d/m' per HCA layer; against
+    full per-head K and V (2 H d per layer)."""
+    per_token = 0.0
+    for kind in config.layer_types:
+        if kind == "compressed_sparse_attention":
+            per_token += (config.head_dim + config.index_head_dim) / config.compress_rates[kind]
+        elif kind == "heavily_compressed_attention":
+            per_token += config.head_dim / config.compress_rates[kind]
+    v4 = per_token * bytes_per_number
+    mha = config.num_hidden_layers * 2 * config.num_attention_heads * config.head_dim * bytes_per_number
+    return {"v4": v4, "mha": mha, "saving": 1 - v4 / mha}
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint tensor names
+# ------------------------------------------------------------------------------------------------
+#
+# On disk a DeepSeek-V4 checkpoint uses DeepSeek's published names (`layers.0.attn.wq_a.weight`,
+# per-expert `ffn.experts.3.w1.weight`, ...), which transformers' `from_pretrained` converts to its
+# module names (`model.layers.0.self_attn.q_a_proj.weight`, fused `mlp.experts.gate_up_proj`).
+# to_hf_state_dict_v4 writes the published names; from_hf_state_dict_v4 reads either, with or without
+# the "model." prefix (transformers' save_pretrained mixes both).
+
+_TOP_NAMES = {"embed_tokens.weight": "embed.weight", "lm_head.weight": "head.weight", "norm.weight": "norm.weight",
+              "hc_head.hc_fn": "hc_head_fn", "hc_head.hc_base": "hc_head_base", "hc_head.hc_scale": "hc_head_scale"}
+_COMPRESSOR_NAMES = {"kv_proj.weight": "wkv.weight", "gate_proj.weight": "wgate.weight", "position_bias": "ape",
+                     "kv_norm.weight": "norm.weight"}
+_LAYER_NAMES = {  # daulat's name inside layers.{i}. -> the published one
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    **{f"{hc}_hc.{p}": f"hc_{hc}_{p}" for hc in ("attn", "ffn") for p in ("fn", "base", "scale")},
+    "self_attn.q_a_proj.weight": "attn.wq_a.weight", "self_attn.q_a_norm.weight": "attn.q_norm.weight",
+    "self_attn.q_b_proj.weight": "attn.wq_b.weight", "self_attn.kv_proj.weight": "attn.wkv.weight",
+    "self_attn.kv_norm.weight": "attn.norm.weight", "self_attn.o_a_proj.weight": "attn.wo_a.weight",
+    "self_attn.o_b_proj.weight": "attn.wo_b.weight", "self_attn.sinks": "attn.attn_sink",
+    **{f"self_attn.compressor.{k}": f"attn.compressor.{v}" for k, v in _COMPRESSOR_NAMES.items()},
+    **{f"self_attn.compressor.indexer.{k}": f"attn.indexer.compressor.{v}" for k, v in _COMPRESSOR_NAMES.items()},
+    "self_attn.compressor.indexer.q_b_proj.weight": "attn.indexer.wq_b.weight",
+    "self_attn.compressor.indexer.weights_proj.weight": "attn.indexer.weights_proj.weight",
+    "mlp.gate.weight": "ffn.gate.weight", "mlp.gate.e_score_correction_bias": "ffn.gate.bias",
+    "mlp.gate.tid2eid": "ffn.gate.tid2eid", "mlp.shared_experts.gate_proj.weight": "ffn.shared_experts.w1.weight",
+    "mlp.shared_experts.down_proj.weight": "ffn.shared_experts.w2.weight",
+    "mlp.shared_experts.up_proj.weight": "ffn.shared_experts.w3.weight",
+}
+# transformers' module names that differ from daulat's (inside layers.{i}.)
+_TRANSFORMERS_NAMES = {"mlp.experts.gate_up_proj": "mlp.gate_up_proj", "mlp.experts.down_proj": "mlp.down_proj",
+                       "self_attn.compressor.indexer.scorer.weights_proj.weight":
+                       "self_attn.compressor.indexer.weights_proj.weight"}
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+
+
+def to_hf_state_dict_v4(model: DeepseekV4) -> dict[str, torch.Tensor]:
+    """daulat's state dict under DeepSeek-V4's published checkpoint names (experts one by one), which
+    `DeepseekV4ForCausalLM.from_pretrained` reads."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        layer = _LAYER.match(name)
+        if layer is None:
+            if name != "lm_head.weight" or not model.config.tie_word_embeddings:
+                out[_TOP_NAMES[name]] = tensor
+        elif layer[2] in ("mlp.gate_up_proj", "mlp.down_proj"):
+            for e, weight in enumerate(tensor):  # [2I, D] gate rows first, or [D, I]
+                if layer[2] == "mlp.down_proj":
+                    out[f"layers.{layer[1]}.ffn.experts.{e}.w2.weight"] = weight
+                else:
+                    gate, up = weight.chunk(2, dim=0)
+                    out[f"layers.{layer[1]}.ffn.experts.{e}.w1.weight"] = gate
+                    out[f"layers.{layer[1]}.ffn.experts.{e}.w3.weight"] = up
+        else:
+            out[f"layers.{layer[1]}.{_LAYER_NAMES[layer[2]]}"] = tensor
+    return out
+
+
+def from_hf_state_dict_v4(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Published or transformers names -> daulat's, experts stacked. MTP tensors (`mtp.*`) are dropped,
+    as transformers drops them; an unknown name passes through for a strict load to report."""
+    top = {v: k for k, v in _TOP_NAMES.items()}
+    in_layer = {v: k for k, v in _LAYER_NAMES.items()} | _TRANSFORMERS_NAMES
+    out, experts = {}, {}
+    for name, tensor in tensors.items():
+        name = name.removeprefix("model.")
+        if name.startswith("mtp."):
+            continue
+        layer = _LAYER.match(name)
+        if layer is None:
+            out[top.get(name, name)] = tensor
+        elif (expert := _EXPERT.match(layer[2])) is not None:
+            experts.setdefault(int(layer[1]), {})[(int(expert[1]), expert[2])] = tensor
+        else:
+            out[f"layers.{layer[1]}.{in_layer.get(layer[2], layer[2])}"] = tensor
+    for i, per_expert in experts.items():
+        n = 1 + max(e for e, _ in per_expert)
+        missing = [f"layers.{i}.ffn.experts.{e}.{w}.weight" for e in range(n) for w in ("w1", "w2", "w3")
+                   if (e, w) not in per_expert]
+        if missing:
+            raise ValueError(f"missing tensor {missing[0]!r}")
+        out[f"layers.{i}.mlp.gate_up_proj"] = torch.stack(
+            [torch.cat([per_expert[(e, "w1")], per_expert[(e, "w3")]]) for e in range(n)])
+        out[f"layers.{i}.mlp.down_proj"] = torch.stack([per_expert[(e, "w2")] for e in range(n)])
+    return out
