@@ -40,6 +40,19 @@ class Stage:
                             train_defaults=self.train_defaults)
 
 
+def stage_schema(*, model: bool = False, **sections: type) -> Callable[[], dict[str, type]]:
+    """A stage's config sections: [model] (if it builds one), [train], then its own. ModelConfig and
+    TrainConfig are imported when the schema is first asked for, so that `daulat --help` stays fast."""
+
+    def schema() -> dict[str, type]:
+        from daulat.model import ModelConfig
+        from daulat.train.loop import TrainConfig
+
+        return {**({"model": ModelConfig} if model else {}), "train": TrainConfig, **sections}
+
+    return schema
+
+
 @dataclass
 class Training:
     """What a stage hands the skeleton to train: the model and its objective and batches, and what the
