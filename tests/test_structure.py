@@ -3,6 +3,7 @@ daulat/ (function-level imports included), no function longer than 60 lines outs
 arithmetic, and train/loop.py under 300 lines."""
 
 import ast
+import functools
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "daulat"
@@ -15,6 +16,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.cache  # parsed once for all the tests here
 def modules() -> dict[str, ast.Module]:
     return {module_name(p): ast.parse(p.read_text(encoding="utf-8"), str(p)) for p in sorted(PACKAGE.rglob("*.py"))}
 
