@@ -70,10 +70,10 @@ def bandwidth_bound(config, bytes_per_number: int = 4) -> dict:
 
 
 def daulat_runner(checkpoint: Path, prompt: list[int], new_tokens: int):
-    from daulat.checkpoint import load_model
+    from daulat.checkpoint import load_checkpoint
     from daulat.infer import Engine, SamplingParams
 
-    engine = Engine(load_model(checkpoint), None, max_num_seqs=1, max_model_len=len(prompt) + new_tokens + 1)
+    engine = Engine(load_checkpoint(checkpoint).model, None, max_num_seqs=1, max_model_len=len(prompt) + new_tokens + 1)
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     engine.generate([prompt], params)  # warm-up
 

@@ -282,17 +282,17 @@ def distill_run(teacher: Path, student: Path, out: Path, mode: str, task, args, 
 
 
 def accuracy(checkpoint: Path, task, tok, args, max_tokens: int, device) -> dict:
-    from daulat.checkpoint import load_model
+    from daulat.checkpoint import load_checkpoint
     from daulat.eval import evaluate_task
 
-    model = load_model(checkpoint, device=device)
+    model = load_checkpoint(checkpoint, device=device).model
     return evaluate_task(model, tok, task, n=args.problems, max_tokens=max_tokens, difficulty=args.difficulty)
 
 
 def param_count(checkpoint: Path) -> tuple[int, int]:
-    from daulat.checkpoint import load_model
+    from daulat.checkpoint import load_checkpoint
 
-    model = load_model(checkpoint)
+    model = load_checkpoint(checkpoint).model
     return model.num_parameters(), model.num_parameters(active=True)
 
 

@@ -38,11 +38,11 @@ import torch
 
 
 def evaluate(path, task: str, difficulty, problems: int, samples: int, max_tokens: int) -> dict:
-    from daulat.checkpoint import load_model
+    from daulat.checkpoint import load_checkpoint
     from daulat.eval import evaluate_task
-    from daulat.tokenizer import load_tokenizer
 
-    result = evaluate_task(load_model(path), load_tokenizer(path), task, n=problems, samples=samples,
+    model, tokenizer, _ = load_checkpoint(path, need_tokenizer=True)
+    result = evaluate_task(model, tokenizer, task, n=problems, samples=samples,
                            temperature=1.0, max_tokens=max_tokens, difficulty=difficulty, seed=1)
     result.pop("examples", None)
     return result

@@ -41,7 +41,7 @@ def child(loader: str, path: str, warmup: str) -> dict:
     if loader == "daulat":
         from daulat.checkpoint import load_model
 
-        def load(where):
+        def load(where):  # the bare model: what transformers' from_pretrained is measured against
             return load_model(where, dtype=torch.bfloat16)
     else:
         import transformers

@@ -88,9 +88,9 @@ def _release_free_heap() -> None:
 
 def _daulat_side(args):
     from daulat import lora
-    from daulat.checkpoint import load_model
+    from daulat.checkpoint import load_checkpoint
 
-    model = load_model(args.base)
+    model = load_checkpoint(args.base).model
     lora.prepare(model, lora.LoraConfig(rank=args.rank, alpha=args.alpha), args.base)
     model.train()
     loss_fn = lambda ids: model.training_loss(ids[:, :-1], ids[:, 1:])[0]  # noqa: E731

@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from daulat.checkpoint import load_model
+    from daulat.checkpoint import load_checkpoint
     from daulat.infer import Engine, SamplingParams
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,7 +44,7 @@ def main() -> None:
             checkpoint = make_checkpoint(args.preset, Path(tmp) / args.preset)
         else:
             checkpoint = args.checkpoint
-        model = load_model(checkpoint)
+        model = load_checkpoint(checkpoint).model
     vocab = model.config.vocab_size
     rng = random.Random(0)
     prompts = [[0] + [rng.randrange(3, vocab) for _ in range(rng.randint(16, 96))] for _ in range(args.requests)]

@@ -33,11 +33,12 @@ from daulat.checkpoint import save_model
 from daulat.config import read_preset
 from daulat.model import DeepseekV3, ModelConfig
 from daulat.provenance import cpu_model
+from daulat.train.optim import TrainConfig
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 # keys of ModelConfig.to_hf_dict() that are daulat's own (or derived) and not DeepseekV3Config arguments
 DAULAT_ONLY_KEYS = ("model_type", "architectures", "qk_head_dim", "head_dim", "dtype", "mtp_loss_weight",
-                    "bias_update_speed", "seq_aux_loss_alpha", "num_nextn_predict_layers")
+                    "seq_aux_loss_alpha", "num_nextn_predict_layers")
 
 
 def parse_args(argv=None):
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
         loss.backward()
         ours_opt.step()
         ours_opt.zero_grad(set_to_none=True)
-        ours.update_router_bias()
+        ours.update_router_bias(TrainConfig.bias_update_speed)
         return loss
 
     def peer_step(batch):

@@ -113,12 +113,18 @@ def _in_words(annotation) -> str:
     return " or ".join(words.get(typing.get_origin(o) or o, getattr(o, "__name__", str(o))) for o in options)
 
 
+# keys that moved to another section (a recipe that still has the old one is told where)
+MOVED = {"model.bias_update_speed": "train.bias_update_speed"}
+
+
 def build_section(section: str, cls, values: dict):
     """values (a TOML table) -> cls(**values), type-checked; a dataclass-typed field is a sub-table."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in values.items():
+        if f"{section}.{name}" in MOVED:
+            raise DaulatError(f"config: {section}.{name} is now {MOVED[f'{section}.{name}']}")
         if name not in fields:
             raise DaulatError(f"config: unknown key {section}.{name} (known: {', '.join(sorted(fields))})")
         if dataclasses.is_dataclass(hints[name]):

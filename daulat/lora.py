@@ -163,7 +163,6 @@ class _LoraState:
     config: LoraConfig
     targets: list[str]  # the leaf names actually adapted, for adapter_config.json
     base_path: str | None = None
-    bias_update_speed: float | None = None  # the model's own, while balancing is off
     modules: list[str] = field(default_factory=list)  # the wrapped layers' names
 
 
@@ -243,8 +242,6 @@ def prepare(model: nn.Module, config: LoraConfig | None, base_path) -> dict | No
     elif enabled:
         apply_lora(model, config)
         model.lora.base_path = str(Path(base_path).resolve())
-        model.lora.bias_update_speed = model.config.bias_update_speed
-        model.config.bias_update_speed = 0.0  # the Trainer's balancing nudge would change the base
     return record(model)
 
 
@@ -346,8 +343,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
         for name in [n for n in EXPERT_PARAMETERS if parametrize.is_parametrized(moe, n)]:
             parametrize.remove_parametrizations(moe, name, leave_parametrized=moe.parametrizations[name][0].adapter_on)
     if is_lora(model):
-        if model.lora.bias_update_speed is not None:
-            model.config.bias_update_speed = model.lora.bias_update_speed
         del model.lora
     return model
 

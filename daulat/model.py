@@ -81,7 +81,6 @@ class ModelConfig:
     # daulat's own training knobs (written to config.json too; transformers ignores them)
     num_nextn_predict_layers: int = 0  # multi-token prediction depth D (kept in mtp.safetensors)
     mtp_loss_weight: float = 0.3  # lambda
-    bias_update_speed: float = 1e-3  # gamma of auxiliary-loss-free balancing
     seq_aux_loss_alpha: float = 0.0  # alpha of the sequence-wise balance loss
 
     def __post_init__(self):
@@ -920,11 +919,11 @@ class DeepseekV3(DecodeCalls, nn.Module):
         return loss, stats
 
     @torch.no_grad()
-    def update_router_bias(self, gamma: float | None = None) -> list[torch.Tensor]:
+    def update_router_bias(self, gamma: float) -> list[torch.Tensor]:
         """Auxiliary-loss-free balancing: call once after each optimizer step. Returns each MoE layer's
         expert load (tokens per expert) since the previous call. A data-parallel trainer all-reduces
-        every layer's `tokens_per_expert` before calling this."""
-        gamma = self.config.bias_update_speed if gamma is None else gamma
+        every layer's `tokens_per_expert` before calling this. `gamma` is the bias speed (the Trainer's
+        train.bias_update_speed)."""
         return [moe.update_bias(gamma) for moe in self.moe_layers()]
 
     # -- accounting --------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def trained(tokenizer):
         for group in optimizer.param_groups:
             group["lr"] = 3e-3 * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
         optimizer.step()
-        model.update_router_bias()
+        model.update_router_bias(1e-3)
     _report(test="train", steps=steps, final_loss=round(loss.item(), 4))
     return model.eval()
 

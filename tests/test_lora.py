@@ -16,6 +16,7 @@ from daulat.checkpoint import load_model, load_train_state, save_model
 from daulat.config import load_config
 from daulat.errors import DaulatError
 from daulat.lora import LoraConfig
+from daulat.train.optim import TrainConfig, router_bias_speed
 from daulat.model import DeepseekV3, ModelConfig
 from daulat.train.loop import Trainer, TrainConfig
 
@@ -158,7 +159,7 @@ def test_fresh_adapters_leave_the_model_unchanged_and_only_they_train(base_dir):
         m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in layers.values())
     assert counts["parameters_total"] == reference.num_parameters() + counts["parameters_trainable"]
     assert record["alpha"] is None and layers["layers.0.self_attn.q_proj"].scaling == 2.0  # alpha = 2 * rank
-    assert model.config.bias_update_speed == 0.0  # the router bias is part of the frozen base
+    assert router_bias_speed(model, TrainConfig()) == 0.0  # the router bias is part of the frozen base
 
 
 def test_adapters_disabled_is_the_base_exactly_and_merge_matches_unmerged(base_dir):
@@ -176,7 +177,7 @@ def test_adapters_disabled_is_the_base_exactly_and_merge_matches_unmerged(base_d
         lora.merge_lora(model)
         assert (model(ids) - unmerged).abs().max().item() <= 1e-5
     assert not lora.is_lora(model) and not lora.lora_layers(model)
-    assert model.config.bias_update_speed == reference.config.bias_update_speed
+    assert router_bias_speed(model, TrainConfig()) == TrainConfig().bias_update_speed
 
 
 def test_merged_model_saves_as_an_ordinary_checkpoint(base_dir, tmp_path):

@@ -59,7 +59,7 @@ def test_transformers_checkpoint_loads_in_daulat_with_same_logits(name, tmp_path
     torch.manual_seed(1)
     cfg = ModelConfig(**{**BASE, **SPREAD[name]}).to_hf_dict()
     for key in ("model_type", "architectures", "qk_head_dim", "head_dim", "dtype", "mtp_loss_weight",
-                "bias_update_speed", "seq_aux_loss_alpha"):
+                "seq_aux_loss_alpha"):
         cfg.pop(key)
     hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**cfg)).eval()
     with torch.no_grad():

@@ -223,3 +223,48 @@ def test_host_check_for_other_bindings():
     assert named.allows(b"chat.internal") and named.allows(b"chat.internal:443") and not named.allows(b"other.internal")
     assert HostCheck("myhost.lan", 8000).allows(b"myhost.lan:8000")
     assert not HostCheck("127.0.0.1", 8000).allows(None)
+
+
+def test_a_stop_string_that_is_a_special_token_stops_on_that_token(client, checkpoint):
+    from daulat.tokenizer import load_tokenizer
+
+    user_id = load_tokenizer(checkpoint).token_to_id("<|user|>")  # decodes to nothing: only its id can stop
+    forced = {"logit_bias": {str(user_id): 100}, "temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
+    running = client.completions.create(model="micro", prompt="Once upon a time", **forced)
+    assert running.choices[0].finish_reason == "length" and running.usage.completion_tokens == 6
+    stopped = client.completions.create(model="micro", prompt="Once upon a time", stop=["<|user|>"], **forced)
+    assert stopped.choices[0].finish_reason == "stop" and stopped.usage.completion_tokens == 1
+    assert stopped.choices[0].text == ""
+    chat = client.chat.completions.create(model="micro", messages=MESSAGES, stop=["<|user|>"], **forced)
+    assert chat.choices[0].finish_reason == "stop" and chat.usage.completion_tokens == 1
+
+
+def test_raw_prompts_parse_special_tokens_only_with_the_serve_flag(checkpoint):
+    """The same raw prompt through the HTTP app of a default server and of one started with
+    --parse-special-tokens (in-process, so that no second server has to start)."""
+    import argparse
+    import asyncio
+
+    from daulat.infer import Engine
+    from daulat.infer.server import Limits, ServerState, add_arguments, create_app
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([str(checkpoint)]).parse_special_tokens is False
+    assert parser.parse_args([str(checkpoint), "--parse-special-tokens"]).parse_special_tokens is True
+    engine = Engine.from_checkpoint(checkpoint, max_num_seqs=2)
+    text = "<|user|>What is 2 + 3?<|assistant|>"
+
+    async def prompt_tokens(parse: bool) -> int:
+        state = ServerState(model_name="micro", limits=Limits(), tokenizer=engine.tokenizer, engine=engine,
+                            parse_special_tokens=parse)
+        transport = httpx.ASGITransport(app=create_app(state))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            answer = await c.post("/v1/completions", json={"prompt": text, "max_tokens": 1})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["usage"]["prompt_tokens"]
+
+    plain, parsed = asyncio.run(prompt_tokens(False)), asyncio.run(prompt_tokens(True))
+    as_text, as_tokens = engine.tokenizer.encode(text), engine.tokenizer.encode(text, allow_special=True)
+    assert len(as_tokens) < len(as_text) and engine.tokenizer.token_to_id("<|user|>") in as_tokens
+    assert plain - parsed == len(as_text) - len(as_tokens)  # the same prompt, less its special-token text

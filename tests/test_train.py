@@ -11,6 +11,7 @@ import torch
 from daulat.checkpoint import load_model, load_train_state
 from daulat.cli import main
 from daulat.config import load_config
+from daulat.errors import DaulatError
 from daulat.train.loop import TrainConfig, learning_rate, parameter_groups
 from daulat.train.pretrain import pretrain, schema
 
@@ -50,7 +51,7 @@ def test_loss_falls_clearly_on_micro(micro_run):
 def test_router_bias_is_updated_and_expert_load_is_logged(micro_run):
     out, _, records = micro_run
     model = load_model(out / "final")
-    gamma = model.config.bias_update_speed
+    gamma = TrainConfig().bias_update_speed
     for moe in model.moe_layers():
         bias = moe.gate.e_score_correction_bias
         assert bias.abs().sum() > 0  # moved away from its zero start
@@ -271,3 +272,21 @@ def test_evaluate_merges_into_the_validation_loss_line(tmp_path):
     assert len(last) == 1 and last[0]["step"] == 2 and last[0]["exact_match"] == 0.5 and last[0]["val_loss"] > 0
     assert all(r["max_logit"] > 0 for r in records if "loss" in r)  # logged per step when asked
     assert records[-1] == {"step": 2, "note": "after fit"}
+
+
+def test_the_router_bias_speed_lives_in_train_and_older_checkpoints_still_load(tmp_path):
+    """train.bias_update_speed is the one home of gamma; a config.json written when it was also a
+    model field (`bias_update_speed` there) still loads, the old key ignored."""
+    from daulat.checkpoint import load_checkpoint, save_model
+    from daulat.model import DeepseekV3, ModelConfig
+
+    assert "bias_update_speed" not in {f for f in ModelConfig.__dataclass_fields__}
+    assert TrainConfig().bias_update_speed == 1e-3
+    config = load_config({"model": ModelConfig}, preset="micro")["model"]
+    save_model(DeepseekV3(config), tmp_path / "old")
+    written = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert "bias_update_speed" not in written
+    (tmp_path / "old" / "config.json").write_text(json.dumps({**written, "bias_update_speed": 0.01}))
+    assert load_checkpoint(tmp_path / "old").model.config == config
+    with pytest.raises(DaulatError, match="model.bias_update_speed is now train.bias_update_speed"):
+        load_config({"model": ModelConfig}, preset="micro", overrides=["model.bias_update_speed=0.01"])

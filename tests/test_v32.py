@@ -60,7 +60,7 @@ def _daulat_model(name: str, seed: int) -> DeepseekV32:
 
 def _hf_config_dict(config: DeepseekV32Config) -> dict:
     return {k: v for k, v in config.to_hf_dict().items()
-            if k not in ("mtp_loss_weight", "bias_update_speed", "seq_aux_loss_alpha", "num_nextn_predict_layers")}
+            if k not in ("mtp_loss_weight", "seq_aux_loss_alpha", "num_nextn_predict_layers")}
 
 
 @pytest.mark.parametrize("name", list(SPREAD))

@@ -36,6 +36,7 @@ class ServerState:
     in_flight: int = 0  # sequences (prompts x n) of the requests being answered
     requests: int = 0  # requests being answered
     hosts: object | None = None  # a guard.HostCheck: without an API key, the Host names answered (None: any)
+    parse_special_tokens: bool = False  # raw /v1/completions prompts: "<|eos|>" is the eos id, not plain text
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -232,7 +233,7 @@ def parse_prompts(body: dict, state: ServerState) -> list[list[int]]:
     engine, out = state.engine, []
     for p in prompts:
         if isinstance(p, str):
-            ids = engine.encode(p) if p else None
+            ids = engine.encode(p, allow_special=state.parse_special_tokens) if p else None
         else:
             ids = list(p)
         if not ids:

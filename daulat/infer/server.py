@@ -400,6 +400,9 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
     p.add_argument("--seed", type=int, help="seed for requests that bring none (default: random)")
     p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--parse-special-tokens", action="store_true",
+                   help="raw /v1/completions prompts parse special-token text (\"<|user|>\" becomes that token); "
+                        "off by default, where it is plain text: turn on only for trusted clients")
 
 
 def api_keys_from(args_keys: list[str]) -> list[bytes]:
@@ -434,7 +437,8 @@ def run(args) -> int:
                     max_seqs_per_request=args.max_seqs_per_request)
     hosts = HostCheck(args.host, args.port, frozenset(h.lower().rstrip(".") for h in args.allowed_host))
     state = ServerState(model_name=args.served_model_name or checkpoint.resolve().name,
-                        api_keys=api_keys_from(args.api_key), limits=limits, tokenizer=tokenizer, hosts=hosts)
+                        api_keys=api_keys_from(args.api_key), limits=limits, tokenizer=tokenizer, hosts=hosts,
+                        parse_special_tokens=args.parse_special_tokens)
     try:
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

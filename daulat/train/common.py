@@ -25,6 +25,7 @@ _OVERRIDE = re.compile(r"^([A-Za-z_]\w*)\.[A-Za-z_][\w.]*=")
 # the flags every stage has, and the config key each one sets
 COMMON_FLAGS = {"steps": "train.steps", "save_every": "train.save_every", "seed": "train.seed"}
 FLAG = object()  # in a flag table: "the flag's own value"
+TASK_HELP = "a built-in task (see `daulat tasks`), a .jsonl task file, or module:name (a Python module that registers the task)"
 
 
 def add_common_arguments(parser, default_preset: str | None = "tiny") -> None:

@@ -52,7 +52,7 @@ from daulat.train.distill_losses import (  # noqa: F401 - the losses, re-exporte
     ForwardKLObjective, ReverseKLObjective, forward_kl, reverse_kl, reverse_kl_policy_gradient,
 )
 from daulat.train.on_policy import OnPolicyBatches  # noqa: F401
-from daulat.train.stage import Stage, StageRun, Training
+from daulat.train.stage import Stage, StageRun, Training, stage_schema
 from daulat.train.teacher_data import DATASET_FILE, MANIFEST_FILE, Prompt, load_prompts, teacher_dataset  # noqa: F401
 
 SEQUENCES = ("teacher", "given")
@@ -150,11 +150,7 @@ TRAIN_DEFAULTS = {"steps": 300, "batch_size": 16, "seq_len": 512, "lr": 2e-3, "w
                   "weight_decay": 0.0, "log_every": 10, "eval_every": 100, "eval_batches": 10}
 
 
-def schema() -> dict[str, type]:
-    from daulat.model import ModelConfig
-    from daulat.train.loop import TrainConfig
-
-    return {"model": ModelConfig, "train": TrainConfig, "distill": DistillConfig}
+schema = stage_schema(model=True, distill=DistillConfig)
 
 
 STAGE = Stage("distill", schema, TRAIN_DEFAULTS)

@@ -45,7 +45,7 @@ from daulat.train.grpo_math import (  # noqa: F401 - the math, re-exported for `
     masked_mean, overlong_penalty,
 )
 from daulat.train.rollouts import RolloutSource, load_reward, task_reward  # noqa: F401
-from daulat.train.stage import Stage, StageRun, Training
+from daulat.train.stage import Stage, StageRun, Training, stage_schema
 
 ZERO_VARIANCE = ("drop", "resample", "keep")
 
@@ -149,21 +149,15 @@ TRAIN_DEFAULTS = {"steps": 200, "batch_size": 128, "lr": 1e-5, "warmup_steps": 0
 METHOD = "GRPO (group-relative policy optimisation with verifiable rewards)"
 
 
-def schema() -> dict[str, type]:
-    from daulat.train.loop import TrainConfig
-
-    return {"train": TrainConfig, "grpo": GRPOConfig}
-
-
+schema = stage_schema(grpo=GRPOConfig)
 STAGE = Stage("grpo", schema, TRAIN_DEFAULTS)
 
 
 def add_arguments(parser) -> None:
-    from daulat.train.common import add_common_arguments
+    from daulat.train.common import TASK_HELP, add_common_arguments
 
     parser.add_argument("--init", required=True, metavar="CKPT", help="checkpoint to train (e.g. runs/sft/final)")
-    parser.add_argument("--task", metavar="NAME", help="a built-in task (see `daulat tasks`), a .jsonl task file, or module:name "
-                        "(a Python module that registers the task)")
+    parser.add_argument("--task", metavar="NAME", help=TASK_HELP)
     parser.add_argument("--out", required=True, help="run directory: checkpoints and metrics")
     add_common_arguments(parser, default_preset="tiny")
 

@@ -49,7 +49,7 @@ from daulat.train.distributed import (Dist, full_tensor, init_distributed, plain
                                       run_on_main, shard_model, to_device)
 from daulat.train.metrics import (METRICS_FILE, MetricsLog, Progress, StepSums, Window, count_tokens, parameter_counts,
                                   run_record)
-from daulat.train.optim import TrainConfig, build_optimizer, learning_rate, parameter_groups  # noqa: F401
+from daulat.train.optim import TrainConfig, build_optimizer, learning_rate, parameter_groups, router_bias_speed  # noqa: F401
 from daulat.train.state import latest_checkpoint, step_checkpoints  # noqa: F401
 
 
@@ -85,7 +85,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         self.model_config = model.config
-        self.gamma = config.bias_update_speed if config.bias_update_speed is not None else model.config.bias_update_speed
+        self.gamma = router_bias_speed(model, config)
         self.params = parameter_counts(model)
         self.step, self.tokens, self.elapsed_before = 0, 0, 0.0
         self.last_loss = self.last_val_loss = None  # float | None
@@ -233,7 +233,7 @@ class Trainer:
         if self.config.eval_batches and self.val_batches is not None:
             self.last_val_loss = record["val_loss"] = self.evaluate()
         if self.evaluate_fn is not None and self.dist.is_main:
-            record.update(self._held_out())
+            record.update(self.held_out())
         record.update(tokens=self.tokens, elapsed_s=round(self.elapsed(), 3))
         self.log(record)
         shown = {k: v for k, v in record.items() if k not in ("step", "tokens", "elapsed_s") and isinstance(v, (int, float))}
@@ -241,7 +241,8 @@ class Trainer:
         return record
 
     @torch.no_grad()
-    def _held_out(self) -> dict:
+    def held_out(self) -> dict:
+        """`evaluate(model)` as a validation point calls it: eval mode, no gradients, the autocast."""
         self.model.eval()
         try:
             with self.autocast():

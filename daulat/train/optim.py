@@ -37,7 +37,7 @@ class TrainConfig:
     qk_clip: float = 0.0  # tau of QK-clip (Kimi K2 uses 100): rescale heads whose max logit exceeds it; 0: off
     log_max_logit: bool = False  # log the largest attention logit per step (always on with qk_clip)
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
-    bias_update_speed: float | None = None  # gamma of aux-loss-free balancing; unset: the model's own
+    bias_update_speed: float = 1e-3  # gamma of aux-loss-free balancing (older checkpoints' config.json key is ignored)
     log_every: int = 10  # steps between metrics lines
     eval_every: int = 100  # steps between validations (0: only at the end)
     eval_batches: int = 20  # validation batches of batch_size sequences each (0: no validation)
@@ -84,6 +84,12 @@ class TrainConfig:
     @property
     def tracks_max_logit(self) -> bool:
         return self.qk_clip > 0 or self.log_max_logit
+
+
+def router_bias_speed(model: torch.nn.Module, config: TrainConfig) -> float:
+    """gamma of aux-loss-free balancing for this model: train.bias_update_speed, or 0 for a LoRA model,
+    whose whole base (the router's correction bias included) stays frozen."""
+    return 0.0 if getattr(model, "lora", None) is not None else config.bias_update_speed
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:

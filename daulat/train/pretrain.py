@@ -29,7 +29,7 @@ from pathlib import Path
 from daulat.errors import DaulatError
 from daulat.train.common import add_common_arguments, run_command, split_overrides
 from daulat.train.objectives import next_token_objective
-from daulat.train.stage import Stage, StageRun, Training
+from daulat.train.stage import Stage, StageRun, Training, stage_schema
 
 
 @dataclass
@@ -57,12 +57,7 @@ class DataConfig:
 SECTIONS = ("model", "train", "data")
 
 
-def schema() -> dict[str, type]:
-    """The config sections of this stage (imported here, not at module load: `daulat --help` stays fast)."""
-    from daulat.model import ModelConfig
-    from daulat.train.loop import TrainConfig
-
-    return {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+schema = stage_schema(model=True, data=DataConfig)
 
 
 STAGE = Stage("pretrain", schema)  # the recipe's [train] as written

@@ -20,7 +20,7 @@ from daulat.data.conversations import (  # noqa: F401 - re-exported: SFT's rows 
 )
 from daulat.errors import DaulatError
 from daulat.train.objectives import sft_objective
-from daulat.train.stage import Stage, StageRun, Training
+from daulat.train.stage import Stage, StageRun, Training, stage_schema
 
 
 @dataclass
@@ -46,23 +46,17 @@ TRAIN_DEFAULTS = {"steps": 300, "batch_size": 16, "seq_len": 512, "lr": 3e-4, "w
 METHOD = "supervised fine-tuning, loss on assistant tokens only"
 
 
-def schema() -> dict[str, type]:
-    from daulat.train.loop import TrainConfig
-
-    return {"train": TrainConfig, "sft": SFTConfig}
-
-
+schema = stage_schema(sft=SFTConfig)
 STAGE = Stage("sft", schema, TRAIN_DEFAULTS)
 
 
 def add_arguments(parser) -> None:
-    from daulat.train.common import add_common_arguments
+    from daulat.train.common import TASK_HELP, add_common_arguments
 
     parser.add_argument("--init", required=True, metavar="CKPT", help="checkpoint to fine-tune (e.g. runs/pt/final)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", metavar="FILE.jsonl", help='conversations, one {"messages": [...]} per line')
-    source.add_argument("--task", metavar="NAME", help="a built-in task (see `daulat tasks`), a .jsonl task file, or module:name "
-                        "(a Python module that registers the task)")
+    source.add_argument("--task", metavar="NAME", help=TASK_HELP)
     parser.add_argument("--out", required=True, help="run directory: checkpoints and metrics")
     add_common_arguments(parser, default_preset="tiny")
 

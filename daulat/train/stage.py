@@ -40,6 +40,19 @@ class Stage:
                             train_defaults=self.train_defaults)
 
 
+def stage_schema(*, model: bool = False, **sections: type) -> Callable[[], dict[str, type]]:
+    """A stage's config sections: [model] (if it builds one), [train], then its own. ModelConfig and
+    TrainConfig are imported when the schema is first asked for, so that `daulat --help` stays fast."""
+
+    def schema() -> dict[str, type]:
+        from daulat.model import ModelConfig
+        from daulat.train.loop import TrainConfig
+
+        return {**({"model": ModelConfig} if model else {}), "train": TrainConfig, **sections}
+
+    return schema
+
+
 @dataclass
 class Training:
     """What a stage hands the skeleton to train: the model and its objective and batches, and what the
@@ -109,12 +122,14 @@ class StageRun:
 
     def train(self, t: Training) -> dict:
         """Train to train.steps; returns the Trainer's summary plus `out`."""
-        batches = _EvaluateAtStart(t.batches, t.evaluate) if (t.evaluate and t.evaluate_at_start) else t.batches
+        from daulat.train.loop import Trainer
+
+        batches = _EvaluateAtStart(t.batches) if (t.evaluate and t.evaluate_at_start) else t.batches
         kwargs = {"val_batches": t.val_batches, "tokenizer": t.tokenizer, "info": self.record(t),
                   "resume_from": self.resume_from, "dist": self.dist}
         if t.batch_tokens is not None:
             kwargs["batch_tokens"] = t.batch_tokens
-        trainer = _trainer_with_seam(t.model, self.train_cfg, t.objective, batches, self.out, t.evaluate, kwargs)
+        trainer = Trainer(t.model, self.train_cfg, t.objective, batches, self.out, evaluate=t.evaluate, **kwargs)
         if self.resume_from is not None:
             self.say(f"resuming from {self.resume_from} (step {trainer.step})")
         summary = trainer.fit()
@@ -136,26 +151,12 @@ def load_trainable(path):
     return model, tokenizer, info
 
 
-def evaluate_now(trainer, evaluate: Callable) -> dict:
-    """`evaluate(model)` as the Trainer calls it: main rank, eval mode, no gradients, its autocast."""
-    import torch
-
-    model = trainer.model
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), trainer.autocast():
-            return evaluate(model)
-    finally:
-        model.train(was_training)
-
-
 class _EvaluateAtStart:
     """A batch source that, on a fresh run, evaluates once before its first batch (the point a
     held-out accuracy curve starts from) and logs it at step 0 through the Trainer."""
 
-    def __init__(self, batches, evaluate: Callable):
-        self.batches, self.evaluate, self.trainer, self.first = batches, evaluate, None, True
+    def __init__(self, batches):
+        self.batches, self.trainer, self.first = batches, None, True
 
     def bind(self, trainer) -> None:
         self.trainer = trainer
@@ -167,7 +168,7 @@ class _EvaluateAtStart:
 
     def __next__(self):
         if self.first and self.trainer is not None and self.trainer.step == 0 and self.trainer.dist.is_main:
-            self.trainer.log({"step": 0, **evaluate_now(self.trainer, self.evaluate)})
+            self.trainer.log({"step": 0, **self.trainer.held_out()})
         self.first = False
         return next(self.batches)
 
@@ -176,61 +177,3 @@ class _EvaluateAtStart:
 
     def load_state_dict(self, state: dict) -> None:
         self.batches.load_state_dict(state)
-
-
-# ------------------------------------------------------------------------------------------------
-# COMPATIBILITY with a Trainer that predates its seam for on-policy stages (no `evaluate=` keyword,
-# no `bind`, `autocast()` or `log()`). Delete this function once daulat.train.loop.Trainer has them,
-# and call `Trainer(..., evaluate=evaluate, **kwargs)` in StageRun.train instead.
-# ------------------------------------------------------------------------------------------------
-
-
-def _trainer_with_seam(model, train_cfg, objective, batches, out, evaluate, kwargs):
-    import inspect
-    import json
-
-    from daulat.train.loop import Trainer
-
-    if "evaluate" in inspect.signature(Trainer).parameters:
-        return Trainer(model, train_cfg, objective, batches, out, evaluate=evaluate, **kwargs)
-    trainer = None
-    evaluated: set[int] = set()
-
-    def evaluate_at(step: int) -> None:  # a validation point: every train.eval_every steps, and the end
-        if evaluate is not None and trainer.dist.is_main and step not in evaluated:
-            evaluated.add(step)
-            trainer.log({"step": step, **evaluate_now(trainer, evaluate)})
-
-    class Evaluating:  # evaluates before the first batch after a validation point
-        def __iter__(self):
-            return self
-
-        def __next__(self):
-            if train_cfg.eval_every and trainer.step and trainer.step % train_cfg.eval_every == 0:
-                evaluate_at(trainer.step)
-            return next(batches)
-
-        def state_dict(self):
-            return batches.state_dict()
-
-        def load_state_dict(self, state):
-            batches.load_state_dict(state)
-
-    trainer = Trainer(model, train_cfg, objective, Evaluating(), out, **kwargs)
-
-    def log(record: dict) -> None:
-        if trainer.dist.is_main:
-            with open(trainer.out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-    trainer.autocast, trainer.log, fit = trainer._autocast, log, trainer.fit
-
-    def fit_then_evaluate() -> dict:
-        summary = fit()
-        evaluate_at(trainer.step)
-        return summary
-
-    trainer.fit = fit_then_evaluate
-    if hasattr(batches, "bind"):
-        batches.bind(trainer)
-    return trainer

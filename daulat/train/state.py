@@ -71,7 +71,7 @@ def prune_checkpoints(out_dir, keep_last: int) -> None:
 
 def load_weights(path: Path, model) -> None:
     """Load a checkpoint's weights into `model` after checking that both have the same architecture."""
-    from daulat.checkpoint import load_config, load_model
+    from daulat.checkpoint import load_checkpoint, load_config
 
     saved = load_config(path).to_hf_dict()
     ours = model.config.to_hf_dict()
@@ -79,7 +79,7 @@ def load_weights(path: Path, model) -> None:
     if differ:
         k = differ[0]
         raise DaulatError(f"cannot resume from {path}: its model.{k} is {saved.get(k)!r}, this run's is {ours.get(k)!r}")
-    model.load_state_dict(load_model(path).state_dict())
+    model.load_state_dict(load_checkpoint(path).model.state_dict())
 
 
 # ------------------------------------------------------------------------------------------------

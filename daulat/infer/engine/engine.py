@@ -83,12 +83,13 @@ class Engine:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt (text or ids), checked against the vocabulary and the context limit."""
+    def encode(self, prompt: Prompt, allow_special: bool = False) -> list[int]:
+        """Token ids of a prompt (text or ids), checked against the vocabulary and the context limit.
+        allow_special: special-token text in a text prompt becomes those tokens (trusted prompts only)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise DaulatError("a text prompt needs a tokenizer: pass token ids or give the engine a tokenizer")
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(prompt, allow_special=allow_special)
             if self.add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
                 ids = [self.bos_token_id] + ids
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):

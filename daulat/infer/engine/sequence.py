@@ -224,6 +224,8 @@ class Request:
         stop_ids = set(params.stop_token_ids)
         if eos_token_id is not None and not params.ignore_eos:
             stop_ids.add(eos_token_id)
+        if tokenizer is not None and params.stop:  # special tokens decode to nothing: stop on their ids
+            stop_ids |= tokenizer.stop_token_ids_for(params.stop)
         self.stop_token_ids = frozenset(stop_ids)
         self.longest_stop = max((len(s) for s in params.stop), default=0)
         base = params.seed if params.seed is not None else seed
