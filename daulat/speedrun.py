@@ -46,6 +46,7 @@ class SpeedrunConfig:
     distill_mode: str = "fkl"  # a mode of daulat.train.distill.MODES: sft, fkl or rkl
     eval_problems: int = 100  # held-out problems per evaluation
     eval_samples: int = 8  # samples per problem for pass@k
+    pass_problems: int | None = None  # the first this many held-out problems are sampled for pass@k (None: all)
     # [speedrun.eval_sampling]: how pass@k samples; its max_tokens also bounds the greedy answers
     eval_sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=128))
     # extra `section.key=value` overrides for one stage, e.g. ["grpo.max_tokens=48"]
@@ -62,8 +63,8 @@ class SpeedrunConfig:
             raise ValueError(f"config field 'distill_mode' = {self.distill_mode!r}: expected one of {', '.join(MODES)}")
         if self.eval_sampling.top_k:
             raise ValueError("config field 'eval_sampling.top_k' is not used by the evaluation: leave it 0")
-        for name in ("eval_problems", "eval_samples"):
-            if getattr(self, name) < 1:
+        for name in ("eval_problems", "eval_samples", "pass_problems"):
+            if (getattr(self, name) or 1) < 1:
                 raise ValueError(f"config field {name!r} must be at least 1")
 
 
@@ -139,14 +140,26 @@ def _has_checkpoint(stage_out: Path) -> bool:
 
 
 def _first_difference(old: dict, new: dict) -> str:
-    """The first line of the settings that differs, as `was X, now Y`."""
-    import difflib
+    """What differs first between two settings, in words: a config line (with its section), the
+    weights a stage starts from, or the command."""
+    def lines(config: str) -> list[tuple[str, str]]:
+        section, out = "", []
+        for line in config.splitlines():
+            section = line if line.startswith("[") else section
+            if line.strip() and not line.startswith("["):
+                out.append((section, line.strip()))
+        return out
 
-    a = json.dumps(old, indent=1, sort_keys=True).splitlines()
-    b = json.dumps(new, indent=1, sort_keys=True).splitlines()
-    removed = [line.strip() for line in difflib.ndiff(a, b) if line.startswith("- ")]
-    added = [line.strip() for line in difflib.ndiff(a, b) if line.startswith("+ ")]
-    return f"was {removed[0][2:] if removed else '(nothing)'}, now {added[0][2:] if added else '(nothing)'}"
+    a, b = lines(old.get("config", "")), lines(new.get("config", ""))
+    for (sa, la), (sb, lb) in zip(a, b):
+        if (sa, la) != (sb, lb):
+            return f"{sa} {la}, now {sb} {lb}"
+    if len(a) != len(b):
+        return f"{len(a)} config lines, now {len(b)}"
+    for path, sha in new.get("inputs", {}).items():
+        if old.get("inputs", {}).get(path) != sha:
+            return f"other weights in {path} than it started from"
+    return f"the command `daulat {' '.join(old.get('command', []))}`, now `daulat {' '.join(new.get('command', []))}`"
 
 
 def check_settings(name: str, stage_out: Path, settings: dict) -> None:
@@ -161,7 +174,7 @@ def check_settings(name: str, stage_out: Path, settings: dict) -> None:
                               f"choose another --out")
         old = json.loads(file.read_text(encoding="utf-8"))
         if old != settings:
-            raise DaulatError(f"{stage_out} was run with other settings ({_first_difference(old, settings)}): choose "
+            raise DaulatError(f"{stage_out} was run with other settings (was {_first_difference(old, settings)}): choose "
                               f"another --out, or delete {stage_out} and the stages after it")
         return
     stage_out.mkdir(parents=True, exist_ok=True)
@@ -283,7 +296,7 @@ def _run_stages(args, sr: SpeedrunConfig, out: Path) -> dict[str, float]:
 
 
 def _eval_settings(ckpt: Path, sr: SpeedrunConfig, seed: int) -> dict:
-    return {"task": sr.task, "problems": sr.eval_problems, "samples": sr.eval_samples,
+    return {"task": sr.task, "problems": sr.eval_problems, "samples": sr.eval_samples, "pass_problems": sr.pass_problems,
             "sampling": sr.eval_sampling.to_dict(), "seed": seed, "weights_sha256": weights_sha256(ckpt)}
 
 
@@ -302,10 +315,15 @@ def evaluate_stage(ckpt: Path, sr: SpeedrunConfig, seed: int, file: Path) -> dic
         if cached.get("settings") == settings:
             return cached
     model, tokenizer, info = load_checkpoint(ckpt)
-    sampling = sr.eval_sampling
-    result = evaluate_task(model, tokenizer, get_task(sr.task), n=sr.eval_problems, samples=sr.eval_samples,
-                           temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+    sampling, task = sr.eval_sampling, get_task(sr.task)
+    sampled_n = min(sr.pass_problems or sr.eval_problems, sr.eval_problems)
+    result = evaluate_task(model, tokenizer, task, n=sr.eval_problems, samples=0, max_tokens=sampling.max_tokens,
                            seed=seed)
+    sampled = evaluate_task(model, tokenizer, task, n=sampled_n, samples=sr.eval_samples, greedy=False,
+                            temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                            seed=seed)
+    result.update({k: v for k, v in sampled.items() if k not in result}, pass_problems=sampled_n,
+                  seconds=round(result["seconds"] + sampled["seconds"], 2))
     result = {k: v for k, v in result.items() if isinstance(v, (int, float, str, dict, list))}
     result["correct"] = round(result["accuracy"] * result["problems"])
     result["accuracy_ci95"] = list(wilson_interval(result["correct"], result["problems"]))
@@ -371,12 +389,15 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     timings = _run_stages(args, sr, out)
-    evaluations = {name: evaluate_stage(out / name / "final", sr, args.seed, out / "eval" / f"{name}.json")
-                   for name in STAGES}
+    evaluations, eval_times = {}, {}
+    for name in STAGES:
+        t0, c0 = time.time(), time.process_time()
+        evaluations[name] = evaluate_stage(out / name / "final", sr, args.seed, out / "eval" / f"{name}.json")
+        eval_times[name] = {"wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
     summary = {
         "preset": args.preset, "seed": args.seed, "task": sr.task, "data": args.data or "built-in corpus",
         "config": to_dict(cfg), "overrides": args.overrides, "threads": args.threads, "daulat": __version__,
-        "environment": environment(), "stage_times_this_invocation": timings,
+        "environment": environment(), "stage_times_this_invocation": timings, "eval_times_this_invocation": eval_times,
         "wall_time_s_this_invocation": round(time.time() - started, 1),
     }
     (out / "speedrun.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
