@@ -3,6 +3,7 @@
     python bench/speedrun_seeds.py                              # --preset tiny, seeds 0 1 2 (15 min each, idle 2 cores)
     python bench/speedrun_seeds.py --preset micro --seeds 0     # a smoke run
     python bench/speedrun_seeds.py --seeds 0 1 speedrun.sft_steps=50   # overrides go to every speedrun
+    python bench/speedrun_seeds.py --measure-threads          # 1 against 2 torch threads, tiny pretraining step
 
 Runs `daulat speedrun --preset P --seed S --out OUT/seed-S` for each seed, one after the other (a run
 directory that is already finished is reused: the speedrun checks that its settings are the same),
@@ -85,14 +86,51 @@ def print_table(results: dict) -> None:
                   f"{e.get('wall_s', ''):>7}/{e.get('cpu_s', ''):<8}")
 
 
+def measure_threads(repeats: int = 4) -> dict:
+    """Wall and CPU seconds of one tiny pretraining step (16 x 256 tokens, AdamW) with 1 and with 2
+    torch threads, alternating, median of `repeats`: what the speedrun's --threads default rests on."""
+    import torch
+
+    from daulat.config import load_config
+    from daulat.model import DeepseekV3, ModelConfig
+
+    torch.manual_seed(0)
+    model = DeepseekV3(load_config({"model": ModelConfig}, preset="tiny")["model"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, model.config.vocab_size, (16, 257))
+
+    def step():
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    measured = {1: [], 2: []}
+    for _ in range(repeats):
+        for threads in measured:
+            torch.set_num_threads(threads)
+            step()  # warm-up at this thread count
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            measured[threads].append((time.perf_counter() - t0, time.process_time() - c0))
+    median = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return {t: {"wall_s": round(median([w for w, _ in v]), 2), "cpu_s": round(median([c for _, c in v]), 2)}
+            for t, v in measured.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/bench-speedrun-seeds")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--measure-threads", action="store_true", help="only time a tiny pretraining step, 1 vs 2 threads")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE")
     args = parser.parse_args()
+    if args.measure_threads:
+        print(json.dumps({"bench": "speedrun_threads", "per_step": measure_threads(), "load_average": os.getloadavg()}))
+        return 0
     load_before = os.getloadavg()
     results, times, met = {}, {}, {}
     for seed in args.seeds:
