@@ -189,7 +189,7 @@ STAGE_TITLES = {"pretrain": "pretrained", "sft": "SFT", "grpo": "GRPO", "distill
                 "student-direct": "student trained directly"}
 # what each stage's `loss` measures (the distillation's depends on its mode)
 LOSS_NAMES = {"pretrain": "next-token loss (nats/token)", "sft": "answer-token loss (nats/token)",
-              "grpo": "GRPO surrogate loss (policy gradient, not a likelihood)",
+              "grpo": "surrogate loss (policy gradient, not a likelihood)",
               "student-direct": "answer-token loss (nats/token)"}
 DISTILL_LOSS_NAMES = {"sft": "answer-token loss on teacher answers", "fkl": "forward KL to the teacher",
                       "rkl": "reverse KL to the teacher on its own samples"}
