@@ -251,11 +251,15 @@ def fresh_student(path: Path, teacher: Path, distill_argv: list[str], seed: int)
     from daulat.provenance import stage_info
     from daulat.tokenizer import load_tokenizer
 
-    if path.is_dir():
-        return
     tokenizer = load_tokenizer(teacher)
     raw = tomllib.loads(_printed_config(distill_argv))["model"]
     config = dataclasses.replace(build_section("model", ModelConfig, raw), vocab_size=tokenizer.vocab_size)
+    if path.is_dir():
+        made = json.loads((path / "daulat.json").read_text(encoding="utf-8"))
+        if made.get("config", {}).get("model") != dataclasses.asdict(config) or made.get("seed") != seed:
+            raise DaulatError(f"{path} holds a student of another shape or seed: choose another --out, or delete "
+                              f"{path} and the student trained directly")
+        return
     torch.manual_seed(seed)
     model = DeepseekV3(config)
     info = stage_info("init", method="random initialisation (no pretraining, no teacher)",
