@@ -238,8 +238,43 @@ def _last(records: list[dict], key: str):
     return values[-1] if values else None
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a binomial proportion (sensible at 0 and 1, unlike p +- 2 se)."""
+    import math
+
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+
+
+def fmt_fraction(v) -> str:
+    """An accuracy as the report shows it: three decimals."""
+    return "" if v is None else f"{v:.3f}"
+
+
+def fmt_number(v) -> str:
+    """A count or a measurement, rounded for reading: 1,234,567 / 12.3 / 0.0123."""
+    if v is None:
+        return ""
+    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 100):
+        return f"{int(v):,}"
+    return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+
+
+def _top_pass(evaluation: dict) -> tuple[str | None, float | None]:
+    """(k, pass@k) for the largest k measured."""
+    passes = evaluation.get("pass@k") or {}
+    if not passes:
+        return None, None
+    k = max(passes, key=int)
+    return k, passes[k]
+
+
 def stage_row(name: str, stage_dir, evaluation: dict | None) -> dict:
-    """One row of the report's stage table, every number read from the stage's files."""
+    """One row of the report's stage table as numbers, every one read from the stage's files."""
     from pathlib import Path
 
     from daulat.checkpoint import load_info
@@ -248,140 +283,318 @@ def stage_row(name: str, stage_dir, evaluation: dict | None) -> dict:
     records = read_metrics(stage_dir / "metrics.jsonl")
     info = load_info(stage_dir / "final") if (stage_dir / "final").is_dir() else {}
     compute = info.get("compute", {})
-    row = {
-        "stage": name,
-        "wall_time_s": compute.get("wall_time_s"),
-        "tokens": compute.get("tokens", _last(records, "tokens")),
-        "flops": compute.get("flops"),
-        "parameters_total": compute.get("parameters_total"),
-        "parameters_active": compute.get("parameters_active"),
-        "final_loss": _last(records, "loss"),
-        "final_val_loss": _last(records, "val_loss"),
+    evaluation = evaluation or {}
+    k, top = _top_pass(evaluation)
+    return {
+        "stage": name, "parameters": compute.get("parameters_total") or info.get("parameters"),
+        "steps": _last(records, "step"), "tokens": compute.get("tokens", _last(records, "tokens")),
+        "wall_time_s": compute.get("wall_time_s"), "final_loss": _last(records, "loss"),
+        "loss_name": _loss_name(name, info), "problems": evaluation.get("problems"),
+        "accuracy": evaluation.get("accuracy"), "accuracy_ci95": evaluation.get("accuracy_ci95"),
+        "pass@1": (evaluation.get("pass@k") or {}).get("1"), "k": k, "pass@k": top,
     }
-    if evaluation:  # held-out task accuracy of the stage's final checkpoint
-        row["accuracy"] = evaluation.get("accuracy")
-        for k, v in (evaluation.get("pass@k") or {}).items():
-            row[f"pass@{k}"] = v
-        row["answer_tokens"] = evaluation.get("mean_answer_tokens")
-    return row
 
 
-def plot_stages(stages: dict, out_dir) -> list[str]:
-    """PNG plots of the stages' metrics in out_dir; returns the file names written."""
-    from pathlib import Path
+def _loss_name(name: str, info: dict) -> str:
+    if name == "distill":
+        return DISTILL_LOSS_NAMES.get(info.get("mode"), "distillation loss")
+    return LOSS_NAMES.get(name, "loss")
 
+
+STAGE_COLUMNS = ["Stage", "Parameters", "Steps", "Tokens", "Train time (s)", "Final loss", "Greedy accuracy",
+                 "95% interval", "pass@1", "pass@k"]
+
+
+def stage_cells(row: dict) -> list[str]:
+    """A stage row as the table shows it (columns STAGE_COLUMNS; pass@k names its k)."""
+    ci = row.get("accuracy_ci95")
+    return [STAGE_TITLES.get(row["stage"], row["stage"]), fmt_number(row["parameters"]), fmt_number(row["steps"]),
+            fmt_number(row["tokens"]), fmt_number(row["wall_time_s"]), fmt_number(row["final_loss"]),
+            fmt_fraction(row["accuracy"]), f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "", fmt_fraction(row["pass@1"]),
+            f"{fmt_fraction(row['pass@k'])} (k={row['k']})" if row.get("k") else ""]
+
+
+def distillation_comparison(evaluations: dict) -> dict | None:
+    """Teacher (GRPO), distilled student and the same student trained directly, side by side."""
+    teacher, student, direct = (evaluations.get(n) for n in ("grpo", "distill", "student-direct"))
+    if not (teacher and student and direct):
+        return None
+    acc = {n: e.get("accuracy") or 0.0 for n, e in (("teacher", teacher), ("student", student), ("direct", direct))}
+    return {
+        "teacher_accuracy": acc["teacher"], "student_accuracy": acc["student"], "direct_accuracy": acc["direct"],
+        "smaller": (teacher.get("parameters") or 0) / max(1, student.get("parameters") or 0),
+        "share_of_teacher": acc["student"] / acc["teacher"] if acc["teacher"] else 0.0,
+        "gain_over_direct": acc["student"] - acc["direct"],
+    }
+
+
+def verdict(evaluations: dict) -> tuple[bool, str]:
+    """Whether the run meets TARGETS, as one sentence that names every figure it rests on."""
+    acc = {n: (evaluations.get(n) or {}).get("accuracy") or 0.0 for n in ("sft", "grpo")}
+    passes = {n: _top_pass(evaluations.get(n) or {}) for n in ("sft", "grpo")}
+    d = distillation_comparison(evaluations) or {"smaller": 0, "share_of_teacher": 0, "gain_over_direct": 0,
+                                                 "student_accuracy": 0}
+    t = TARGETS
+    checks = [
+        (acc["sft"] >= t["sft_accuracy"], f"SFT answers {acc['sft']:.0%} of the held-out problems (target "
+                                          f"{t['sft_accuracy']:.0%})"),
+        (acc["grpo"] >= acc["sft"] + t["grpo_gain"] and (passes["grpo"][1] or 0) >= (passes["sft"][1] or 0),
+         f"GRPO {acc['grpo'] - acc['sft']:+.0%} over SFT (target {t['grpo_gain']:+.0%}, pass@{passes['grpo'][0]} "
+         f"{passes['grpo'][1] or 0:.0%} against SFT's {passes['sft'][1] or 0:.0%})"),
+        (d["smaller"] >= t["smaller"] and d["share_of_teacher"] >= t["student_share"]
+         and d["gain_over_direct"] >= t["direct_gain"],
+         f"the {d['smaller']:.1f}x smaller distilled student reaches {d['share_of_teacher']:.0%} of the teacher "
+         f"(target {t['student_share']:.0%}) and {d['gain_over_direct']:+.0%} over the same student trained directly "
+         f"(target {t['direct_gain']:+.0%})"),
+    ]
+    ok = all(c for c, _ in checks)
+    head = "The model passes its task" if ok else "The model does not pass its task yet"
+    return ok, f"{head}: " + "; ".join(f"{text} {'(met)' if c else '(missed)'}" for c, text in checks) + "."
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir = Path(out_dir)
-    written = []
-    metrics = {name: read_metrics(Path(d) / "metrics.jsonl") for name, d in stages.items()}
+    return plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, records in metrics.items():
-        if name == "grpo":  # a policy-gradient surrogate, not a likelihood: it has its own plot
-            continue
+
+def plot_accuracy(rows: list[dict], out_dir) -> str | None:
+    """accuracy.png: greedy held-out accuracy of each stage with its 95% interval, and the SFT target."""
+    from pathlib import Path
+
+    rows = [r for r in rows if r.get("accuracy") is not None]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = range(len(rows))
+    acc = [r["accuracy"] for r in rows]
+    ci = [r.get("accuracy_ci95") or (a, a) for r, a in zip(rows, acc)]
+    ax.bar(x, acc, color=["#999", "#4a7", "#27b", "#c73", "#bbb"][:len(rows)],
+           yerr=[[a - lo for a, (lo, _) in zip(acc, ci)], [hi - a for a, (_, hi) in zip(acc, ci)]], capsize=4)
+    ax.axhline(TARGETS["sft_accuracy"], color="grey", lw=0.8, ls=":", label=f"SFT target {TARGETS['sft_accuracy']}")
+    ax.set_xticks(list(x), [STAGE_TITLES.get(r["stage"], r["stage"]) for r in rows], fontsize=8)
+    ax.set(ylim=(0, 1), ylabel="greedy accuracy",
+           title=f"Held-out accuracy by stage ({rows[0].get('problems')} problems, 95% intervals)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / "accuracy.png", dpi=110)
+    plt.close(fig)
+    return "accuracy.png"
+
+
+def plot_losses(stages: dict, rows: list[dict], out_dir) -> str | None:
+    """loss.png: one panel per stage, each with its own quantity on its own axis (train and validation
+    loss of that stage share it: they are the same quantity)."""
+    from pathlib import Path
+
+    panels = [(r, read_metrics(Path(stages[r["stage"]]) / "metrics.jsonl")) for r in rows]
+    panels = [(r, m) for r, m in panels if _series(m, "loss")[0]]
+    if not panels:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), squeeze=False)
+    for ax, (row, records) in zip(axes[:, 0], panels):
         for key, style in (("loss", "-"), ("val_loss", "o--")):
             x, y = _series(records, key)
             if x:
-                ax.plot(x, y, style, label=f"{name} {key}")
-    if ax.lines:
-        ax.set(xlabel="step", ylabel="loss", title="Loss curves")
-        _save(fig, ax, out_dir / "loss.png", written)
+                ax.plot(x, y, style, label="train" if key == "loss" else "validation")
+        ax.set_title(f"{STAGE_TITLES.get(row['stage'], row['stage'])}: {row['loss_name']}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / "loss.png", dpi=110)
     plt.close(fig)
+    return "loss.png"
 
-    for name, records in metrics.items():
-        loads = [(r["step"], r["expert_load_max_over_mean"]) for r in records
-                 if isinstance(r.get("expert_load_max_over_mean"), list)]
-        if not loads:
-            continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for layer in range(len(loads[0][1])):
-            ax.plot([s for s, _ in loads], [v[layer] for _, v in loads], label=f"MoE layer {layer}")
-        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-        ax.set(xlabel="step", ylabel="max / mean tokens per expert", title=f"Expert load balance ({name})")
-        _save(fig, ax, out_dir / f"expert_load_{name}.png", written)
-        plt.close(fig)
 
-    for name, records in metrics.items():
-        keys = [k for k in ("reward_mean", "accuracy", "eval_accuracy", "val_accuracy")
-                if _series(records, k)[0]]
+def plot_rewards(stages: dict, out_dir) -> list[str]:
+    """curves_STAGE.png for the stages that log rewards or held-out accuracy while they train (fractions)."""
+    from pathlib import Path
+
+    written = []
+    for name, d in stages.items():
+        records = read_metrics(Path(d) / "metrics.jsonl")
+        keys = [k for k in ("reward_mean", "eval_accuracy", "val_accuracy", "accuracy") if _series(records, k)[0]]
         if not keys or name == "pretrain":
             continue
-        fig, ax = plt.subplots(figsize=(7, 4))
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(7, 3.2))
         for key in keys:
             x, y = _series(records, key)
             ax.plot(x, y, marker="." if len(x) < 40 else None, label=key)
-        ax.set(xlabel="step", title=f"{name}: reward and accuracy")
-        _save(fig, ax, out_dir / f"curves_{name}.png", written)
+        ax.set(xlabel="step", ylabel="fraction correct", ylim=(0, 1),
+               title=f"{STAGE_TITLES.get(name, name)}: reward and held-out accuracy while training")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(Path(out_dir) / f"curves_{name}.png", dpi=110)
         plt.close(fig)
+        written.append(f"curves_{name}.png")
     return written
 
 
-def _save(fig, ax, file, written: list[str]) -> None:
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(file, dpi=110)
-    written.append(file.name)
+def plot_expert_load(stages: dict, out_dir) -> list[str]:
+    """expert_load_STAGE.png: each MoE layer's max / mean tokens per expert over training (1 is perfect
+    balance), for the stages that log it."""
+    from pathlib import Path
+
+    written = []
+    for name, d in stages.items():
+        loads = [(r["step"], r["expert_load_max_over_mean"]) for r in read_metrics(Path(d) / "metrics.jsonl")
+                 if isinstance(r.get("expert_load_max_over_mean"), list)]
+        if not loads:
+            continue
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        for layer in range(len(loads[0][1])):
+            ax.plot([s for s, _ in loads], [v[layer] for _, v in loads], label=f"MoE layer {layer}")
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.set(xlabel="step", ylabel="max / mean tokens per expert",
+               title=f"{STAGE_TITLES.get(name, name)}: expert load balance")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(Path(out_dir) / f"expert_load_{name}.png", dpi=110)
+        plt.close(fig)
+        written.append(f"expert_load_{name}.png")
+    return written
 
 
-def _table(rows: list[dict]) -> list[str]:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in rows:
-        lines.append("| " + " | ".join(_cell(r.get(k)) for k in keys) + " |")
-    return lines
+def example_rows(evaluations: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): the first held-out problems with each stage's final answer, marked right or wrong."""
+    from daulat.data.tasks import extract_answer
+
+    names = [n for n, e in evaluations.items() if e and e.get("examples")]
+    if not names:
+        return [], []
+    header = ["Problem", "Reference", *[STAGE_TITLES.get(n, n) for n in names]]
+    rows = []
+    for i, example in enumerate(evaluations[names[0]]["examples"]):
+        cells = [example["prompt"], example["answer"]]
+        for n in names:
+            got = evaluations[n]["examples"][i] if i < len(evaluations[n]["examples"]) else None
+            said = extract_answer(got["completion"]) if got else None
+            said = said if said is None or len(said) <= 24 else said[:21] + "..."
+            cells.append("" if got is None else f"{'✓' if got['correct'] else '✗'} {said or '(no answer)'}")
+        rows.append(cells)
+    return header, rows
 
 
-def _cell(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, int) and abs(v) >= 10000:
-        return f"{v:,}"
-    return str(v)
+def _distillation_blocks(evaluations: dict, rows: list[dict]) -> list[tuple]:
+    d = distillation_comparison(evaluations)
+    if d is None:
+        return []
+    by_stage = {r["stage"]: r for r in rows}
+    table = [[STAGE_TITLES[n] if n != "grpo" else "teacher (GRPO)", fmt_number(by_stage[n]["parameters"]),
+              fmt_fraction(by_stage[n]["accuracy"]), stage_cells(by_stage[n])[7]]
+             for n in ("grpo", "distill", "student-direct")]
+    beats = d["gain_over_direct"] > 0
+    sentence = (f"The student has {d['smaller']:.1f}x fewer parameters than its teacher and reaches "
+                f"{d['share_of_teacher']:.0%} of its accuracy; trained directly on the task's own solutions for the "
+                f"same steps, the same student reaches {d['direct_accuracy']:.3f}, so distillation "
+                + (f"adds {d['gain_over_direct']:+.3f}." if beats else
+                   f"does not beat direct training here ({d['gain_over_direct']:+.3f})."))
+    return [("h2", "Distillation against direct training"), ("p", sentence),
+            ("table", ["Model", "Parameters", "Greedy accuracy", "95% interval"], table)]
 
 
-def write_report(out_dir, stages: dict, evaluations: dict, title: str = "daulat report card",
-                 extra: dict | None = None) -> dict:
-    """OUT/report.md, OUT/report.html (self-contained: plots embedded) and the PNGs.
+def report_blocks(stages: dict, evaluations: dict, title: str, about: dict, plots: list[str],
+                  rows: list[dict]) -> list[tuple]:
+    """The report card as blocks (heading, paragraph, list, table, image), rendered as Markdown and HTML."""
+    _, sentence = verdict(evaluations)
+    problems = next((r["problems"] for r in rows if r.get("problems")), None)
+    blocks = [("h1", title), ("p", sentence), ("ul", [f"{k}: {v}" for k, v in about.items()]),
+              ("h2", f"Stages ({problems} held-out problems; greedy accuracy with its 95% Wilson interval)"),
+              ("table", STAGE_COLUMNS, [stage_cells(r) for r in rows])]
+    blocks += _distillation_blocks(evaluations, rows)
+    header, examples = example_rows(evaluations)
+    if examples:
+        blocks += [("h2", "Held-out problems and each stage's answer"), ("table", header, examples)]
+    blocks += [("h2", "Plots")] + [("img", p) for p in plots]
+    return blocks
 
-    stages: name -> stage output directory (holding metrics.jsonl and final/);
-    evaluations: name -> the eval JSON of that stage's final checkpoint.
-    Returns {"rows": [...], "plots": [...]}.
-    """
+
+def _markdown(blocks: list[tuple]) -> str:
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2"):
+            lines += [f"{'#' if kind == 'h1' else '##'} {rest[0]}", ""]
+        elif kind == "p":
+            lines += [rest[0], ""]
+        elif kind == "ul":
+            lines += [f"- {item}" for item in rest[0]] + [""]
+        elif kind == "table":
+            header, rows = rest
+            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows] + [""]
+        elif kind == "img":
+            lines += [f"![{rest[0]}]({rest[0]})", ""]
+    return "\n".join(lines)
+
+
+def _html(blocks: list[tuple], out_dir) -> str:
     import base64
     import html
     from pathlib import Path
 
+    e, body = html.escape, []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2", "p"):
+            body.append(f"<{kind}>{e(rest[0])}</{kind}>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{e(item)}</li>" for item in rest[0]) + "</ul>")
+        elif kind == "table":
+            header, rows = rest
+            body.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+                        + "</table>")
+        elif kind == "img":
+            data = base64.b64encode((Path(out_dir) / rest[0]).read_bytes()).decode()
+            body.append(f'<figure><img alt="{rest[0]}" src="data:image/png;base64,{data}"></figure>')
+    title = e(blocks[0][1]) if blocks else "daulat report card"
+    style = ("body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:13px;margin-bottom:1em}td,th{border:1px solid #ccc;"
+             "padding:4px 8px;text-align:right}th{background:#f3f3f3}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style>"
+            f"</head><body>{''.join(body)}</body></html>")
+
+
+def write_speedrun_report(out_dir, stages: dict, evaluations: dict, title: str = "daulat report card",
+                          about: dict | None = None) -> dict:
+    """OUT/report.md, OUT/report.html (self-contained: plots embedded) and the PNGs.
+
+    stages: name -> stage output directory (holding metrics.jsonl and final/);
+    evaluations: name -> the eval JSON of that stage's final checkpoint.
+    Returns {"rows": [...], "plots": [...], "passes": bool}.
+    """
+    from pathlib import Path
+
     out_dir = Path(out_dir)
     rows = [stage_row(name, d, evaluations.get(name)) for name, d in stages.items()]
-    plots = plot_stages(stages, out_dir)
-    md = [f"# {title}", ""]
-    for key, value in (extra or {}).items():
-        md.append(f"- {key}: {value}")
-    md += ["", "## Stages", "", *_table(rows), "", "## Plots", ""]
-    md += [f"![{p}]({p})" for p in plots]
-    (out_dir / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    plots = [p for p in (plot_accuracy(rows, out_dir), plot_losses(stages, rows, out_dir)) if p]
+    plots += plot_rewards(stages, out_dir) + plot_expert_load(stages, out_dir)
+    blocks = report_blocks(stages, evaluations, title, about or {}, plots, rows)
+    (out_dir / "report.md").write_text(_markdown(blocks), encoding="utf-8")
+    (out_dir / "report.html").write_text(_html(blocks, out_dir), encoding="utf-8")
+    return {"rows": rows, "plots": plots, "passes": verdict(evaluations)[0]}
 
-    body = [f"<h1>{html.escape(title)}</h1>", "<ul>"]
-    body += [f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in (extra or {}).items()]
-    body += ["</ul>", "<h2>Stages</h2>", "<table>"]
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    body.append("<tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>")
-    for r in rows:
-        body.append("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(k)))}</td>" for k in keys) + "</tr>")
-    body += ["</table>", "<h2>Plots</h2>"]
-    for p in plots:
-        data = base64.b64encode((out_dir / p).read_bytes()).decode()
-        body.append(f'<figure><img alt="{p}" src="data:image/png;base64,{data}"><figcaption>{p}</figcaption></figure>')
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "text-align:right}th{background:#f3f3f3}img{max-width:100%}")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
-    (out_dir / "report.html").write_text(page, encoding="utf-8")
-    return {"rows": rows, "plots": plots}
+
+def evaluation_section(evaluation: dict) -> str:
+    """The model card's Evaluation section (Markdown) from a checkpoint's `evaluation` record."""
+    ci = evaluation.get("accuracy_ci95")
+    lines = ["## Evaluation", "",
+             f"Held-out split of the task `{evaluation.get('task')}`: {evaluation.get('problems')} problems, none "
+             f"seen in training.", "",
+             "| Metric | Value |", "|---|---|",
+             f"| greedy accuracy | {fmt_fraction(evaluation.get('accuracy'))} |"]
+    if ci:
+        lines.append(f"| 95% interval (Wilson) | {ci[0]:.3f}–{ci[1]:.3f} |")
+    for k, v in (evaluation.get("pass@k") or {}).items():
+        lines.append(f"| pass@{k} ({evaluation.get('samples')} samples at temperature "
+                     f"{evaluation.get('temperature')}) | {fmt_fraction(v)} |")
+    return "\n".join(lines) + "\n"

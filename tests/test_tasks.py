@@ -156,3 +156,21 @@ def test_command_lists_and_shows_tasks(capsys):
     assert capsys.readouterr().out.count("Answer: ") == 2
     with pytest.raises(DaulatError, match="unknown task"):
         run_command(["nope"])
+
+
+def test_addition_is_a_column_by_column_sum_with_a_held_out_split_that_separates_stages():
+    import re
+
+    task = get_task("addition")
+    held_out = task.eval_examples(500)
+    assert len(held_out) == 500 and len({e.answer for e in held_out}) > 300  # no small answer space to memorise
+    for e in held_out + task.train_examples(200, seed=1):
+        a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", e.prompt).groups())
+        assert max(len(str(a)), len(str(b))) == 3  # the default difficulty: 3 columns at least
+        lines = e.solution_text.splitlines()
+        assert lines[0] == f"Line up the columns: {a:03d} + {b:03d}"
+        columns = [line for line in lines if line.startswith("column ")]
+        assert len(columns) >= 3 and [int(line.split()[1].rstrip(":")) for line in columns] == list(range(1, len(columns) + 1))
+        written = [re.search(r"write (?:the carry )?(\d)", line).group(1) for line in columns]
+        assert int("".join(reversed(written))) == a + b == int(e.answer)
+        assert task.check(e.solution_text, e) and not task.check(e.solution_text.replace(f"Answer: {a + b}", f"Answer: {a + b + 1}"), e)

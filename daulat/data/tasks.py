@@ -179,16 +179,26 @@ def _number(rng: random.Random, max_digits: int) -> int:
 
 
 def sample_addition(rng: random.Random, digits: int) -> Example:
-    a, b = _number(rng, digits), _number(rng, digits)
-    lines, carry = ["Add the digits from right to left, carrying tens."], 0
-    da, db = str(a)[::-1], str(b)[::-1]
-    for i in range(max(len(da), len(db))):
-        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+    """One number of exactly `digits` digits plus one of 1..`digits` digits, added column by column.
+
+    The worked solution is the one a small transformer can follow a token at a time: the numbers lined
+    up to the same width first (so column i of both is a fixed distance back), then one line per
+    column, right to left, each naming its column and writing the digit sum, the digit kept and the
+    carry, so that every line needs only the two digits of its column and the carry of the line above.
+    """
+    full = rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+    a, b = (full, _number(rng, digits)) if rng.random() < 0.5 else (_number(rng, digits), full)
+    width = max(len(str(a)), len(str(b)))
+    da, db = str(a).zfill(width), str(b).zfill(width)
+    lines, carry = [f"Line up the columns: {da} + {db}"], 0
+    for column in range(1, width + 1):
+        x, y = int(da[-column]), int(db[-column])
         total = x + y + carry
-        lines.append(f"{x} + {y}{f' + {carry}' if carry else ''} = {total}, write {total % 10}{', carry 1' if total >= 10 else ''}")
+        lines.append(f"column {column}: {x} + {y}{f' + {carry}' if carry else ''} = {total}, "
+                     f"write {total % 10}{', carry 1' if total >= 10 else ''}")
         carry = total // 10
     if carry:
-        lines.append("write the last carry 1")
+        lines.append(f"column {width + 1}: write the carry 1")
     return Example(f"What is {a} + {b}?", str(a + b), "\n".join(lines + [f"Answer: {a + b}"]))
 
 
