@@ -364,19 +364,14 @@ def record_evaluation(ckpt: Path, model, info: dict, result: dict) -> None:
 
 
 def _apply_threads(args) -> list[str]:
-    """torch threads for this process (every stage runs in it), and `train.threads` for the stages
-    whose TrainConfig has that setting."""
-    import dataclasses
-
+    """torch threads for this process (every stage runs in it), and the `train.threads` override that
+    gives the stages the same."""
     import torch
-
-    from daulat.train.loop import TrainConfig
 
     if args.threads < 1:
         raise DaulatError("--threads must be at least 1")
     torch.set_num_threads(args.threads)
-    has_setting = "threads" in {f.name for f in dataclasses.fields(TrainConfig)}
-    return [f"train.threads={args.threads}"] if has_setting else []
+    return [f"train.threads={args.threads}"]
 
 
 def run(args) -> int:
