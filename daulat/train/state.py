@@ -70,9 +70,14 @@ def prune_checkpoints(out_dir, keep_last: int) -> None:
 
 
 def load_weights(path: Path, model) -> None:
-    """Load a checkpoint's weights into `model` after checking that both have the same architecture."""
+    """Load a checkpoint's weights into `model` after checking that both have the same architecture
+    (a LoRA run's step checkpoint is an adapter directory: only its adapters are read)."""
+    from daulat import lora
     from daulat.checkpoint import load_config, load_model
 
+    if lora.is_lora(model):
+        lora.resume_into(model, path)
+        return
     saved = load_config(path).to_hf_dict()
     ours = model.config.to_hf_dict()
     differ = [k for k in sorted(set(saved) | set(ours)) if k not in ("dtype",) and saved.get(k) != ours.get(k)]
