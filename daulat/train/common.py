@@ -25,6 +25,8 @@ _OVERRIDE = re.compile(r"^([A-Za-z_]\w*)\.[A-Za-z_][\w.]*=")
 # the flags every stage has, and the config key each one sets
 COMMON_FLAGS = {"steps": "train.steps", "save_every": "train.save_every", "seed": "train.seed"}
 FLAG = object()  # in a flag table: "the flag's own value"
+# the LoRA flags of the stages that fine-tune a checkpoint (sft, grpo, distill), over their [lora] section
+LORA_FLAGS = {"lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_targets": "lora.targets"}
 
 
 def add_common_arguments(parser, default_preset: str | None = "tiny") -> None:
@@ -37,6 +39,19 @@ def add_common_arguments(parser, default_preset: str | None = "tiny") -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--print-config", action="store_true", help="print the merged config as TOML and exit")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. train.lr=1e-3")
+
+
+def add_lora_arguments(parser) -> None:
+    """--lora-rank, --lora-alpha, --lora-targets: the [lora] section (daulat.lora.LoraConfig) as flags."""
+    parser.add_argument("--lora-rank", type=int, metavar="R", help="train LoRA adapters of rank R on the frozen "
+                        "checkpoint instead of all its weights (lora.rank); OUT/final is then a PEFT adapter directory")
+    parser.add_argument("--lora-alpha", type=float, metavar="A", help="scale the update by A / R (lora.alpha; default 2R)")
+    parser.add_argument("--lora-targets", type=_names, metavar="NAME,...",
+                        help="layers to adapt, e.g. q_proj,o_proj (lora.targets; default: attention and dense/shared MLPs)")
+
+
+def _names(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 def split_overrides(values: list[str] | None, schema) -> tuple[list[str], list[str]]:

@@ -150,37 +150,43 @@ METHOD = "GRPO (group-relative policy optimisation with verifiable rewards)"
 
 
 def schema() -> dict[str, type]:
+    from daulat.lora import LoraConfig
     from daulat.train.loop import TrainConfig
 
-    return {"train": TrainConfig, "grpo": GRPOConfig}
+    return {"train": TrainConfig, "grpo": GRPOConfig, "lora": LoraConfig}
 
 
 STAGE = Stage("grpo", schema, TRAIN_DEFAULTS)
 
 
 def add_arguments(parser) -> None:
-    from daulat.train.common import add_common_arguments
+    from daulat.train.common import add_common_arguments, add_lora_arguments
 
     parser.add_argument("--init", required=True, metavar="CKPT", help="checkpoint to train (e.g. runs/sft/final)")
     parser.add_argument("--task", metavar="NAME", help="a built-in task (see `daulat tasks`), a .jsonl task file, or module:name "
                         "(a Python module that registers the task)")
     parser.add_argument("--out", required=True, help="run directory: checkpoints and metrics")
+    add_lora_arguments(parser)
     add_common_arguments(parser, default_preset="tiny")
 
 
 def run(args) -> int:
-    from daulat.train.common import run_command
+    from daulat.train.common import LORA_FLAGS, run_command
 
-    return run_command(STAGE, args, {"task": "grpo.task"},
+    return run_command(STAGE, args, {"task": "grpo.task", **LORA_FLAGS},
                        lambda config: grpo(config, args.init, args.out, resume=args.resume))
 
 
 def _reference(cfg: GRPOConfig, init, policy):
-    """The frozen reference of the KL term (None when beta = 0: it is then never loaded)."""
+    """The frozen reference of the KL term (None when beta = 0: it is then never loaded). A LoRA policy
+    is its own reference, as it is before training (daulat.lora.FrozenBase): no second copy."""
+    from daulat import lora
     from daulat.checkpoint import load_checkpoint
 
     if cfg.beta <= 0:
         return None
+    if lora.is_lora(policy) and cfg.reference is None:
+        return lora.FrozenBase(policy)
     reference = load_checkpoint(cfg.reference or init).model.requires_grad_(False)
     if reference.config.vocab_size != policy.config.vocab_size:
         raise DaulatError(f"reference {cfg.reference} has vocab_size {reference.config.vocab_size}, the policy "
@@ -208,6 +214,7 @@ def grpo(config: dict, init, out, resume: bool = False, verbose: bool = True) ->
     task.sample(random.Random(0), cfg.difficulty)  # a bad difficulty fails here, not mid-run
     reward_fn = load_reward(cfg.reward, cfg.format_reward)
     model, tokenizer, parent = load_trainable(init)
+    run.adapt(model, init)
     run.check_context(cfg.max_prompt_tokens + cfg.sampling.max_tokens, model.config.max_position_embeddings,
                       what="grpo.max_prompt_tokens + grpo.sampling.max_tokens")
     source = RolloutSource(model, tokenizer, task, cfg, train_cfg, reward_fn, reference=_reference(cfg, init, model),

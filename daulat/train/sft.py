@@ -47,16 +47,17 @@ METHOD = "supervised fine-tuning, loss on assistant tokens only"
 
 
 def schema() -> dict[str, type]:
+    from daulat.lora import LoraConfig
     from daulat.train.loop import TrainConfig
 
-    return {"train": TrainConfig, "sft": SFTConfig}
+    return {"train": TrainConfig, "sft": SFTConfig, "lora": LoraConfig}
 
 
 STAGE = Stage("sft", schema, TRAIN_DEFAULTS)
 
 
 def add_arguments(parser) -> None:
-    from daulat.train.common import add_common_arguments
+    from daulat.train.common import add_common_arguments, add_lora_arguments
 
     parser.add_argument("--init", required=True, metavar="CKPT", help="checkpoint to fine-tune (e.g. runs/pt/final)")
     source = parser.add_mutually_exclusive_group()
@@ -64,13 +65,14 @@ def add_arguments(parser) -> None:
     source.add_argument("--task", metavar="NAME", help="a built-in task (see `daulat tasks`), a .jsonl task file, or module:name "
                         "(a Python module that registers the task)")
     parser.add_argument("--out", required=True, help="run directory: checkpoints and metrics")
+    add_lora_arguments(parser)
     add_common_arguments(parser, default_preset="tiny")
 
 
 def run(args) -> int:
-    from daulat.train.common import FLAG, run_command
+    from daulat.train.common import FLAG, LORA_FLAGS, run_command
 
-    flags = {"data": {"sft.data": FLAG, "sft.task": None}, "task": {"sft.task": FLAG, "sft.data": None}}
+    flags = {"data": {"sft.data": FLAG, "sft.task": None}, "task": {"sft.task": FLAG, "sft.data": None}, **LORA_FLAGS}
     return run_command(STAGE, args, flags, lambda config: sft(config, args.init, args.out, resume=args.resume))
 
 
@@ -106,6 +108,7 @@ def sft(config: dict, init, out, resume: bool = False, verbose: bool = True) -> 
 
     # Check every input before writing anything.
     model, tokenizer, parent = load_trainable(init)
+    run.adapt(model, init)
     run.check_context(train_cfg.seq_len, model.config.max_position_embeddings)
     conversations, data_info = _conversations(cfg)
     rows = conversation_rows(conversations, tokenizer, train_cfg.seq_len, cfg.pack, cfg.val_fraction)
