@@ -136,3 +136,15 @@ def test_a_bad_rank_or_target_is_one_line_and_writes_nothing(base, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err
     assert not out.exists()
+
+
+def test_distill_trains_an_adapter_on_the_student(base, tmp_path):
+    out = tmp_path / "distill"
+    assert cli.main(["distill", "--teacher", str(base / "base"), "--student", str(base / "base"), "--data",
+                     str(base / "chats.jsonl"), "--mode", "fkl", "distill.sequences=given", "--out", str(out),
+                     "--lora-rank", "2", "--lora-targets", "o_proj", *STEPS]) == 0
+    info = load_info(out / "final")
+    assert lora.is_adapter_dir(out / "final") and info["stage"] == "distill" and info["lora"]["targets"] == ["o_proj"]
+    assert cli.main(["distill", "--teacher", str(base / "base"), "--preset", "micro", "--data", str(base / "chats.jsonl"),
+                     "--mode", "fkl", "distill.sequences=given", "--out", str(tmp_path / "fresh"), "--lora-rank", "2"]) == 2
+    assert not (tmp_path / "fresh").exists()  # LoRA needs a student checkpoint to adapt
