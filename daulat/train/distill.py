@@ -271,7 +271,7 @@ def _student(run: StageRun, teacher, student, preset, tokenizer):
         model, tok, parent = load_trainable(student)
         run.adapt(model, student)
         return model, tok, parent or None, str(student)
-    if run.config["lora"].enabled:
+    if getattr(run.config.get("lora"), "enabled", False):
         raise DaulatError("lora.rank is set but the student is fresh: LoRA adapts a checkpoint (give --student CKPT)")
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
