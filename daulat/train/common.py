@@ -25,11 +25,12 @@ _OVERRIDE = re.compile(r"^([A-Za-z_]\w*)\.[A-Za-z_][\w.]*=")
 # the flags every stage has, and the config key each one sets
 COMMON_FLAGS = {"steps": "train.steps", "save_every": "train.save_every", "seed": "train.seed"}
 FLAG = object()  # in a flag table: "the flag's own value"
-# the LoRA flags of the stages that fine-tune a checkpoint (sft, grpo, distill), over their [lora] section
-LORA_FLAGS = {"lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_targets": "lora.targets"}
 
 
-def add_common_arguments(parser, default_preset: str | None = "tiny") -> None:
+def add_common_arguments(parser, default_preset: str | None = "tiny", lora: bool = False) -> None:
+    """The flags every stage has; lora=True adds --lora-rank, --lora-alpha, --lora-targets."""
+    if lora:
+        add_lora_arguments(parser)
     parser.add_argument("--preset", default=default_preset,
                         help=f"recipe from daulat/recipes/ ({', '.join(preset_names())}; default: %(default)s)")
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file merged over the preset")
@@ -39,6 +40,10 @@ def add_common_arguments(parser, default_preset: str | None = "tiny") -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--print-config", action="store_true", help="print the merged config as TOML and exit")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. train.lr=1e-3")
+
+
+# the LoRA flags of the stages that adapt a checkpoint (sft, grpo, distill), over their [lora] section
+LORA_FLAGS = {"lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_targets": "lora.targets"}
 
 
 def add_lora_arguments(parser) -> None:
@@ -71,7 +76,7 @@ def flag_overrides(args, flags: dict[str, dict[str, object] | str]) -> list[tupl
     (`--data` sets sft.data and clears sft.task: FLAG is the flag's value).
     """
     out = []
-    for flag, target in {**COMMON_FLAGS, **flags}.items():
+    for flag, target in {**COMMON_FLAGS, **LORA_FLAGS, **flags}.items():
         value = getattr(args, flag, None)
         if value is None:
             continue

@@ -152,13 +152,12 @@ TRAIN_DEFAULTS = {"steps": 300, "batch_size": 16, "seq_len": 512, "lr": 2e-3, "w
 
 def schema() -> dict[str, type]:
     from daulat.model import ModelConfig
-    from daulat.lora import LoraConfig
     from daulat.train.loop import TrainConfig
 
-    return {"model": ModelConfig, "train": TrainConfig, "distill": DistillConfig, "lora": LoraConfig}
+    return {"model": ModelConfig, "train": TrainConfig, "distill": DistillConfig}
 
 
-STAGE = Stage("distill", schema, TRAIN_DEFAULTS)
+STAGE = Stage("distill", schema, TRAIN_DEFAULTS, lora=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,7 +166,7 @@ STAGE = Stage("distill", schema, TRAIN_DEFAULTS)
 
 
 def add_arguments(parser) -> None:
-    from daulat.train.common import add_common_arguments, add_lora_arguments
+    from daulat.train.common import add_common_arguments
 
     parser.add_argument("--teacher", required=True, metavar="CKPT_OR_URL",
                         help="teacher checkpoint, or the http(s):// URL of an OpenAI-compatible API (sft only); "
@@ -184,14 +183,13 @@ def add_arguments(parser) -> None:
                                                                 "(distill.teacher_model; default: the first listed)")
     parser.add_argument("--generate-only", action="store_true",
                         help="write the teacher's answers (OUT/teacher_data.jsonl) and stop")
-    add_lora_arguments(parser)
-    add_common_arguments(parser, default_preset=None)
+    add_common_arguments(parser, default_preset=None, lora=True)
 
 
 def run(args) -> int:
-    from daulat.train.common import FLAG, LORA_FLAGS, run_command
+    from daulat.train.common import FLAG, run_command
 
-    flags = {"mode": "distill.mode", "teacher_model": "distill.teacher_model", **LORA_FLAGS,
+    flags = {"mode": "distill.mode", "teacher_model": "distill.teacher_model",
              "task": {"distill.task": FLAG, "distill.data": None}, "data": {"distill.data": FLAG, "distill.task": None}}
 
     def start(config):

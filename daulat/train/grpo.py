@@ -150,30 +150,28 @@ METHOD = "GRPO (group-relative policy optimisation with verifiable rewards)"
 
 
 def schema() -> dict[str, type]:
-    from daulat.lora import LoraConfig
     from daulat.train.loop import TrainConfig
 
-    return {"train": TrainConfig, "grpo": GRPOConfig, "lora": LoraConfig}
+    return {"train": TrainConfig, "grpo": GRPOConfig}
 
 
-STAGE = Stage("grpo", schema, TRAIN_DEFAULTS)
+STAGE = Stage("grpo", schema, TRAIN_DEFAULTS, lora=True)
 
 
 def add_arguments(parser) -> None:
-    from daulat.train.common import add_common_arguments, add_lora_arguments
+    from daulat.train.common import add_common_arguments
 
     parser.add_argument("--init", required=True, metavar="CKPT", help="checkpoint to train (e.g. runs/sft/final)")
     parser.add_argument("--task", metavar="NAME", help="a built-in task (see `daulat tasks`), a .jsonl task file, or module:name "
                         "(a Python module that registers the task)")
     parser.add_argument("--out", required=True, help="run directory: checkpoints and metrics")
-    add_lora_arguments(parser)
-    add_common_arguments(parser, default_preset="tiny")
+    add_common_arguments(parser, default_preset="tiny", lora=True)
 
 
 def run(args) -> int:
-    from daulat.train.common import LORA_FLAGS, run_command
+    from daulat.train.common import run_command
 
-    return run_command(STAGE, args, {"task": "grpo.task", **LORA_FLAGS},
+    return run_command(STAGE, args, {"task": "grpo.task"},
                        lambda config: grpo(config, args.init, args.out, resume=args.resume))
 
 

@@ -44,7 +44,6 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from daulat import lora
 from daulat.train import muon, state
 from daulat.train.distributed import (Dist, full_tensor, init_distributed, plain_model, resolve_device,  # noqa: F401
                                       run_on_main, shard_model, to_device)
@@ -87,8 +86,6 @@ class Trainer:
 
         self.model_config = model.config
         self.gamma = config.bias_update_speed if config.bias_update_speed is not None else model.config.bias_update_speed
-        if lora.is_lora(model):  # the router's correction bias belongs to the frozen base
-            self.gamma = 0.0
         self.params = parameter_counts(model)
         self.step, self.tokens, self.elapsed_before = 0, 0, 0.0
         self.last_loss = self.last_val_loss = None  # float | None
@@ -96,7 +93,7 @@ class Trainer:
 
         model.to(self.device)
         if resume_from is not None:
-            state.load_weights(Path(resume_from), model)
+            state.resume_weights(Path(resume_from), model)
         self.model = model
         if config.compile:  # per block, before sharding (as torchtitan does): the blocks are the repeated work
             for block in model.layers:
@@ -279,25 +276,16 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, path, train_state: bool = True) -> None:
-        """Write a checkpoint (rank 0 writes; every rank takes part in gathering the shards). A LoRA run
-        writes an adapter directory (daulat.lora.save_adapter): the adapters only, never the base."""
-        d, adapters = self.dist, lora.is_lora(self.model)
-        weights = None
-        if adapters:
-            weights = lora.adapter_state_dict(self.model)  # gathers FSDP shards: every rank
-        elif d.distributed:
-            weights = {k: full_tensor(v) for k, v in self.model.state_dict().items()}
+        """Write a checkpoint (rank 0 writes; every rank takes part in gathering the shards): a model
+        directory, or for a LoRA run an adapter directory (see state.write_checkpoint)."""
+        d = self.dist
+        weights = state.gather_weights(self.model, d)
         progress = {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed(),
                     "last_loss": self.last_loss, "last_val_loss": self.last_val_loss}
         captured = state.capture(self.model, self.optimizer, self.batches, d, progress, asdict(self.config)) if train_state else None
-        if d.is_main and adapters:
-            lora.save_adapter(self.model, path, info=self.record(), tokenizer=self.tokenizer, train_state=captured,
-                              tensors=weights)
-        elif d.is_main:
-            from daulat.report import save_documented  # the writer, plus the model card from the record
-
-            model = self.model if not d.distributed else plain_model(self.model_config, weights)
-            save_documented(model, path, tokenizer=self.tokenizer, info=self.record(), train_state=captured)
+        if d.is_main:
+            state.write_checkpoint(self.model, path, weights, self.model_config, tokenizer=self.tokenizer,
+                                   info=self.record(), train_state=captured)
         d.barrier()
 
     def record(self) -> dict:

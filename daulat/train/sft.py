@@ -47,17 +47,16 @@ METHOD = "supervised fine-tuning, loss on assistant tokens only"
 
 
 def schema() -> dict[str, type]:
-    from daulat.lora import LoraConfig
     from daulat.train.loop import TrainConfig
 
-    return {"train": TrainConfig, "sft": SFTConfig, "lora": LoraConfig}
+    return {"train": TrainConfig, "sft": SFTConfig}
 
 
-STAGE = Stage("sft", schema, TRAIN_DEFAULTS)
+STAGE = Stage("sft", schema, TRAIN_DEFAULTS, lora=True)
 
 
 def add_arguments(parser) -> None:
-    from daulat.train.common import add_common_arguments, add_lora_arguments
+    from daulat.train.common import add_common_arguments
 
     parser.add_argument("--init", required=True, metavar="CKPT", help="checkpoint to fine-tune (e.g. runs/pt/final)")
     source = parser.add_mutually_exclusive_group()
@@ -65,14 +64,13 @@ def add_arguments(parser) -> None:
     source.add_argument("--task", metavar="NAME", help="a built-in task (see `daulat tasks`), a .jsonl task file, or module:name "
                         "(a Python module that registers the task)")
     parser.add_argument("--out", required=True, help="run directory: checkpoints and metrics")
-    add_lora_arguments(parser)
-    add_common_arguments(parser, default_preset="tiny")
+    add_common_arguments(parser, default_preset="tiny", lora=True)
 
 
 def run(args) -> int:
-    from daulat.train.common import FLAG, LORA_FLAGS, run_command
+    from daulat.train.common import FLAG, run_command
 
-    flags = {"data": {"sft.data": FLAG, "sft.task": None}, "task": {"sft.task": FLAG, "sft.data": None}, **LORA_FLAGS}
+    flags = {"data": {"sft.data": FLAG, "sft.task": None}, "task": {"sft.task": FLAG, "sft.data": None}}
     return run_command(STAGE, args, flags, lambda config: sft(config, args.init, args.out, resume=args.resume))
 
 

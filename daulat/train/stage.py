@@ -25,18 +25,22 @@ from daulat.errors import DaulatError
 
 @dataclass(frozen=True)
 class Stage:
-    """What a stage is: its name (the record's `stage`), its config sections, and its [train] defaults
-    (None: the recipe's [train] as written, as pretraining reads it)."""
+    """What a stage is: its name (the record's `stage`), its config sections, its [train] defaults
+    (None: the recipe's [train] as written, as pretraining reads it), and whether it may train LoRA
+    adapters on the checkpoint it starts from (a [lora] section: daulat.lora.LoraConfig)."""
 
     name: str
     schema: Callable[[], dict[str, type]]
     train_defaults: dict | None = None
+    lora: bool = False
 
     def config(self, preset: str | None = None, path=None, overrides=()) -> dict:
         """The stage's merged config (see daulat.config.stage_config): preset, file, overrides."""
         from daulat.config import stage_config
+        from daulat.lora import LoraConfig
 
-        return stage_config(self.schema(), self.name, preset=preset, path=path, overrides=overrides,
+        schema = {**self.schema(), "lora": LoraConfig} if self.lora else self.schema()
+        return stage_config(schema, self.name, preset=preset, path=path, overrides=overrides,
                             train_defaults=self.train_defaults)
 
 
