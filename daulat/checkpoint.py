@@ -213,7 +213,12 @@ _ROPE_NUMBERS = ("factor", "original_max_position_embeddings", "beta_fast", "bet
 
 
 def load_config(path) -> ModelConfig:
-    """The ModelConfig of a checkpoint directory (config.json checked for structure first)."""
+    """The ModelConfig of a checkpoint directory (config.json checked for structure first); of its base
+    for a LoRA adapter directory."""
+    if _is_adapter(path):
+        from daulat.lora import resolve_base
+
+        path = resolve_base(path)
     path = checkpoint_dir(path)
     return parse_config(read_json(path / "config.json", expect=dict), path / "config.json")
 
@@ -427,8 +432,11 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> Deepseek
 
     config.json and the tensor headers are checked against each other before anything is allocated;
     then the tensors are read one at a time into a model built on the meta device. The model is
-    returned in eval mode, in `dtype` (default float32), on `device`.
+    returned in eval mode, in `dtype` (default float32), on `device`. A LoRA adapter directory is read
+    onto its base with the adapters merged in (daulat.lora.load_adapter).
     """
+    if _is_adapter(path):
+        return _load_merged_adapter(path, device, dtype).model
     path = checkpoint_dir(path)
     raw = read_json(path / "config.json", expect=dict)
     config = parse_config(raw, path / "config.json")
@@ -490,6 +498,11 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None, *,
     """
     from daulat.tokenizer import load_tokenizer
 
+    if _is_adapter(path):
+        checkpoint = _load_merged_adapter(path, device, dtype)
+        if need_tokenizer and checkpoint.tokenizer is None:
+            raise DaulatError(f"adapter {path} and its base have no tokenizer.json")
+        return checkpoint
     path = checkpoint_dir(path)
     has_tokenizer = (path / "tokenizer.json").is_file()
     if need_tokenizer and not has_tokenizer:
@@ -497,6 +510,17 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None, *,
     tokenizer = load_tokenizer(path) if has_tokenizer else None
     model = load_model(path, device=device, dtype=dtype)
     return Checkpoint(model, tokenizer, load_info(path))
+
+
+def _is_adapter(path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def _load_merged_adapter(path, device, dtype) -> Checkpoint:
+    """A LoRA adapter directory as a plain model: its base with the adapters merged in."""
+    from daulat.lora import load_adapter  # which reads the base with load_checkpoint
+
+    return load_adapter(path, device=device, dtype=dtype, merge=True)
 
 
 def load_train_state(path) -> dict:

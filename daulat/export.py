@@ -515,7 +515,10 @@ def _stored_dtype(checkpoint: Path, quantized: str = "fp8") -> str:
     """The checkpoint's own precision (config.json "dtype"): f32 for what daulat trains; `quantized` for an
     FP8 checkpoint (bf16 where the target format has no FP8)."""
     from daulat.checkpoint import read_json
+    from daulat.lora import is_adapter_dir, resolve_base
 
+    if is_adapter_dir(checkpoint):  # exported merged, in its base's precision
+        checkpoint = resolve_base(checkpoint)
     config = read_json(checkpoint / "config.json", expect=dict)
     if config.get("quantization_config"):
         return quantized

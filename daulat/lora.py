@@ -118,6 +118,14 @@ class LoraLinear(nn.Linear):
         delta = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
         return out + delta.to(out.dtype)
 
+    def effective_weight(self) -> torch.Tensor:
+        """W + (alpha / rank) B A [out, in] in W's dtype (W alone while switched off): the matrix this layer
+        applies, for the paths that multiply by it directly (MLA's absorbed decoding)."""
+        if not self.adapter_on:
+            return self.weight
+        delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        return self.weight + delta.to(self.weight.dtype)
+
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """(alpha / rank) B A [out, in], in float32: what merging adds to `weight`."""

@@ -451,8 +451,10 @@ class MLA(DecodeCalls, nn.Module):
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, n, c] and W_UV [H, c, v]: views of kv_b_proj's weight, so they follow its in-place
-        updates (a wrapper of kv_b_proj must keep the effective matrix as `weight`)."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        updates; a wrapper whose matrix is not its `weight` alone (a live LoRA adapter) gives it as
+        `effective_weight()`."""
+        effective = getattr(self.kv_b_proj, "effective_weight", None)
+        w = (self.kv_b_proj.weight if effective is None else effective()).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope], w[:, self.nope :].transpose(1, 2)
 
     def make_decode_calls(self):

@@ -74,7 +74,7 @@ class LocalTeacher:
         from daulat.checkpoint import load_checkpoint
 
         self.path = Path(path)
-        if not (self.path / "config.json").is_file():
+        if not any((self.path / name).is_file() for name in ("config.json", "adapter_config.json")):
             raise DaulatError(f"teacher {path}: neither a checkpoint directory (no config.json) "
                               f"nor an http(s):// URL of an OpenAI-compatible API")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

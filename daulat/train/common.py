@@ -28,7 +28,10 @@ FLAG = object()  # in a flag table: "the flag's own value"
 TASK_HELP = "a built-in task (see `daulat tasks`), a .jsonl task file, or module:name (a Python module that registers the task)"
 
 
-def add_common_arguments(parser, default_preset: str | None = "tiny") -> None:
+def add_common_arguments(parser, default_preset: str | None = "tiny", lora: bool = False) -> None:
+    """The flags every stage has; lora=True adds --lora-rank, --lora-alpha, --lora-targets."""
+    if lora:
+        add_lora_arguments(parser)
     parser.add_argument("--preset", default=default_preset,
                         help=f"recipe from daulat/recipes/ ({', '.join(preset_names())}; default: %(default)s)")
     parser.add_argument("--config", metavar="FILE.toml", help="TOML file merged over the preset")
@@ -38,6 +41,23 @@ def add_common_arguments(parser, default_preset: str | None = "tiny") -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("--print-config", action="store_true", help="print the merged config as TOML and exit")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. train.lr=1e-3")
+
+
+# the LoRA flags of the stages that adapt a checkpoint (sft, grpo, distill), over their [lora] section
+LORA_FLAGS = {"lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_targets": "lora.targets"}
+
+
+def add_lora_arguments(parser) -> None:
+    """--lora-rank, --lora-alpha, --lora-targets: the [lora] section (daulat.lora.LoraConfig) as flags."""
+    parser.add_argument("--lora-rank", type=int, metavar="R", help="train LoRA adapters of rank R on the frozen "
+                        "checkpoint instead of all its weights (lora.rank); OUT/final is then a PEFT adapter directory")
+    parser.add_argument("--lora-alpha", type=float, metavar="A", help="scale the update by A / R (lora.alpha; default 2R)")
+    parser.add_argument("--lora-targets", type=_names, metavar="NAME,...",
+                        help="layers to adapt, e.g. q_proj,o_proj (lora.targets; default: attention and dense/shared MLPs)")
+
+
+def _names(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 def split_overrides(values: list[str] | None, schema) -> tuple[list[str], list[str]]:
@@ -57,7 +77,7 @@ def flag_overrides(args, flags: dict[str, dict[str, object] | str]) -> list[tupl
     (`--data` sets sft.data and clears sft.task: FLAG is the flag's value).
     """
     out = []
-    for flag, target in {**COMMON_FLAGS, **flags}.items():
+    for flag, target in {**COMMON_FLAGS, **LORA_FLAGS, **flags}.items():
         value = getattr(args, flag, None)
         if value is None:
             continue

@@ -153,7 +153,7 @@ TRAIN_DEFAULTS = {"steps": 300, "batch_size": 16, "seq_len": 512, "lr": 2e-3, "w
 schema = stage_schema(model=True, distill=DistillConfig)
 
 
-STAGE = Stage("distill", schema, TRAIN_DEFAULTS)
+STAGE = Stage("distill", schema, TRAIN_DEFAULTS, lora=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def add_arguments(parser) -> None:
                                                                 "(distill.teacher_model; default: the first listed)")
     parser.add_argument("--generate-only", action="store_true",
                         help="write the teacher's answers (OUT/teacher_data.jsonl) and stop")
-    add_common_arguments(parser, default_preset=None)
+    add_common_arguments(parser, default_preset=None, lora=True)
 
 
 def run(args) -> int:
@@ -263,7 +263,10 @@ def _student(run: StageRun, teacher, student, preset, tokenizer):
 
     if student is not None:
         model, tok, parent = load_trainable(student)
+        run.adapt(model, student)
         return model, tok, parent or None, str(student)
+    if getattr(run.config.get("lora"), "enabled", False):
+        raise DaulatError("lora.rank is set but the student is fresh: LoRA adapts a checkpoint (give --student CKPT)")
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
     elif teacher.tokenizer is not None:

@@ -150,7 +150,7 @@ METHOD = "GRPO (group-relative policy optimisation with verifiable rewards)"
 
 
 schema = stage_schema(grpo=GRPOConfig)
-STAGE = Stage("grpo", schema, TRAIN_DEFAULTS)
+STAGE = Stage("grpo", schema, TRAIN_DEFAULTS, lora=True)
 
 
 def add_arguments(parser) -> None:
@@ -159,7 +159,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--init", required=True, metavar="CKPT", help="checkpoint to train (e.g. runs/sft/final)")
     parser.add_argument("--task", metavar="NAME", help=TASK_HELP)
     parser.add_argument("--out", required=True, help="run directory: checkpoints and metrics")
-    add_common_arguments(parser, default_preset="tiny")
+    add_common_arguments(parser, default_preset="tiny", lora=True)
 
 
 def run(args) -> int:
@@ -170,11 +170,15 @@ def run(args) -> int:
 
 
 def _reference(cfg: GRPOConfig, init, policy):
-    """The frozen reference of the KL term (None when beta = 0: it is then never loaded)."""
+    """The frozen reference of the KL term (None when beta = 0: it is then never loaded). A LoRA policy
+    is its own reference, as it is before training (daulat.lora.FrozenBase): no second copy."""
+    from daulat import lora
     from daulat.checkpoint import load_checkpoint
 
     if cfg.beta <= 0:
         return None
+    if lora.is_lora(policy) and cfg.reference is None:
+        return lora.FrozenBase(policy)
     reference = load_checkpoint(cfg.reference or init).model.requires_grad_(False)
     if reference.config.vocab_size != policy.config.vocab_size:
         raise DaulatError(f"reference {cfg.reference} has vocab_size {reference.config.vocab_size}, the policy "
@@ -202,6 +206,7 @@ def grpo(config: dict, init, out, resume: bool = False, verbose: bool = True) ->
     task.sample(random.Random(0), cfg.difficulty)  # a bad difficulty fails here, not mid-run
     reward_fn = load_reward(cfg.reward, cfg.format_reward)
     model, tokenizer, parent = load_trainable(init)
+    run.adapt(model, init)
     run.check_context(cfg.max_prompt_tokens + cfg.sampling.max_tokens, model.config.max_position_embeddings,
                       what="grpo.max_prompt_tokens + grpo.sampling.max_tokens")
     source = RolloutSource(model, tokenizer, task, cfg, train_cfg, reward_fn, reference=_reference(cfg, init, model),

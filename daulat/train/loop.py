@@ -93,7 +93,7 @@ class Trainer:
 
         model.to(self.device)
         if resume_from is not None:
-            state.load_weights(Path(resume_from), model)
+            state.resume_weights(Path(resume_from), model)
         self.model = model
         if config.compile:  # per block, before sharding (as torchtitan does): the blocks are the repeated work
             for block in model.layers:
@@ -277,17 +277,16 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self, path, train_state: bool = True) -> None:
-        """Write a checkpoint (rank 0 writes; every rank takes part in gathering the shards)."""
+        """Write a checkpoint (rank 0 writes; every rank takes part in gathering the shards): a model
+        directory, or for a LoRA run an adapter directory (see state.write_checkpoint)."""
         d = self.dist
-        weights = {k: full_tensor(v) for k, v in self.model.state_dict().items()} if d.distributed else None
+        weights = state.gather_weights(self.model, d)
         progress = {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed(),
                     "last_loss": self.last_loss, "last_val_loss": self.last_val_loss}
         captured = state.capture(self.model, self.optimizer, self.batches, d, progress, asdict(self.config)) if train_state else None
         if d.is_main:
-            from daulat.report import save_documented  # the writer, plus the model card from the record
-
-            model = self.model if not d.distributed else plain_model(self.model_config, weights)
-            save_documented(model, path, tokenizer=self.tokenizer, info=self.record(), train_state=captured)
+            state.write_checkpoint(self.model, path, weights, self.model_config, tokenizer=self.tokenizer,
+                                   info=self.record(), train_state=captured)
         d.barrier()
 
     def record(self) -> dict:

@@ -47,7 +47,7 @@ METHOD = "supervised fine-tuning, loss on assistant tokens only"
 
 
 schema = stage_schema(sft=SFTConfig)
-STAGE = Stage("sft", schema, TRAIN_DEFAULTS)
+STAGE = Stage("sft", schema, TRAIN_DEFAULTS, lora=True)
 
 
 def add_arguments(parser) -> None:
@@ -58,7 +58,7 @@ def add_arguments(parser) -> None:
     source.add_argument("--data", metavar="FILE.jsonl", help='conversations, one {"messages": [...]} per line')
     source.add_argument("--task", metavar="NAME", help=TASK_HELP)
     parser.add_argument("--out", required=True, help="run directory: checkpoints and metrics")
-    add_common_arguments(parser, default_preset="tiny")
+    add_common_arguments(parser, default_preset="tiny", lora=True)
 
 
 def run(args) -> int:
@@ -100,6 +100,7 @@ def sft(config: dict, init, out, resume: bool = False, verbose: bool = True) -> 
 
     # Check every input before writing anything.
     model, tokenizer, parent = load_trainable(init)
+    run.adapt(model, init)
     run.check_context(train_cfg.seq_len, model.config.max_position_embeddings)
     conversations, data_info = _conversations(cfg)
     rows = conversation_rows(conversations, tokenizer, train_cfg.seq_len, cfg.pack, cfg.val_fraction)

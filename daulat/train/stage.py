@@ -25,18 +25,22 @@ from daulat.errors import DaulatError
 
 @dataclass(frozen=True)
 class Stage:
-    """What a stage is: its name (the record's `stage`), its config sections, and its [train] defaults
-    (None: the recipe's [train] as written, as pretraining reads it)."""
+    """What a stage is: its name (the record's `stage`), its config sections, its [train] defaults
+    (None: the recipe's [train] as written, as pretraining reads it), and whether it may train LoRA
+    adapters on the checkpoint it starts from (a [lora] section: daulat.lora.LoraConfig)."""
 
     name: str
     schema: Callable[[], dict[str, type]]
     train_defaults: dict | None = None
+    lora: bool = False
 
     def config(self, preset: str | None = None, path=None, overrides=()) -> dict:
         """The stage's merged config (see daulat.config.stage_config): preset, file, overrides."""
         from daulat.config import stage_config
+        from daulat.lora import LoraConfig
 
-        return stage_config(self.schema(), self.name, preset=preset, path=path, overrides=overrides,
+        schema = {**self.schema(), "lora": LoraConfig} if self.lora else self.schema()
+        return stage_config(schema, self.name, preset=preset, path=path, overrides=overrides,
                             train_defaults=self.train_defaults)
 
 
@@ -84,6 +88,7 @@ class StageRun:
 
         self.stage, self.config, self.train_cfg = stage, config, config["train"]
         self.out, self.resume, self.resume_from = Path(out), resume, None
+        self.lora = None  # the record's "lora" entry, once `adapt` put adapters on the model
         self.dist = init_distributed(self.train_cfg.device)
         self.say = print if (verbose and self.dist.is_main) else (lambda *a, **k: None)
         if single_process and self.dist.distributed:
@@ -97,6 +102,18 @@ class StageRun:
         """`needed` tokens must fit in a context of `limit` tokens."""
         if needed > limit:
             raise DaulatError(f"{what} = {needed} exceeds {whose} ({limit})")
+
+    def adapt(self, model, base) -> None:
+        """The [lora] section applied to the model this run trains, right after loading it (see
+        daulat.lora.prepare: new adapters on the frozen checkpoint `base`, or the adapters of an adapter
+        directory trained on); the record then gains its "lora" entry. New adapters are initialised
+        from train.seed, so that two runs of one config start alike."""
+        import torch
+
+        from daulat import lora
+
+        torch.manual_seed(self.train_cfg.seed)
+        self.lora = lora.prepare(model, self.config.get("lora"), base)
 
     def prepare_output(self) -> Path:
         """Create (or check) OUT and find the checkpoint to resume from; call once the inputs are good,
@@ -116,7 +133,8 @@ class StageRun:
         from daulat.provenance import stage_info
 
         return stage_info(self.stage.name, method=t.method, config=to_dict(self.config), data=t.data,
-                          compute=dict(t.compute), metrics=dict(t.metrics), parent=t.parent or None, **t.extra,
+                          compute=dict(t.compute), metrics=dict(t.metrics), parent=t.parent or None,
+                          **t.extra, **({"lora": self.lora} if self.lora else {}),
                           tokenizer_sha256=t.tokenizer.sha256, parameters=t.model.num_parameters(),
                           active_parameters_per_token=t.model.num_parameters(active=True))
 
@@ -142,10 +160,12 @@ class StageRun:
 
 
 def load_trainable(path):
-    """(model, tokenizer, record) of the checkpoint a stage starts from; it must have a tokenizer."""
+    """(model, tokenizer, record) of the checkpoint a stage starts from; it must have a tokenizer. An
+    adapter directory is loaded onto its base unmerged, so that its adapters go on training."""
+    from daulat import lora
     from daulat.checkpoint import load_checkpoint
 
-    model, tokenizer, info = load_checkpoint(path)
+    model, tokenizer, info = lora.load_adapter(path) if lora.is_adapter_dir(path) else load_checkpoint(path)
     if tokenizer is None:
         raise DaulatError(f"checkpoint {path} has no tokenizer (tokenizer.json): a stage needs one to read its data")
     return model, tokenizer, info

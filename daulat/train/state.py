@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from daulat.errors import DaulatError
-from daulat.train.distributed import Dist, full_tensor, like
+from daulat.train.distributed import Dist, full_tensor, like, plain_model
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 FORMAT, VERSION = "daulat-train-state", 1
@@ -80,6 +80,42 @@ def load_weights(path: Path, model) -> None:
         k = differ[0]
         raise DaulatError(f"cannot resume from {path}: its model.{k} is {saved.get(k)!r}, this run's is {ours.get(k)!r}")
     model.load_state_dict(load_checkpoint(path).model.state_dict())
+
+
+def resume_weights(path: Path, model) -> None:
+    """The weights a run resumes with: a LoRA run's adapters from its step checkpoint (an adapter
+    directory; the base is the one the run was started on), else the whole checkpoint."""
+    from daulat import lora
+
+    if lora.is_lora(model):
+        lora.resume_into(model, path)
+    else:
+        load_weights(path, model)
+
+
+def gather_weights(model, d: Dist) -> dict[str, torch.Tensor] | None:
+    """What `write_checkpoint` needs gathered from every rank first: a LoRA run's adapter tensors, or
+    under torchrun the full tensors of the sharded model (None: the model is written as it is)."""
+    from daulat import lora
+
+    if lora.is_lora(model):
+        return lora.adapter_state_dict(model)
+    if d.distributed:
+        return {k: full_tensor(v) for k, v in model.state_dict().items()}
+    return None
+
+
+def write_checkpoint(model, path, weights, model_config, *, tokenizer, info: dict, train_state: dict | None) -> None:
+    """The main rank's write of a Trainer checkpoint: for a LoRA run a PEFT adapter directory (the base
+    is never written), else a model directory with its model card."""
+    from daulat import lora
+    from daulat.report import save_documented  # the writer, plus the model card from the record
+
+    if lora.is_lora(model):
+        lora.save_adapter(model, path, info=info, tokenizer=tokenizer, train_state=train_state, tensors=weights)
+        return
+    model = model if weights is None else plain_model(model_config, weights)
+    save_documented(model, path, tokenizer=tokenizer, info=info, train_state=train_state)
 
 
 # ------------------------------------------------------------------------------------------------
