@@ -36,14 +36,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from daulat import lora
 from daulat.errors import DaulatError
 from daulat.model import DeepseekV3, ModelConfig, rope_frequencies
 from daulat.quant import SCALE_SUFFIX, BlockFP8, dequantize, parse_quantization, scale_grid
-from daulat.weights import (FP8_DTYPE, INDEX_FILE, MODEL_FILE, SCALE_DTYPES, Entry, TensorReader, check_dtype,
-                            check_finite, checkpoint_dir, disk_error, read_json, read_safetensors, scan)
+from daulat.weights import (FP8_DTYPE, INDEX_FILE, INFO_FILE, MODEL_FILE, SCALE_DTYPES, TRAIN_STATE_DIR, Checkpoint,
+                            Entry, TensorReader, check_dtype, check_finite, checkpoint_dir, disk_error, fsync_dir,
+                            read_json, read_safetensors, replace_dir, scan, write_json)
 
 MTP_FILE = "mtp.safetensors"
-INFO_FILE, TRAIN_STATE_DIR = "daulat.json", "train_state"
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
@@ -106,20 +107,6 @@ def _layer_name(layer: int, rest: str, num_layers: int) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, obj) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def save_model(model: DeepseekV3, path, tokenizer=None, info: dict | None = None,
@@ -144,7 +131,7 @@ def save_model(model: DeepseekV3, path, tokenizer=None, info: dict | None = None
     tmp.mkdir()
     try:
         _write_files(model, tmp, tokenizer, info, train_state, model_card, weights, extra_config)
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DaulatError(f"cannot write checkpoint {path}: {disk_error(e)}") from None
@@ -188,20 +175,9 @@ def _write_files(model, tmp: Path, tokenizer, info, train_state, model_card, wei
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
     os.chmod(tmp, 0o777 & ~umask)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename `new` to `target`. An existing target is first moved aside, so between the two renames
-    the previous checkpoint still exists whole (as `.NAME.old-*`), and is removed only afterwards."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-        os.rename(target, old)
-    os.rename(new, target)
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,10 +191,8 @@ _ROPE_NUMBERS = ("factor", "original_max_position_embeddings", "beta_fast", "bet
 def load_config(path) -> ModelConfig:
     """The ModelConfig of a checkpoint directory (config.json checked for structure first); of its base
     for a LoRA adapter directory."""
-    if _is_adapter(path):
-        from daulat.lora import resolve_base
-
-        path = resolve_base(path)
+    if lora.is_adapter_dir(path):
+        path = lora.resolve_base(path)
     path = checkpoint_dir(path)
     return parse_config(read_json(path / "config.json", expect=dict), path / "config.json")
 
@@ -433,10 +407,10 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> Deepseek
     config.json and the tensor headers are checked against each other before anything is allocated;
     then the tensors are read one at a time into a model built on the meta device. The model is
     returned in eval mode, in `dtype` (default float32), on `device`. A LoRA adapter directory is read
-    onto its base with the adapters merged in (daulat.lora.load_adapter).
+    onto its base with the adapters merged in.
     """
-    if _is_adapter(path):
-        return _load_merged_adapter(path, device, dtype).model
+    if lora.is_adapter_dir(path):
+        return _load_adapter(path, device, dtype, merge=True).model
     path = checkpoint_dir(path)
     raw = read_json(path / "config.json", expect=dict)
     config = parse_config(raw, path / "config.json")
@@ -480,26 +454,21 @@ def load_info(path) -> dict:
     return read_json(file, expect=dict) if file.is_file() else {}
 
 
-class Checkpoint(NamedTuple):
-    """What a caller gets from `load_checkpoint`: the model, its tokenizer (None when the directory has
-    none) and its record (daulat.json; {} for a checkpoint daulat did not write)."""
-
-    model: DeepseekV3
-    tokenizer: object | None
-    info: dict
 
 
 def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None, *,
-                    need_tokenizer: bool = False) -> Checkpoint:
+                    need_tokenizer: bool = False, merge_adapter: bool = True) -> Checkpoint:
     """The one loader every command uses: `model, tokenizer, info = load_checkpoint(path)`.
 
     need_tokenizer: a checkpoint without tokenizer.json is then an error (chat, serve, eval need one),
     raised before the weights are read.
+    A LoRA adapter directory (daulat.lora) is read onto the base it names, its adapters merged into
+    the weights, or with merge_adapter=False kept live (trainable, or switched off for a reference).
     """
     from daulat.tokenizer import load_tokenizer
 
-    if _is_adapter(path):
-        checkpoint = _load_merged_adapter(path, device, dtype)
+    if lora.is_adapter_dir(path):
+        checkpoint = _load_adapter(path, device, dtype, merge=merge_adapter)
         if need_tokenizer and checkpoint.tokenizer is None:
             raise DaulatError(f"adapter {path} and its base have no tokenizer.json")
         return checkpoint
@@ -512,15 +481,12 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None, *,
     return Checkpoint(model, tokenizer, load_info(path))
 
 
-def _is_adapter(path) -> bool:
-    return (Path(path) / "adapter_config.json").is_file()
-
-
-def _load_merged_adapter(path, device, dtype) -> Checkpoint:
-    """A LoRA adapter directory as a plain model: its base with the adapters merged in."""
-    from daulat.lora import load_adapter  # which reads the base with load_checkpoint
-
-    return load_adapter(path, device=device, dtype=dtype, merge=True)
+def _load_adapter(path, device, dtype, merge: bool) -> Checkpoint:
+    """An adapter directory on its base: the base is checked against the architecture the adapter was
+    trained on before its weights are read, then loaded, then given the adapters."""
+    base = lora.resolve_base(path)
+    lora.check_base(path, base, load_config(base))
+    return lora.attach_adapter(load_checkpoint(base, device=device, dtype=dtype), path, base, merge=merge)
 
 
 def load_train_state(path) -> dict:

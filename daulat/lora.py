@@ -3,8 +3,8 @@
     model, tokenizer, info = load_checkpoint(base)
     lora.prepare(model, LoraConfig(rank=16), base)     # freezes the base, wraps the target linears
     ...train...                                        # only lora_A / lora_B have gradients
-    lora.save_adapter(model, "runs/x/final")           # adapter_config.json + adapter_model.safetensors
-    model, tokenizer, info = lora.load_adapter("runs/x/final")   # base resolved from the directory
+    daulat.save_model(model, "runs/x/final")           # adapter_config.json + adapter_model.safetensors
+    model, tokenizer, info = load_checkpoint("runs/x/final", merge_adapter=False)   # base from the directory
 
 Also: `adapters_disabled(model)` (the base alone), `FrozenBase(model)` (a KL reference without a
 second copy), `merge_lora(model)` (plain weights again), `parameter_counts`, and for the Trainer
@@ -50,9 +50,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
-from daulat.checkpoint import (INFO_FILE, TRAIN_STATE_DIR, Checkpoint, _fsync_dir, _replace_dir, load_checkpoint,
-                               load_config, read_json, read_safetensors, write_json)
 from daulat.errors import DaulatError
+from daulat.weights import (INFO_FILE, TRAIN_STATE_DIR, Checkpoint, fsync_dir, read_json, read_safetensors,
+                            replace_dir, write_json)
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model.model."  # PeftModel > LoraModel > DeepseekV3ForCausalLM.model
@@ -236,7 +236,7 @@ def prepare(model: nn.Module, config: LoraConfig | None, base_path) -> dict | No
 
     LoRA on (config.rank set): a plain model gets new adapters on a frozen base (`base_path` becomes the
     adapter's base_model_name_or_path, and the router's correction bias stays frozen with the rest of
-    the base); a model loaded from an adapter directory (`load_adapter`) keeps training its adapters
+    the base); a model loaded from an adapter directory (`load_checkpoint(path, merge_adapter=False)`) keeps training its adapters
     on their own base, if they have config.rank. LoRA off: a model loaded from an adapter is merged and
     unfrozen for full fine-tuning; a plain model is left alone."""
     enabled = config is not None and config.enabled
@@ -429,36 +429,41 @@ def _architecture(config) -> dict:
     return {k: v for k, v in config.to_hf_dict().items() if k not in _NOT_ARCHITECTURE}
 
 
-def save_adapter(model: nn.Module, path, base_path=None, info: dict | None = None, *, tokenizer=None,
-                 train_state: dict | None = None, model_card: str | None = None,
-                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the model's adapters as a PEFT directory at `path`, atomically (temporary directory, then
-    rename, as daulat.checkpoint.save_model does). The base is never written.
-
-    base_path: the base checkpoint (default: the one given to `prepare`); stored absolute.
-    info: daulat's record (daulat.json; its "lora" entry gets the base's architecture either way).
-    train_state: {"tensors", "meta"} for exact resume, as save_model writes it (train_state/).
-    tensors: `adapter_state_dict(model)` when it was gathered already (FSDP: every rank gathers,
-        rank 0 writes).
-    """
+def adapter_record(model: nn.Module, info: dict | None, base_path=None) -> tuple[str, dict]:
+    """(the base checkpoint's absolute path, the adapter's daulat.json): `info` with its "lora" entry
+    holding what was trained, the base and the base's architecture (so a wrong base is refused)."""
     if not is_lora(model):
         raise DaulatError("save_adapter: this model has no LoRA adapters (see daulat.lora.apply_lora)")
     base = base_path if base_path is not None else model.lora.base_path
     if base is None:
         raise DaulatError("save_adapter: no base checkpoint given for base_model_name_or_path")
     base = str(Path(base).resolve())
-    if Path(path).resolve() == Path(base):
-        raise DaulatError(f"save_adapter: {path} is the base checkpoint itself; the base is never written")
     record = dict(info or {})
     trained = {**asdict(model.lora.config), "targets": model.lora.targets}
     record["lora"] = {**trained, **(record.get("lora") or {}), "base": base,
                       "base_architecture": _architecture(model.config)}
+    return base, record
+
+
+def save_adapter(model: nn.Module, path, base_path=None, info: dict | None = None, *, tokenizer=None,
+                 train_state: dict | None = None, model_card: str | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the model's adapters as a PEFT directory at `path`, atomically (temporary directory, then
+    rename, as daulat.checkpoint.save_model does). The base is never written. `daulat.save_model`
+    (report.save_documented) calls this for a LoRA model and adds the model card.
+
+    base_path: the base checkpoint (default: the one given to `prepare`); stored absolute.
+    info: daulat's record (daulat.json; its "lora" entry gets the base's architecture either way).
+    train_state: {"tensors", "meta"} for exact resume, as save_model writes it (train_state/).
+    model_card: Markdown written as README.md when given.
+    tensors: `adapter_state_dict(model)` when it was gathered already (FSDP: every rank gathers,
+        rank 0 writes).
+    """
+    base, record = adapter_record(model, info, base_path)
+    if Path(path).resolve() == Path(base):
+        raise DaulatError(f"save_adapter: {path} is the base checkpoint itself; the base is never written")
     files = {ADAPTER_WEIGHTS: tensors if tensors is not None else adapter_state_dict(model),
              ADAPTER_CONFIG: adapter_config(model, base), INFO_FILE: record}
-    if model_card is None and info is not None:
-        from daulat.report import model_card as render_card
-
-        model_card = render_card(model, record)
     return _write_atomically(Path(path), files, tokenizer, model_card, train_state)
 
 
@@ -480,8 +485,8 @@ def staged_directory(path: Path):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # as mkdir would have made it
-        _fsync_dir(tmp)
-        _replace_dir(tmp, path)
+        fsync_dir(tmp)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -588,14 +593,14 @@ def fill_adapter(model: nn.Module, path) -> None:
             weight.copy_(tensors[key])
 
 
-def check_base(path, base) -> None:
-    """Refuse a base whose architecture differs from the one the adapter was trained on (as recorded in
-    its daulat.json; an adapter written elsewhere is checked by its tensors' shapes alone)."""
+def check_base(path, base, base_config) -> None:
+    """Refuse a base (the checkpoint `base`, whose ModelConfig is `base_config`) whose architecture differs from the one the adapter was trained on
+    (as recorded in its daulat.json; an adapter written elsewhere is checked by its tensors' shapes alone)."""
     info_file = Path(path) / INFO_FILE
     recorded = (read_json(info_file).get("lora") or {}).get("base_architecture") if info_file.is_file() else None
     if not recorded:
         return
-    actual = _architecture(load_config(base))
+    actual = _architecture(base_config)
     differ = [k for k in sorted(set(recorded) | set(actual)) if recorded.get(k) != actual.get(k)]
     if differ:
         k = differ[0]
@@ -603,23 +608,20 @@ def check_base(path, base) -> None:
                           f"trained on a base with {k} = {recorded.get(k)!r}")
 
 
-def load_adapter(path, device="cpu", dtype: torch.dtype | None = None, *, merge: bool = False,
-                 base=None) -> Checkpoint:
-    """Load an adapter directory onto its base: `model, tokenizer, info = load_adapter(path)`.
+def attach_adapter(base_checkpoint: Checkpoint, path, base, *, merge: bool = False) -> Checkpoint:
+    """The adapter directory `path` put onto its base, already loaded (daulat.checkpoint.load_checkpoint
+    reads an adapter directory this way): `model, tokenizer, info`.
 
-    The base is `base` or the one adapter_config.json names (see `resolve_base`), read with
-    daulat.checkpoint.load_checkpoint in `dtype` on `device`; the adapters are float32. merge=True
-    folds them into the weights (plain model, fastest for inference); otherwise they stay live
-    (trainable, or switched off with `adapters_disabled`). tokenizer: the adapter's own if it has one,
-    else the base's. info: the adapter's daulat.json ({} when it has none).
+    The adapters are float32. merge=True folds them into the weights (plain model, fastest for
+    inference); otherwise they stay live (trainable, or switched off with `adapters_disabled`).
+    tokenizer: the adapter's own if it has one, else the base's. info: the adapter's daulat.json ({}
+    when it has none).
     """
     path = Path(path)
     config = read_adapter_config(path)
-    base = Path(base) if base is not None else resolve_base(path)
-    check_base(path, base)
     file = path / ADAPTER_WEIGHTS
     modules = _adapter_modules(read_safetensors(file), file)
-    model, tokenizer, _ = load_checkpoint(base, device=device, dtype=dtype)
+    model, tokenizer, _ = base_checkpoint
     experts = [m for m in modules if m.endswith(tuple("." + leaf for leaf in EXPERT_PARAMETERS.values()))]
     modules = [m for m in modules if m not in experts]
     candidates = _target_linears(model, None)

@@ -163,8 +163,10 @@ def save_documented(model, path, tokenizer=None, info: dict | None = None, train
     This is `daulat.save_model`, and what the Trainer calls with its stage record (daulat/provenance.py).
     Without a record, a minimal one says when, where and what was saved, so that even a model saved by
     hand from Python has a card with a "How it was made" section. card: a card to keep instead (an
-    export carries its source's). Other keywords go to daulat.checkpoint.save_model.
+    export carries its source's). Other keywords go to daulat.checkpoint.save_model, or for a model
+    with LoRA adapters to daulat.lora.save_adapter, which writes a PEFT adapter directory instead.
     """
+    from daulat import lora
     from daulat.checkpoint import save_model
 
     record = dict(info) if info else {"stage": "save_model",
@@ -177,6 +179,10 @@ def save_documented(model, path, tokenizer=None, info: dict | None = None, train
     record.setdefault("architecture", {"model_type": "deepseek_v3", "parameters_total": model.num_parameters(),
                                        "parameters_active": model.num_parameters(active=True),
                                        "config": model.config.to_hf_dict()})
+    if lora.is_lora(model):
+        _, record = lora.adapter_record(model, record)
+        return lora.save_adapter(model, path, info=record, tokenizer=tokenizer, train_state=train_state,
+                                 model_card=card or model_card(model, record), **kwargs)
     return save_model(model, path, tokenizer=tokenizer, info=record, train_state=train_state,
                       model_card=card or model_card(model, record), **kwargs)
 

@@ -7,6 +7,10 @@ loader can check names, shapes, dtypes and counts against config.json before it 
 
 An index may only name files inside the checkpoint directory; a tensor must be floating point
 (float8 only with its block scale, see daulat/quant.py) and finite.
+
+Also the few low-level pieces that both checkpoint directories (daulat/checkpoint.py) and adapter
+directories (daulat/lora.py) are written and returned with: `write_json`, `fsync_dir`, `replace_dir`
+and `Checkpoint`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
+import shutil
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from daulat.errors import DaulatError
 
 MODEL_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+INFO_FILE, TRAIN_STATE_DIR = "daulat.json", "train_state"
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 FP8_DTYPE, SCALE_DTYPES = "F8_E4M3", {"F32", "F8_E8M0"}
 
@@ -236,3 +244,41 @@ def disk_error(e: Exception) -> str:
     if getattr(e, "strerror", None):
         return e.strerror
     return text.splitlines()[0] if text else type(e).__name__
+
+
+class Checkpoint(NamedTuple):
+    """What a caller gets from `daulat.checkpoint.load_checkpoint`: the model, its tokenizer (None when
+    the directory has none) and its record (daulat.json; {} for a checkpoint daulat did not write)."""
+
+    model: torch.nn.Module
+    tokenizer: object | None
+    info: dict
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Rename `new` to `target`. An existing target is first moved aside, so between the two renames
+    the previous directory still exists whole (as `.NAME.old-*`), and is removed only afterwards."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+        os.rename(target, old)
+    os.rename(new, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -11,8 +11,9 @@ import pytest
 from conftest import require
 import torch
 
+import daulat
 from daulat import lora
-from daulat.checkpoint import load_model, load_train_state, save_model
+from daulat.checkpoint import load_checkpoint, load_model, load_train_state, save_model
 from daulat.config import load_config
 from daulat.errors import DaulatError
 from daulat.lora import LoraConfig
@@ -99,7 +100,7 @@ def test_peft_loads_the_adapter_onto_transformers_with_daulats_logits(variant, t
 
 def test_adapter_files_carry_peft_names_and_daulats_record(base_dir, tmp_path):
     model = adapted(base_dir)
-    lora.save_adapter(model, tmp_path / "adapter", info={"stage": "sft", "method": "LoRA SFT"})
+    daulat.save_model(model, tmp_path / "adapter", info={"stage": "sft", "method": "LoRA SFT"})  # with its card
     from safetensors import safe_open
 
     with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
@@ -119,8 +120,8 @@ def test_load_adapter_resolves_the_base_and_gives_the_same_logits(base_dir, tmp_
     before = file_hashes(base_dir)
     model = adapted(base_dir)
     lora.save_adapter(model, tmp_path / "adapter")
-    loaded, tokenizer, info = lora.load_adapter(tmp_path / "adapter")
-    merged = lora.load_adapter(tmp_path / "adapter", merge=True).model
+    loaded, tokenizer, info = load_checkpoint(tmp_path / "adapter", merge_adapter=False)
+    merged = load_checkpoint(tmp_path / "adapter").model
     ids = tokens()
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
@@ -132,7 +133,7 @@ def test_load_adapter_resolves_the_base_and_gives_the_same_logits(base_dir, tmp_
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps(dict(config, base_model_name_or_path=os.path.relpath(base_dir, tmp_path / "adapter"))))
     assert lora.resolve_base(tmp_path / "adapter").resolve() == base_dir.resolve()
-    assert torch.equal(lora.load_adapter(tmp_path / "adapter").model(ids), loaded(ids))
+    assert torch.equal(load_checkpoint(tmp_path / "adapter", merge_adapter=False).model(ids), loaded(ids))
     assert file_hashes(base_dir) == before
 
 
@@ -287,22 +288,22 @@ def test_missing_base_or_other_architecture_is_one_line_naming_the_file(base_dir
 
     config_file.write_text(json.dumps(dict(config, base_model_name_or_path=str(tmp_path / "nowhere"))))
     with pytest.raises(DaulatError, match=r"adapter_config\.json: base_model_name_or_path .*nowhere.*no checkpoint"):
-        lora.load_adapter(tmp_path / "adapter")
+        load_checkpoint(tmp_path / "adapter", merge_adapter=False)
 
     other = make_base(tmp_path / "other", hidden_size=48)
     config_file.write_text(json.dumps(dict(config, base_model_name_or_path=str(other))))
     with pytest.raises(DaulatError, match=r"other/config\.json: hidden_size = 48, but the adapter .* hidden_size = 64"):
-        lora.load_adapter(tmp_path / "adapter")
+        load_checkpoint(tmp_path / "adapter", merge_adapter=False)
     (tmp_path / "adapter" / "daulat.json").unlink()  # an adapter written elsewhere: its shapes decide
     with pytest.raises(DaulatError, match=r"adapter_model\.safetensors: tensor .* has shape"):
-        lora.load_adapter(tmp_path / "adapter")
+        load_checkpoint(tmp_path / "adapter", merge_adapter=False)
 
     config_file.write_text(json.dumps(dict(config, r=0)))
     with pytest.raises(DaulatError, match=r"adapter_config\.json: r = 0"):
-        lora.load_adapter(tmp_path / "adapter")
+        load_checkpoint(tmp_path / "adapter", merge_adapter=False)
     config_file.write_text(json.dumps(dict(config, use_dora=True)))
     with pytest.raises(DaulatError, match=r"adapter_config\.json: use_dora = True"):
-        lora.load_adapter(tmp_path / "adapter")
+        load_checkpoint(tmp_path / "adapter", merge_adapter=False)
 
 
 def test_a_corrupt_adapter_file_is_named_and_the_previous_adapter_survives_a_failed_save(base_dir, tmp_path):
@@ -317,7 +318,7 @@ def test_a_corrupt_adapter_file_is_named_and_the_previous_adapter_survives_a_fai
     weights = tmp_path / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(DaulatError, match=r"adapter_model\.safetensors: cannot read safetensors"):
-        lora.load_adapter(tmp_path / "adapter")
+        load_checkpoint(tmp_path / "adapter", merge_adapter=False)
 
 
 def test_resuming_into_a_lora_run_needs_an_adapter_of_the_same_architecture(base_dir, tmp_path):
@@ -364,7 +365,7 @@ def test_routed_expert_adapters_load_in_peft_merge_and_switch_off(tmp_path):
             unit.adapter_on = True
         with lora.adapters_disabled(model):
             assert torch.equal(model(ids), load_model(base)(ids))
-        loaded = lora.load_adapter(tmp_path / "adapter").model
+        loaded = load_checkpoint(tmp_path / "adapter", merge_adapter=False).model
         assert torch.equal(loaded(ids), ours)
         lora.merge_lora(model)
         assert (model(ids) - ours).abs().max().item() <= 1e-5
@@ -380,7 +381,7 @@ def test_experts_only_adapter_and_a_model_without_experts(tmp_path):
     assert trainable and all(".parametrizations." in n and ".lora_" in n for n in trainable)
     lora.save_adapter(model, tmp_path / "adapter")
     with torch.no_grad():
-        assert torch.equal(lora.load_adapter(tmp_path / "adapter").model(tokens()), model(tokens()))
+        assert torch.equal(load_checkpoint(tmp_path / "adapter", merge_adapter=False).model(tokens()), model(tokens()))
     dense = load_model(make_base(tmp_path / "dense", first_k_dense_replace=3))
     with pytest.raises(DaulatError, match="lora.experts = true: this model has no routed experts"):
         lora.apply_lora(dense, LoraConfig(rank=4, experts=True))
@@ -410,7 +411,7 @@ def test_prepare_continues_merges_or_leaves_alone_and_frozen_base_is_the_referen
     model = adapted(base_dir)
     lora.save_adapter(model, tmp_path / "adapter")
 
-    again = lora.load_adapter(tmp_path / "adapter").model  # e.g. GRPO after a LoRA SFT: train the same adapter
+    again = load_checkpoint(tmp_path / "adapter", merge_adapter=False).model  # e.g. GRPO after a LoRA SFT: train the same adapter
     record = lora.prepare(again, LoraConfig(rank=4), "ignored: the adapter names its base")
     assert record["base"] == str(base_dir.resolve()) and record["rank"] == 4
     reference = lora.FrozenBase(again)  # the SFT policy, not the bare base: a snapshot of the adapters

@@ -99,8 +99,8 @@ def test_a_resumed_lora_sft_ends_where_an_uninterrupted_one_does(base, tmp_path)
     for later in ("step-000002", "step-000003", "final"):  # as if killed right after step 1 was saved
         shutil.rmtree(tmp_path / "cut" / later)
     assert cli.main([*argv, "--out", str(tmp_path / "cut"), "--resume"]) == 0
-    whole = lora.adapter_state_dict(lora.load_adapter(tmp_path / "whole" / "final").model)
-    resumed = lora.adapter_state_dict(lora.load_adapter(tmp_path / "cut" / "final").model)
+    whole = lora.adapter_state_dict(load_checkpoint(tmp_path / "whole" / "final", merge_adapter=False).model)
+    resumed = lora.adapter_state_dict(load_checkpoint(tmp_path / "cut" / "final", merge_adapter=False).model)
     assert whole.keys() == resumed.keys() and all(".self_attn.q_proj." in k or ".o_proj." in k for k in whole)
     for name in whole:
         assert torch.equal(whole[name], resumed[name]), name

@@ -162,10 +162,9 @@ class StageRun:
 def load_trainable(path):
     """(model, tokenizer, record) of the checkpoint a stage starts from; it must have a tokenizer. An
     adapter directory is loaded onto its base unmerged, so that its adapters go on training."""
-    from daulat import lora
     from daulat.checkpoint import load_checkpoint
 
-    model, tokenizer, info = lora.load_adapter(path) if lora.is_adapter_dir(path) else load_checkpoint(path)
+    model, tokenizer, info = load_checkpoint(path, merge_adapter=False)
     if tokenizer is None:
         raise DaulatError(f"checkpoint {path} has no tokenizer (tokenizer.json): a stage needs one to read its data")
     return model, tokenizer, info

@@ -107,12 +107,12 @@ def gather_weights(model, d: Dist) -> dict[str, torch.Tensor] | None:
 
 def write_checkpoint(model, path, weights, model_config, *, tokenizer, info: dict, train_state: dict | None) -> None:
     """The main rank's write of a Trainer checkpoint: for a LoRA run a PEFT adapter directory (the base
-    is never written), else a model directory with its model card."""
+    is never written), else a model directory; both with their model card."""
     from daulat import lora
     from daulat.report import save_documented  # the writer, plus the model card from the record
 
     if lora.is_lora(model):
-        lora.save_adapter(model, path, info=info, tokenizer=tokenizer, train_state=train_state, tensors=weights)
+        save_documented(model, path, tokenizer=tokenizer, info=info, train_state=train_state, tensors=weights)
         return
     model = model if weights is None else plain_model(model_config, weights)
     save_documented(model, path, tokenizer=tokenizer, info=info, train_state=train_state)
