@@ -215,7 +215,22 @@ def run(args) -> int:
 
 # ------------------------------------------------------------------------------------------------
 # Report card of a pipeline run (daulat speedrun): tables and plots from the runs' own metrics files
-# ------------------------------------------------------------------------------------------------
+#
+# What a newcomer reads after `daulat speedrun`: whether the model passes its task (one sentence, against
+# TARGETS), a table of the stages, the distillation against the same student trained directly, the
+# accuracy by stage, each stage's loss on its own axis, and a few held-out problems with each stage's
+# answer. Every number is read from the stages' metrics.jsonl, daulat.json and OUT/eval/STAGE.json.
+
+STAGE_TITLES = {"pretrain": "pretrained", "sft": "SFT", "grpo": "GRPO", "distill": "distilled student",
+                "student-direct": "student trained directly"}
+# what each stage's `loss` measures (the distillation's depends on its mode)
+LOSS_NAMES = {"pretrain": "next-token loss (nats/token)", "sft": "answer-token loss (nats/token)",
+              "grpo": "surrogate loss (policy gradient, not a likelihood)",
+              "student-direct": "answer-token loss (nats/token)"}
+DISTILL_LOSS_NAMES = {"sft": "answer-token loss on teacher answers", "fkl": "forward KL to the teacher",
+                      "rkl": "reverse KL to the teacher on its own samples"}
+# what the speedrun has to show, each stage against the one before
+TARGETS = {"sft_accuracy": 0.60, "grpo_gain": 0.10, "student_share": 0.80, "direct_gain": 0.10, "smaller": 5.0}
 
 
 def read_metrics(path) -> list[dict]:
