@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from daulat import lora
+import daulat.lora as lora
 from daulat.errors import DaulatError
 from daulat.model import DeepseekV3, ModelConfig, rope_frequencies
 from daulat.quant import SCALE_SUFFIX, BlockFP8, dequantize, parse_quantization, scale_grid
