@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from daulat.model import MLA, Block, DeepseekV3, LatentCache, ModelConfig, apply_rope
+from daulat.model import kv_cache_bytes_per_token as v3_kv_cache_bytes_per_token
 
 # tensors kept in float32 at any load dtype: the router's correction bias and the indexer's head weights
 KEEP_FP32 = ("e_score_correction_bias", "indexer.weights_proj.weight")
@@ -285,6 +286,18 @@ def config_from_hf_dict(d: dict) -> ModelConfig:
 def build_model(config: ModelConfig) -> DeepseekV3:
     """The model for a config: DeepseekV32 for a DeepseekV32Config, DeepseekV3 otherwise."""
     return DeepseekV32(config) if isinstance(config, DeepseekV32Config) else DeepseekV3(config)
+
+
+def kv_cache_bytes_per_token(config: ModelConfig, bytes_per_number: int = 2) -> dict:
+    """Decode-cache size per token over all layers, by formula, for V3 or V3.2: "latent" (MLA's c + r),
+    "indexer" (V3.2's indexer key, d; 0 for V3), "total" (what the engine's cache holds), "mha" (full
+    per-head K and V, the cache an uncompressed attention of the same shape would need) and "saving"."""
+    kv = v3_kv_cache_bytes_per_token(config, bytes_per_number)
+    indexer = 0
+    if isinstance(config, DeepseekV32Config):
+        indexer = config.num_hidden_layers * config.index_head_dim * bytes_per_number
+    total = kv["mla"] + indexer
+    return {"latent": kv["mla"], "indexer": indexer, "total": total, "mha": kv["mha"], "saving": 1 - total / kv["mha"]}
 
 
 def from_transformers_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
