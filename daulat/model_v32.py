@@ -125,11 +125,14 @@ class Indexer(nn.Module):
         """Index scores I [B, T, S] (float32) of queries x [B, T, D] with q_resid [B, T, q_lora_rank] and
         cos/sin [B, T, 1, r/2] against keys [B, S, d]. No causal mask: the caller applies it."""
         B, T, _ = x.shape
+        S = keys.shape[1]
         q = self._rotate(self.wq_b(q_resid).view(B, T, self.n_heads, self.head_dim), cos, sin)
         with torch.autocast(x.device.type, enabled=False):  # float32 even in bf16 training
-            # [B, T, h, d] @ [B, 1, d, S] -> per-head scores [B, T, h, S]
-            scores = torch.matmul(q.float(), keys.float().transpose(1, 2).unsqueeze(1)).mul_(self.scale).relu_()
-            weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads**-0.5  # [B, T, h]
+            # all T*h query heads against the keys in one product: [B, T*h, d] @ [B, d, S] -> [B, T, h, S]
+            scores = torch.matmul(q.float().reshape(B, T * self.n_heads, -1), keys.float().transpose(1, 2))
+            scores = scores.view(B, T, self.n_heads, S).relu_()
+            # the softmax scale is positive, so it passes through the ReLU into the head weights
+            weights = F.linear(x.float(), self.weights_proj.weight.float()) * (self.n_heads**-0.5 * self.scale)
             return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # heads weighted and summed: [B, T, S]
 
 
@@ -236,16 +239,21 @@ class SparseMLA(MLA):
         [B, t, K] (indices into kv_latent [B, S, c] and k_pe [B, S, r]), where `visible` [B, t, K].
         Returns (the attended latents [B, t, H, c], and with_target the attention over the selected
         keys summed over heads and L1-normalised [B, t, K] float32, without gradient; else None)."""
-        batch = torch.arange(selected.shape[0], device=selected.device)[:, None, None]
-        kv, pe = kv_latent[batch, selected], k_pe[batch, selected]  # gathered: [B, t, K, c], [B, t, K, r]
-        scores = torch.einsum("bthc,btkc->bthk", q_latent, kv) + torch.einsum("bthr,btkr->bthk", q_pe, pe)
+        B, t, K = selected.shape
+        S, c = kv_latent.shape[1], self.kv_lora_rank
+        rows = (selected + S * torch.arange(B, device=selected.device)[:, None, None]).flatten()
+        keys = torch.cat([kv_latent, k_pe], dim=-1).flatten(0, 1)  # [B * S, c + r]: one gather for both
+        gathered = keys.index_select(0, rows).view(B * t, K, c + self.rope)  # [B*t, K, c + r]
+        queries = torch.cat([q_latent, q_pe], dim=-1).flatten(0, 1)  # [B*t, H, c + r]
+        scores = torch.bmm(queries, gathered.transpose(1, 2)).view(B, t, self.n_heads, K)
         scores = scores.float().mul_(self.scale).masked_fill_(~visible[:, :, None, :], float("-inf"))
         probs = scores.softmax(dim=-1)  # [B, t, H, K]
         target = None
         if with_target:
             target = probs.detach().sum(dim=2)
             target = target / target.sum(dim=-1, keepdim=True)
-        return torch.einsum("bthk,btkc->bthc", probs.to(q_latent.dtype), kv), target
+        out = torch.bmm(probs.to(q_latent.dtype).flatten(0, 1), gathered[..., :c])  # [B*t, H, c]
+        return out.view(B, t, self.n_heads, c), target
 
 
 class IndexedLatentCache(LatentCache):
