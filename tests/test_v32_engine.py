@@ -47,6 +47,7 @@ def greedy_plain_forward(model, ids: list[int], max_new: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow  # about 20 s on 2 cores: five prompts, each reference token a full forward
 def test_engine_greedy_decode_equals_the_full_forward_with_continuous_batching(model, tokenizer):
     prompts = ["The quick brown fox jumps over the lazy dog", "Add 12 and 30.", "x",
                "Once upon a time, in a land far away, there lived a king", "Tell me about the sea and the sky"]
