@@ -30,13 +30,14 @@ import shutil
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import daulat.lora as lora
+import daulat.model_v32 as model_v32
 from daulat.errors import DaulatError
 from daulat.model import DeepseekV3, ModelConfig, rope_frequencies
 from daulat.quant import SCALE_SUFFIX, BlockFP8, dequantize, parse_quantization, scale_grid
@@ -49,6 +50,29 @@ MTP_FILE = "mtp.safetensors"
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+
+
+class Architecture(NamedTuple):
+    """How to read one `model_type`: its config class (`from_hf_dict` parses config.json), the model
+    built from that config, and the parameters (name suffixes) kept in float32 at any load dtype.
+    The tensor names a model accepts are its own state dict's, so an architecture's extra tensors (the
+    V3.2 indexer's) pass the header and shape checks without being listed here."""
+
+    config: type
+    build: Callable[[ModelConfig], DeepseekV3]
+    keep_fp32: tuple[str, ...]
+
+
+ARCHITECTURES = {
+    "deepseek_v3": Architecture(ModelConfig, DeepseekV3, ("e_score_correction_bias",)),
+    "deepseek_v32": Architecture(model_v32.DeepseekV32Config, model_v32.build_model, model_v32.KEEP_FP32),
+}
+
+
+def architecture(raw: dict) -> Architecture:
+    """The Architecture of a config.json. Any other model_type (none, kimi_k2, an unsupported one) goes
+    to DeepSeek-V3's, whose parser accepts its aliases and names the type it expects otherwise."""
+    return ARCHITECTURES.get(raw.get("model_type", "deepseek_v3"), ARCHITECTURES["deepseek_v3"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,8 +222,10 @@ def load_config(path) -> ModelConfig:
 
 
 def parse_config(raw: dict, source) -> ModelConfig:
-    """A config.json's ModelConfig; a field of the wrong JSON kind is one line naming it."""
-    for f in fields(ModelConfig):
+    """A config.json's ModelConfig (its architecture's subclass); a field of the wrong JSON kind is one
+    line naming it."""
+    config_type = architecture(raw).config
+    for f in fields(config_type):
         value = raw.get(f.name)
         if f.name in ("bos_token_id", "eos_token_id") and isinstance(value, list):
             value = value[0] if value else None  # transformers allows a list of ids
@@ -214,7 +240,7 @@ def parse_config(raw: dict, source) -> ModelConfig:
             if value is not None and not _fits(value, "float"):
                 raise DaulatError(f"{source}: field '{key}.{name}' = {_short(value)}: expected a number")
     try:
-        return ModelConfig.from_hf_dict(raw)
+        return config_type.from_hf_dict(raw)
     except (TypeError, ValueError) as e:
         raise DaulatError(f"{source}: {e}") from None
 
@@ -370,12 +396,13 @@ def _check_shapes(plan: dict, expected: dict[str, torch.Tensor], source: str) ->
 
 
 def _stream(plan: dict, expected: dict[str, torch.Tensor], quant: BlockFP8 | None, device,
-            dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read every parameter's tensors one at a time, straight into `dtype` on `device`."""
+            dtype: torch.dtype, keep_fp32: tuple[str, ...] = ("e_score_correction_bias",)) -> dict[str, torch.Tensor]:
+    """Read every parameter's tensors one at a time, straight into `dtype` on `device` (float32 for
+    names ending in `keep_fp32`: the router's selection bias, V3.2's indexer head weights)."""
     state = {}
     with TensorReader() as reader:
         for name, ref in expected.items():
-            want = torch.float32 if name.endswith("e_score_correction_bias") else dtype  # selection bias: fp32
+            want = torch.float32 if name.endswith(keep_fp32) else dtype
             pieces = plan[name]
             if pieces[0].expert is None:
                 state[name] = _read(reader, pieces[0], quant, device, want)
@@ -419,14 +446,15 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> Deepseek
     source = str(path / (MODEL_FILE if (path / MODEL_FILE).is_file() else INDEX_FILE))
     _check_counts(entries, config, source)
     plan = _plan(entries, config, quant, source)
+    arch = architecture(raw)
     with torch.device("meta"):
-        model = DeepseekV3(config)
+        model = arch.build(config)
     expected = model.state_dict()
     if config.tie_word_embeddings:
         plan.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)
     _check_shapes(plan, expected, source)
-    state = _stream(plan, expected, quant, device, dtype or torch.float32)
+    state = _stream(plan, expected, quant, device, dtype or torch.float32, arch.keep_fp32)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

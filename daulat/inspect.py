@@ -14,12 +14,13 @@ def add_arguments(p):
 def describe(model) -> dict:
     """The facts `inspect` prints, as a dict."""
     from daulat.export import vllm_fit
-    from daulat.model import kv_cache_bytes_per_token
+    from daulat.model_v32 import DeepseekV32Config, kv_cache_bytes_per_token
 
     c = model.config
     kv = kv_cache_bytes_per_token(c, bytes_per_number=2)
+    v32 = isinstance(c, DeepseekV32Config)
     return {
-        "architecture": "DeepseekV3 (MLA + DeepSeekMoE)",
+        "architecture": "DeepseekV32 (MLA + lightning indexer + DeepSeekMoE)" if v32 else "DeepseekV3 (MLA + DeepSeekMoE)",
         "layers": c.num_hidden_layers,
         "dense_layers": min(c.first_k_dense_replace, c.num_hidden_layers),
         "moe_layers": max(c.num_hidden_layers - c.first_k_dense_replace, 0),
@@ -38,7 +39,10 @@ def describe(model) -> dict:
         "mtp_depth": c.num_nextn_predict_layers,
         "parameters_total": model.num_parameters(),
         "parameters_active_per_token": model.num_parameters(active=True),
-        "kv_cache_bytes_per_token_bf16": {"mla_latent": kv["mla"], "full_per_head_kv": kv["mha"],
+        "sparse_attention": {"index_topk": c.index_topk, "index_heads": c.index_n_heads,
+                             "index_head_dim": c.index_head_dim} if v32 else None,
+        "kv_cache_bytes_per_token_bf16": {"mla_latent": kv["latent"], "indexer_keys": kv["indexer"],
+                                          "total": kv["total"], "full_per_head_kv": kv["mha"],
                                           "saving": round(kv["saving"], 4)},
         "vllm": vllm_fit(c),
     }
@@ -87,7 +91,12 @@ def run(args) -> int:
         print(f"  MTP depth           {facts['mtp_depth']}")
     print(f"  parameters          {_human(facts['parameters_total'])} total, "
           f"{_human(facts['parameters_active_per_token'])} active per token")
-    print(f"  KV cache per token  {kv['mla_latent']:,} bytes (MLA latent, bf16) vs {kv['full_per_head_kv']:,} bytes"
-          f" for full per-head K/V: {kv['saving']:.1%} less")
+    if facts["sparse_attention"]:
+        s = facts["sparse_attention"]
+        print(f"  sparse attention    top-{s['index_topk']} keys by a {s['index_heads']}-head indexer of dim"
+              f" {s['index_head_dim']}")
+    parts = f" + {kv['indexer_keys']:,} indexer keys" if kv["indexer_keys"] else ""
+    print(f"  KV cache per token  {kv['total']:,} bytes ({kv['mla_latent']:,} MLA latent{parts}, bf16) vs"
+          f" {kv['full_per_head_kv']:,} bytes for full per-head K/V: {kv['saving']:.1%} less")
     print(f"  vLLM                {facts['vllm']}")
     return 0

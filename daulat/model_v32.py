@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from daulat.model import MLA, Block, DeepseekV3, LatentCache, ModelConfig, apply_rope
+from daulat.model import kv_cache_bytes_per_token as v3_kv_cache_bytes_per_token
 
 # tensors kept in float32 at any load dtype: the router's correction bias and the indexer's head weights
 KEEP_FP32 = ("e_score_correction_bias", "indexer.weights_proj.weight")
@@ -124,11 +125,14 @@ class Indexer(nn.Module):
         """Index scores I [B, T, S] (float32) of queries x [B, T, D] with q_resid [B, T, q_lora_rank] and
         cos/sin [B, T, 1, r/2] against keys [B, S, d]. No causal mask: the caller applies it."""
         B, T, _ = x.shape
+        S = keys.shape[1]
         q = self._rotate(self.wq_b(q_resid).view(B, T, self.n_heads, self.head_dim), cos, sin)
         with torch.autocast(x.device.type, enabled=False):  # float32 even in bf16 training
-            # [B, T, h, d] @ [B, 1, d, S] -> per-head scores [B, T, h, S]
-            scores = torch.matmul(q.float(), keys.float().transpose(1, 2).unsqueeze(1)).mul_(self.scale).relu_()
-            weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads**-0.5  # [B, T, h]
+            # all T*h query heads against the keys in one product: [B, T*h, d] @ [B, d, S] -> [B, T, h, S]
+            scores = torch.matmul(q.float().reshape(B, T * self.n_heads, -1), keys.float().transpose(1, 2))
+            scores = scores.view(B, T, self.n_heads, S).relu_()
+            # the softmax scale is positive, so it passes through the ReLU into the head weights
+            weights = F.linear(x.float(), self.weights_proj.weight.float()) * (self.n_heads**-0.5 * self.scale)
             return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # heads weighted and summed: [B, T, S]
 
 
@@ -143,6 +147,8 @@ class SparseMLA(MLA):
     def __init__(self, config: DeepseekV32Config, layer_idx: int):
         super().__init__(config, layer_idx)
         self.indexer = Indexer(config)
+        self.indexer_mode: str | None = None  # set through DeepseekV32.indexer_mode
+        self.indexer_loss: torch.Tensor | None = None  # the last training forward's KL (indexer_mode set)
 
     def forward(self, x, cos, sin, positions=None, cache=None, absorb=None, rotation=None):
         """x [B, T, D], or [B, D] for one new token per sequence (decoding); cos/sin [B, T, 1, r/2];
@@ -158,12 +164,14 @@ class SparseMLA(MLA):
         kv_latent, k_pe = self.kv_a_proj_with_mqa(x).split([c, self.rope], dim=-1)
         kv_latent = self.kv_a_layernorm(kv_latent)  # [B, T, c]
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)  # [B, T, r]
-        if cache is None and self.indexer.topk >= T:  # each query keeps all its earlier keys: V3's dense attention
+        training_indexer = self.indexer_mode is not None and self.training and cache is None
+        if cache is None and self.indexer.topk >= T and not training_indexer:  # every earlier key kept: V3's attention
             out = self._expanded(q_nope, q_pe, kv_latent, k_pe, None, causal=True)
             return self.o_proj(out.reshape(*shape[:-1], H * self.v_dim))
-        # the indexer only chooses keys: no gradient flows through top-k, so it runs without autograd
-        with torch.no_grad():
-            index_keys = self.indexer.keys(x, cos, sin)  # [B, T, d]
+        # the indexer only chooses keys: no gradient flows through top-k; when it trains (indexer_mode),
+        # only its own KL loss reaches it, through inputs detached from the main model
+        with torch.enable_grad() if training_indexer else torch.no_grad():
+            index_keys = self.indexer.keys(x.detach(), cos, sin)  # [B, T, d]
         if cache is None:  # key s of the sequence is visible to query t when s <= t
             query_pos = torch.arange(T, device=x.device).expand(B, T)
         else:  # the key at cache index s has position s
@@ -171,51 +179,81 @@ class SparseMLA(MLA):
             kv_latent, k_pe = keys[..., :c], keys[..., c:]
             index_keys = cache.update_indexer(self.layer_idx, index_keys)  # [B, S, d]
             query_pos = positions
-        out = self._sparse(x, q_resid, cos, sin, q_nope, q_pe, kv_latent, k_pe, index_keys, query_pos)
+        out = self._sparse(x, q_resid, cos, sin, q_nope, q_pe, kv_latent, k_pe, index_keys, query_pos, training_indexer)
         return self.o_proj(out.reshape(*shape[:-1], H * self.v_dim))
 
-    def _sparse(self, x, q_resid, cos, sin, q_nope, q_pe, kv_latent, k_pe, index_keys, query_pos):
+    def _sparse(self, x, q_resid, cos, sin, q_nope, q_pe, kv_latent, k_pe, index_keys, query_pos,
+                training_indexer=False):
         """Top-k selection and attention over the gathered keys, a chunk of queries at a time.
 
         Queries: x [B, T, D], q_resid [B, T, q], q_nope [B, T, H, n], q_pe [B, T, H, r] at positions
         query_pos [B, T]; keys: kv_latent [B, S, c], k_pe [B, S, r], index_keys [B, S, d], key s at
-        position s. Returns [B, T, H, v].
+        position s. Returns [B, T, H, v]. training_indexer: also set `self.indexer_loss`, the indexer's
+        KL to the attention over the selected keys (over every earlier key in "warmup" mode).
         """
         B, T, _ = x.shape
-        S, K = kv_latent.shape[1], self.indexer.topk
+        S = kv_latent.shape[1]
+        K = S if self.indexer_mode == "warmup" and training_indexer else self.indexer.topk  # warm-up: dense
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w[:, : self.nope])  # [B, T, H, c]
         per_query = S * self.indexer.n_heads + K * (self.kv_lora_rank + self.rope + self.n_heads)
         chunk = max(1, CHUNK_NUMBERS // (B * per_query))
-        out = []
+        out, kl = [], []
         for start in range(0, T, chunk):
             queries = slice(start, start + chunk)
             pos = query_pos[:, queries]  # [B, t]
             end = int(pos.max()) + 1  # keys after the chunk's last query are never needed
+            index_args = (x[:, queries].detach(), q_resid[:, queries].detach(), cos[:, queries], sin[:, queries])
             with torch.no_grad():
-                scores = self.indexer(x[:, queries], q_resid[:, queries], cos[:, queries], sin[:, queries],
-                                      index_keys[:, :end])
+                scores = self.indexer(*index_args, index_keys[:, :end])
                 future = torch.arange(end, device=x.device) > pos[..., None]  # [B, t, end]
                 selected = scores.masked_fill_(future, float("-inf")).topk(min(K, end), dim=-1).indices  # [B, t, K]
             # a query with fewer than K earlier keys also selected some later ones: they stay masked
             visible = selected <= pos[..., None]  # [B, t, K]
-            args = (q_latent[:, queries], q_pe[:, queries], kv_latent, k_pe, selected, visible)
+            args = (q_latent[:, queries], q_pe[:, queries], kv_latent, k_pe, selected, visible, training_indexer)
             if torch.is_grad_enabled():  # keep only the chunk's output for backward, not its gathered keys
-                out.append(checkpoint(self._attend_selected, *args, use_reentrant=False))
+                attended = checkpoint(self._attend_selected, *args, use_reentrant=False)
             else:
-                out.append(self._attend_selected(*args))
+                attended = self._attend_selected(*args)
+            out.append(attended[0])
+            if training_indexer:  # the indexer's scores are recomputed in backward rather than kept
+                with torch.enable_grad():
+                    kl.append(checkpoint(self._indexer_kl, index_args, index_keys, selected, visible, attended[1],
+                                         use_reentrant=False))
+        with torch.enable_grad():  # the warm-up runs the main model under no_grad
+            self.indexer_loss = torch.stack(kl).sum() / (B * T) if kl else None
         return torch.einsum("bthc,hvc->bthv", torch.cat(out, dim=1), w[:, self.nope :])  # [B, T, H, v]
 
-    def _attend_selected(self, q_latent, q_pe, kv_latent, k_pe, selected, visible):
+    def _indexer_kl(self, index_args, index_keys, selected, visible, target):
+        """Sum over queries of KL(target || softmax of the indexer's scores over the selected keys), the
+        DeepSeek-V3.2 report's indexer loss: index_args the indexer's query inputs (detached), index_keys
+        [B, S, d]; selected, visible [B, t, K]; target [B, t, K] the main attention summed over heads and
+        L1-normalised."""
+        end = int(selected.max()) + 1
+        scores = self.indexer(*index_args, index_keys[:, :end]).gather(-1, selected)  # [B, t, K], with gradient
+        log_q = scores.masked_fill(~visible, float("-inf")).log_softmax(dim=-1)
+        return torch.where(visible, torch.xlogy(target, target) - target * log_q, 0.0).sum()
+
+    def _attend_selected(self, q_latent, q_pe, kv_latent, k_pe, selected, visible, with_target=False):
         """Latent-space attention of q_latent [B, t, H, c] and q_pe [B, t, H, r] over the keys `selected`
         [B, t, K] (indices into kv_latent [B, S, c] and k_pe [B, S, r]), where `visible` [B, t, K].
-        Returns the attended latents [B, t, H, c]."""
-        batch = torch.arange(selected.shape[0], device=selected.device)[:, None, None]
-        kv, pe = kv_latent[batch, selected], k_pe[batch, selected]  # gathered: [B, t, K, c], [B, t, K, r]
-        scores = torch.einsum("bthc,btkc->bthk", q_latent, kv) + torch.einsum("bthr,btkr->bthk", q_pe, pe)
+        Returns (the attended latents [B, t, H, c], and with_target the attention over the selected
+        keys summed over heads and L1-normalised [B, t, K] float32, without gradient; else None)."""
+        B, t, K = selected.shape
+        S, c = kv_latent.shape[1], self.kv_lora_rank
+        rows = (selected + S * torch.arange(B, device=selected.device)[:, None, None]).flatten()
+        keys = torch.cat([kv_latent, k_pe], dim=-1).flatten(0, 1)  # [B * S, c + r]: one gather for both
+        gathered = keys.index_select(0, rows).view(B * t, K, c + self.rope)  # [B*t, K, c + r]
+        queries = torch.cat([q_latent, q_pe], dim=-1).flatten(0, 1)  # [B*t, H, c + r]
+        scores = torch.bmm(queries, gathered.transpose(1, 2)).view(B, t, self.n_heads, K)
         scores = scores.float().mul_(self.scale).masked_fill_(~visible[:, :, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(q_latent.dtype)  # [B, t, H, K]
-        return torch.einsum("bthk,btkc->bthc", probs, kv)
+        probs = scores.softmax(dim=-1)  # [B, t, H, K]
+        target = None
+        if with_target:
+            target = probs.detach().sum(dim=2)
+            target = target / target.sum(dim=-1, keepdim=True)
+        out = torch.bmm(probs.to(q_latent.dtype).flatten(0, 1), gathered[..., :c])  # [B*t, H, c]
+        return out.view(B, t, self.n_heads, c), target
 
 
 class IndexedLatentCache(LatentCache):
@@ -263,6 +301,58 @@ class DeepseekV32(DeepseekV3):
             raise TypeError(f"DeepseekV32 needs a DeepseekV32Config, got {type(config).__name__}")
         super().__init__(config)
 
+    # -- training the indexer (DeepSeek-V3.2 report, section 2.1.1) ---------------------------------
+    INDEXER_MODES = (None, "warmup", "sparse")
+
+    @property
+    def indexer_mode(self) -> str | None:
+        """How `training_loss` trains the lightning indexers (in train mode; inference ignores it):
+
+        None: not at all (as transformers: the indexer is a fixed selector); the loss is the LM loss.
+        "warmup": the dense warm-up. Every query attends to all its earlier keys, the main model is
+            frozen (no gradient, no router-bias updates), and the loss is the indexers' KL from the main
+            attention's distribution (summed over heads, L1-normalised) to their softmaxed scores.
+        "sparse": sparse training. Top-k attention; the loss is the LM loss plus the indexers' KL on
+            the selected keys, the indexers' inputs detached: the LM loss trains the main model only,
+            the KL the indexers only.
+        """
+        return self.layers[0].self_attn.indexer_mode
+
+    @indexer_mode.setter
+    def indexer_mode(self, mode: str | None) -> None:
+        if mode not in self.INDEXER_MODES:
+            raise ValueError(f"indexer_mode = {mode!r}: expected one of {self.INDEXER_MODES}")
+        for layer in self.layers:
+            layer.self_attn.indexer_mode = mode
+
+    def indexer_loss(self) -> torch.Tensor | None:
+        """The last training forward's indexer KL, averaged over layers and queries (None when no
+        layer computed one)."""
+        losses = [layer.self_attn.indexer_loss for layer in self.layers if layer.self_attn.indexer_loss is not None]
+        return torch.stack(losses).mean() if losses else None
+
+    def training_loss(self, input_ids, targets, ignore_index: int = -100):
+        """DeepSeek-V3's loss (CE + MTP + balance) for indexer_mode None; the warm-up's indexer KL alone
+        ("warmup", CE still reported); CE + ... + the KL on the selected keys ("sparse"). The KL is
+        reported as stats["indexer_kl"]."""
+        for layer in self.layers:
+            layer.self_attn.indexer_loss = None
+        if self.indexer_mode != "warmup":
+            loss, stats = super().training_loss(input_ids, targets, ignore_index)
+        else:
+            with torch.no_grad():  # the main model is frozen: only the indexers' KL builds a graph
+                loss, stats = super().training_loss(input_ids, targets, ignore_index)
+        kl = self.indexer_loss()
+        if kl is None:  # not in train mode, or no indexer_mode
+            return loss, stats
+        stats["indexer_kl"] = kl.detach()
+        return (kl if self.indexer_mode == "warmup" else loss + kl), stats
+
+    @torch.no_grad()
+    def update_router_bias(self, gamma: float | None = None) -> list[torch.Tensor]:
+        """DeepSeek-V3's bias balancing; during the indexer warm-up the router stays as it is."""
+        return super().update_router_bias(0.0 if self.indexer_mode == "warmup" else gamma)
+
     def make_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> IndexedLatentCache:
         """The decode cache for `batch_size` sequences of up to `max_len` tokens; device and dtype
         default to the model's."""
@@ -285,6 +375,18 @@ def config_from_hf_dict(d: dict) -> ModelConfig:
 def build_model(config: ModelConfig) -> DeepseekV3:
     """The model for a config: DeepseekV32 for a DeepseekV32Config, DeepseekV3 otherwise."""
     return DeepseekV32(config) if isinstance(config, DeepseekV32Config) else DeepseekV3(config)
+
+
+def kv_cache_bytes_per_token(config: ModelConfig, bytes_per_number: int = 2) -> dict:
+    """Decode-cache size per token over all layers, by formula, for V3 or V3.2: "latent" (MLA's c + r),
+    "indexer" (V3.2's indexer key, d; 0 for V3), "total" (what the engine's cache holds), "mha" (full
+    per-head K and V, the cache an uncompressed attention of the same shape would need) and "saving"."""
+    kv = v3_kv_cache_bytes_per_token(config, bytes_per_number)
+    indexer = 0
+    if isinstance(config, DeepseekV32Config):
+        indexer = config.num_hidden_layers * config.index_head_dim * bytes_per_number
+    total = kv["mla"] + indexer
+    return {"latent": kv["mla"], "indexer": indexer, "total": total, "mha": kv["mha"], "saving": 1 - total / kv["mha"]}
 
 
 def from_transformers_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
