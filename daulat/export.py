@@ -1,6 +1,7 @@
 """`daulat export`: ship a checkpoint to llama.cpp (GGUF) or as a clean transformers directory.
 
     daulat export runs/chat --format gguf --dtype q8_0 --out chat-q8_0.gguf   # llama.cpp, ollama, LM Studio...
+    daulat export runs/chat --format gguf --dtype q4_k_m --out chat-q4.gguf   # laptops: llama.cpp's k-quants
     daulat export runs/chat --format hf --out chat-hf                         # transformers, vLLM
 
 GGUF is written with the `gguf` package as llama.cpp's `deepseek2` architecture (its name for
@@ -22,6 +23,11 @@ small custom models. What llama.cpp expects, and what this module does about it:
     alone, then GPT-2's regex: exactly daulat's), special tokens as CONTROL, add_bos_token=true (daulat
     starts every document with <|bos|>; llama.cpp drops the chat template's own leading <|bos|>), and
     the chat template.
+
+f32, f16, bf16 and q8_0 are written here; the k-quants below 8 bits (q6_k, q5_k_m, q4_k_m) by llama.cpp's
+own quantizer (llama-cpp-python) from a temporary f16 file, exactly what `llama-quantize` would make of it.
+k-quant blocks span 256 numbers of a row: hidden_size must be a multiple of 256, and llama.cpp gives the
+tensors whose rows are not (attn_k_b, whose rows are qk_nope_head_dim long) a fallback type (q5_0, q5_1, q8_0).
 
 Verified against llama.cpp 0c1e57098 (as bundled in llama-cpp-python 0.3.36) by tests/test_llama_cpp.py.
 A configuration llama.cpp cannot compute exactly is refused with one line naming the field.
