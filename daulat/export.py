@@ -373,7 +373,6 @@ def _write_k_quant(model, tokenizer, path: Path, dtype: str, name: str, chat_tem
         write_gguf(model, tokenizer, source, "f16", name=name, chat_template=chat_template)
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, K_QUANTS[dtype])
-        params.nthread = max(1, len(os.sched_getaffinity(0)))
         from llama_cpp import _logger  # llama.cpp reports each tensor at INFO level: keep only its errors
 
         level = _logger.logger.level
