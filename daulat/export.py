@@ -1,6 +1,7 @@
 """`daulat export`: ship a checkpoint to llama.cpp (GGUF) or as a clean transformers directory.
 
     daulat export runs/chat --format gguf --dtype q8_0 --out chat-q8_0.gguf   # llama.cpp, ollama, LM Studio...
+    daulat export runs/chat --format gguf --dtype q4_k_m --out chat-q4.gguf   # laptops: llama.cpp's k-quants
     daulat export runs/chat --format hf --out chat-hf                         # transformers, vLLM
 
 GGUF is written with the `gguf` package as llama.cpp's `deepseek2` architecture (its name for
@@ -23,6 +24,11 @@ small custom models. What llama.cpp expects, and what this module does about it:
     starts every document with <|bos|>; llama.cpp drops the chat template's own leading <|bos|>), and
     the chat template.
 
+f32, f16, bf16 and q8_0 are written here; the k-quants below 8 bits (q6_k, q5_k_m, q4_k_m) by llama.cpp's
+own quantizer (llama-cpp-python) from a temporary f16 file, exactly what `llama-quantize` would make of it.
+k-quant blocks span 256 numbers of a row: hidden_size must be a multiple of 256, and llama.cpp gives the
+tensors whose rows are not (attn_k_b, whose rows are qk_nope_head_dim long) a fallback type (q5_0, q5_1, q8_0).
+
 Verified against llama.cpp 0c1e57098 (as bundled in llama-cpp-python 0.3.36) by tests/test_llama_cpp.py.
 A configuration llama.cpp cannot compute exactly is refused with one line naming the field.
 """
@@ -36,7 +42,11 @@ from pathlib import Path
 
 from daulat.errors import DaulatError
 
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
+# k-quants below 8 bits: written by llama.cpp's own quantizer (llama-cpp-python) from an f16 file, as
+# llama.cpp's convert + llama-quantize do; "_m" mixes keep some tensors one step finer (llama.cpp's choice)
+K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M", "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+K_QUANT_BLOCK = 256  # ggml's QK_K: a k-quant block covers 256 numbers of one row
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", *K_QUANTS)
 HF_DTYPES = ("f32", "f16", "bf16", "fp8")
 GGUF_PRE_TOKENIZER = "smollm"  # llama.cpp's name for: split off each digit, then GPT-2's byte-level regex
 # llama.cpp's deepseek2 loader takes these layer counts for DeepSeek-V2-Lite-like models and then never
@@ -302,8 +312,10 @@ def write_gguf(model, tokenizer, path, dtype: str = "f32", name: str = "daulat",
     path = Path(path)
     if path.is_dir():
         raise DaulatError(f"--out {path} is a directory: give a file name such as model.gguf")
+    if dtype in K_QUANTS:
+        return _write_k_quant(model, tokenizer, path, dtype, name, chat_template)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    tmp = _temporary(path)
     writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2])
     try:
         _gguf_model_keys(writer, gguf, config, dtype, name)
@@ -322,6 +334,71 @@ def write_gguf(model, tokenizer, path, dtype: str = "f32", name: str = "daulat",
         tmp.unlink(missing_ok=True)
         raise
     return {"tensors": count, "bytes": path.stat().st_size, "types": types}
+
+
+def _temporary(path: Path) -> Path:
+    """A hidden file beside `path`, on the same file system, so that os.replace is atomic."""
+    return path.parent / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise DaulatError("GGUF k-quants (" + ", ".join(K_QUANTS) + ") are made by llama.cpp's quantizer: "
+                          "pip install 'daulat[quantize]' (llama-cpp-python)") from None
+    return llama_cpp
+
+
+def check_k_quant(config, dtype: str) -> None:
+    """Refuse a k-quant that would not apply: ggml quantizes a row in blocks of 256, and llama.cpp gives
+    every tensor whose rows are not a multiple of 256 another type (q4_k -> q5_0, q5_k -> q5_1,
+    q6_k -> q8_0; f16 if not even a multiple of 32). Rows of most weights (embeddings, q/kv_a, gate/up,
+    experts, router) are hidden_size long, so hidden_size decides whether the file is a k-quant at all;
+    the others (attn_k_b: qk_nope_head_dim, attn_v_b/kv_b: kv_lora_rank, ...) fall back one by one."""
+    if config.hidden_size % K_QUANT_BLOCK:
+        raise DaulatError(f"cannot export GGUF {dtype}: config field 'hidden_size' = {config.hidden_size} is not a "
+                          f"multiple of {K_QUANT_BLOCK} (a k-quant block): llama.cpp would store almost every "
+                          "tensor in another type; use q8_0 or f16")
+
+
+def _write_k_quant(model, tokenizer, path: Path, dtype: str, name: str, chat_template: str | None) -> dict:
+    """An f16 GGUF beside `path`, requantized by llama.cpp (llama_model_quantize) into a second temporary
+    that is renamed to `path`; both temporaries are removed whatever happens."""
+    check_k_quant(model.config, dtype)
+    llama_cpp = _llama_cpp()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source, target = _temporary(path.with_name(path.name + ".f16")), _temporary(path)
+    try:
+        write_gguf(model, tokenizer, source, "f16", name=name, chat_template=chat_template)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, K_QUANTS[dtype])
+        from llama_cpp import _logger  # llama.cpp reports each tensor at INFO level: keep only its errors
+
+        level = _logger.logger.level
+        _logger.logger.setLevel("ERROR")
+        try:
+            code = llama_cpp.llama_model_quantize(os.fsencode(source), os.fsencode(target), params)
+        finally:
+            _logger.logger.setLevel(level)
+        if code != 0 or not target.is_file():
+            raise DaulatError(f"llama.cpp's quantizer failed to write {dtype} (code {code}; its error is above)")
+        with open(target, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(target, path)
+    finally:
+        source.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
+    return gguf_stats(path)
+
+
+def gguf_stats(path) -> dict:
+    """{"tensors": count, "bytes": file size, "types": {gguf type name: count}} of a GGUF file."""
+    reader = _gguf().GGUFReader(path)
+    types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
+    return {"tensors": len(reader.tensors), "bytes": Path(path).stat().st_size, "types": types}
 
 
 def _gguf_model_keys(writer, gguf, config, dtype: str, name: str) -> None:
@@ -496,6 +573,9 @@ def export_gguf(checkpoint, out, dtype: str | None = None) -> dict:
     check_llama_cpp(load_config(checkpoint))  # before reading any weights
     if dtype == "fp8":
         raise DaulatError("--dtype fp8 is for --format hf; GGUF takes " + ", ".join(GGUF_DTYPES))
+    if dtype in K_QUANTS:  # before reading any weights, as the checks above
+        check_k_quant(load_config(checkpoint), dtype)
+        _llama_cpp()
     if not (checkpoint / "tokenizer.json").is_file():
         raise DaulatError(f"checkpoint {checkpoint} has no tokenizer.json: a GGUF file carries its tokenizer")
     model, tokenizer, _ = load_checkpoint(checkpoint)
@@ -537,7 +617,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--format", required=True, choices=["gguf", "hf"],
                         help="gguf: one file for llama.cpp and the tools built on it; hf: a transformers directory")
     parser.add_argument("--dtype", choices=tuple(dict.fromkeys(GGUF_DTYPES + HF_DTYPES)),
-                        help="weight precision (default: the checkpoint's own, f32 for daulat's); q8_0 is GGUF only, "
+                        help="weight precision (default: the checkpoint's own, f32 for daulat's); q8_0 and the "
+                             "k-quants q4_k_m, q5_k_m, q6_k (llama.cpp's quantizer, hidden_size a multiple of 256) "
+                             "are GGUF only, "
                              "fp8 (DeepSeek's 128x128 block-scaled layout) hf only; norms, biases and the router "
                              "stay f32")
     parser.add_argument("--out", required=True, help="the .gguf file (gguf) or directory (hf) to write")

@@ -302,6 +302,19 @@ def test_gguf_needs_the_tokenizer(tmp_path, capsys):
     assert "no tokenizer.json" in capsys.readouterr().err
 
 
+def test_cli_k_quant_refusals_are_one_line_before_writing(tmp_path, tokenizer, capsys, monkeypatch):
+    save_model(_model(), tmp_path / "narrow", tokenizer=tokenizer)
+    save_model(_model(hidden_size=256), tmp_path / "wide", tokenizer=tokenizer)
+    out = tmp_path / "out" / "m.gguf"
+    assert main(["export", str(tmp_path / "narrow"), "--format", "gguf", "--dtype", "q4_k_m", "--out", str(out)]) == 2
+    assert "'hidden_size' = 64 is not a multiple of 256" in capsys.readouterr().err
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    assert main(["export", str(tmp_path / "wide"), "--format", "gguf", "--dtype", "q6_k", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'daulat[quantize]'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_gguf_default_dtype_is_the_checkpoints(tmp_path, tokenizer, capsys):
     save_model(_model(), tmp_path / "run" / "final", tokenizer=tokenizer)
     assert main(["export", str(tmp_path / "run" / "final"), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0

@@ -9,7 +9,9 @@ greedy decoding is meaningful), exported to GGUF f32 and loaded with `llama_cpp.
     own greedy output, also through llama-cpp-python's completion and chat APIs;
   * a spread of configurations (low-rank query, YaRN with and without mscale_all_dim, NeoX RoPE halves,
     group-limited routing, no shared expert, tied embeddings, all-dense) gives the same logits;
-  * f16, bf16 and q8_0 files load and stay close.
+  * f16, bf16 and q8_0 files load and stay close;
+  * the k-quants q4_k_m, q5_k_m and q6_k (llama.cpp's own quantizer, on a model 256 wide so that its
+    blocks apply) hold k-quant tensors, tokenize the same and keep daulat's next-token argmax.
 
 Verified with llama-cpp-python 0.3.36 = llama.cpp 0c1e57098. Each test prints one JSON line of figures.
 """
@@ -28,7 +30,8 @@ llama_cpp = require("llama_cpp")  # llama-cpp-python builds llama.cpp from sourc
 
 from daulat.checkpoint import save_model  # noqa: E402
 from daulat.cli import main  # noqa: E402
-from daulat.export import write_gguf  # noqa: E402
+from daulat.errors import DaulatError  # noqa: E402
+from daulat.export import gguf_stats, write_gguf  # noqa: E402
 from daulat.model import DeepseekV3, ModelConfig  # noqa: E402
 from daulat.tokenizer import CHAT_TEMPLATE, train_tokenizer  # noqa: E402
 
@@ -251,6 +254,86 @@ def test_smaller_dtypes_load_and_stay_close(dtype, tolerance, trained, tokenizer
     size = (tmp_path / f"m-{dtype}.gguf").stat().st_size
     _report(test=f"dtype_{dtype}", max_abs_diff=round(diff, 4), top1_agreement=agree, bytes=size)
     assert diff < tolerance * ours.abs().max().item() and agree >= 0.9
+
+
+# ------------------------------------------------------------------------------------------------ k-quants
+
+# k-quant blocks are 256 numbers of a row: rows here are 256 (hidden, kv_lora_rank, heads * v_head_dim,
+# moe_intermediate) or 512 long, except attn_k_b's qk_nope_head_dim, which llama.cpp stores in a fallback type
+WIDE = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+            num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=256, qk_nope_head_dim=32, qk_rope_head_dim=32,
+            v_head_dim=64, first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+            max_position_embeddings=256)
+# (top-1 floor, what the dtype's main tensors must be); measured 1.0, 1.0, 0.96 over these 131 positions
+K_QUANT_FLOORS = {"q6_k": (0.95, "Q6_K"), "q5_k_m": (0.9, "Q5_K"), "q4_k_m": (0.85, "Q4_K")}
+
+
+@pytest.fixture(scope="module")
+def wide(tokenizer):
+    """A 256-wide model trained briefly on SENTENCES, so that its next-token argmax is not a coin toss."""
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    model = DeepseekV3(ModelConfig(**WIDE))
+    docs = [t for _ in range(20) for s in rng.sample(SENTENCES, len(SENTENCES))
+            for t in (tokenizer.bos_id, *tokenizer.encode(s), tokenizer.eos_id)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(60):
+        starts = [rng.randrange(len(docs) - 65) for _ in range(8)]
+        chunk = torch.tensor([docs[s : s + 65] for s in starts])
+        loss, _ = model.training_loss(chunk[:, :-1], chunk[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    _report(test="train_wide", steps=60, final_loss=round(loss.item(), 4))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(wide, tokenizer, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("wide") / "ckpt"
+    save_model(wide, directory, tokenizer=tokenizer)
+    return directory
+
+
+@pytest.mark.parametrize("dtype", list(K_QUANT_FLOORS))
+def test_k_quants_hold_k_quant_tensors_and_keep_the_argmax(dtype, wide, wide_checkpoint, tokenizer, tmp_path):
+    """Through `daulat export`: an f16 file requantized by llama.cpp, then read back by both gguf and llama.cpp."""
+    gguf = require("gguf")
+    floor, main_type = K_QUANT_FLOORS[dtype]
+    path = tmp_path / f"m-{dtype}.gguf"
+    assert main(["export", str(wide_checkpoint), "--format", "gguf", "--dtype", dtype, "--out", str(path)]) == 0
+    stats = gguf_stats(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # the temporaries are gone
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.ffn_up.weight"] == main_type and types["blk.1.ffn_up_exps.weight"] == main_type
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert stats["types"].get(main_type, 0) >= len(types) // 3
+    llm = _load(path)
+    agree, errors = [], []
+    try:
+        for text in PROMPTS + SENTENCES[:3]:
+            assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=False) == _prompt_ids(tokenizer, text)
+            ids = _prompt_ids(tokenizer, text)
+            with torch.no_grad():
+                ours = wide(torch.tensor([ids]))[0]
+            theirs = _llama_logits(llm, ids)
+            agree += (theirs.argmax(-1) == ours.argmax(-1)).tolist()
+            errors.append((theirs - ours).abs())
+    finally:
+        llm.close()
+    errors = torch.cat([e.flatten() for e in errors])
+    top1 = sum(agree) / len(agree)
+    _report(test=f"k_quant_{dtype}", top1_agreement=round(top1, 4), positions=len(agree),
+            max_abs_diff=round(errors.max().item(), 4), mean_abs_diff=round(errors.mean().item(), 4),
+            bytes=stats["bytes"], types=stats["types"])
+    assert top1 >= floor
+
+
+def test_k_quant_needs_k_quant_rows(tokenizer, tmp_path):
+    with pytest.raises(DaulatError, match="'hidden_size' = 64 is not a multiple of 256"):
+        write_gguf(DeepseekV3(ModelConfig(**BASE)), tokenizer, tmp_path / "m.gguf", "q4_k_m")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------ configurations
