@@ -81,35 +81,44 @@ def _file_sha256(path: Path) -> str:
     return hasher.hexdigest()
 
 
+def prepare(text: str, fmt: str, options: PipelineOptions) -> tuple[str, str, Counter] | str:
+    """The steps that need no state across documents: (clean text, language, PII counts), or the reason
+    the document is dropped ('too_short', 'language'). Run in the worker processes."""
+    from daulat.data.clean import clean_text
+    from daulat.data.language import detect_language
+    from daulat.data.pii import scrub
+
+    text = clean_text(text, options.min_chars)
+    if text is None:
+        return "too_short"
+    language = detect_language(text) if fmt != "code" else "code"
+    if options.languages is not None and language not in options.languages:
+        return "language"
+    found: Counter = Counter()
+    if options.pii and (fmt != "code" or options.pii_code):
+        text, found = scrub(text)
+    return text, language, found
+
+
 class DocumentPipeline:
-    """The steps after extraction, with their state (seen hashes, MinHash index) and counts."""
+    """The steps of one pass with their state (seen hashes, MinHash signatures) and counts; run in order,
+    in the main process, so that which copy of a duplicate is kept does not depend on the workers."""
 
     def __init__(self, options: PipelineOptions):
         from daulat.data.dedup import NearDuplicates
 
         self.options = options
         self.near = NearDuplicates(options.near_duplicate_threshold) if options.near_duplicate_threshold > 0 else None
-        self.seen_texts: set[str] = set()
+        self.seen_texts: set[bytes] = set()  # sha256 digests of kept texts: 32 bytes a document, never the text
         self.dropped, self.pii, self.languages, self.formats = Counter(), Counter(), Counter(), Counter()
 
-    def process(self, text: str, fmt: str) -> tuple[str, str] | None:
-        """(clean text, language) of a kept document, or None (the reason counted in `dropped`)."""
-        from daulat.data.clean import clean_text
-        from daulat.data.language import detect_language
-        from daulat.data.pii import scrub
-
-        text = clean_text(text, self.options.min_chars)
-        if text is None:
-            self.dropped["too_short"] += 1
+    def keep(self, prepared: tuple[str, str, Counter] | str, fmt: str) -> tuple[str, str] | None:
+        """(text, language) of a document `prepare` gave, or None when it is dropped (reason counted)."""
+        if isinstance(prepared, str):
+            self.dropped[prepared] += 1
             return None
-        language = detect_language(text) if fmt != "code" else "code"
-        if self.options.languages is not None and language not in self.options.languages:
-            self.dropped["language"] += 1
-            return None
-        if self.options.pii and (fmt != "code" or self.options.pii_code):
-            text, found = scrub(text)
-            self.pii.update(found)
-        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        text, language, found = prepared
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
         if digest in self.seen_texts:
             self.dropped["exact_duplicate"] += 1
             return None
@@ -117,13 +126,62 @@ class DocumentPipeline:
             self.dropped["near_duplicate"] += 1
             return None
         self.seen_texts.add(digest)
+        self.pii.update(found)
         self.languages[language] += 1
         self.formats[fmt] += 1
         return text, language
 
+    def process(self, text: str, fmt: str) -> tuple[str, str] | None:
+        """prepare then keep, in this process."""
+        return self.keep(prepare(text, fmt, self.options), fmt)
 
-def run_pipeline(specs, options: PipelineOptions) -> tuple[Iterator[dict], dict]:
-    """(records, summary): one pass over the files; the summary is complete once records are exhausted."""
+    def counts(self) -> dict:
+        return {"dropped": dict(self.dropped), "pii": dict(self.pii), "languages": dict(self.languages),
+                "formats": dict(self.formats)}
+
+
+def _file_job(job: tuple[Path, PipelineOptions]) -> tuple[str, str | list]:
+    """('skipped', reason) or (sha256, [(member, format, prepared)]) for one file: what a worker does.
+    Memory: one file's bytes (within the caps) and its documents, never more than one file at a time."""
+    from daulat.data.documents import extract_file
+
+    path, options = job
+    try:
+        sha256 = _file_sha256(path)
+        documents = [(member, fmt, prepare(text, fmt, options)) for member, fmt, text in extract_file(path, options.limits)]
+    except Skipped as e:
+        return "skipped", e.args[0]
+    except OSError:
+        return "skipped", "unreadable"
+    return sha256, documents
+
+
+def worker_count(workers: int | None, files: int) -> int:
+    """None: one process per core (at most 8) for a corpus big enough to pay for starting them, else none."""
+    if workers is not None:
+        return max(0, workers)
+    return min(8, os.cpu_count() or 1) if files >= 64 else 0
+
+
+def progress(total: int, show: bool | None, unit: str = "file"):
+    """A tqdm bar on stderr: shown when asked (show=True) or, by default, when stderr is a terminal."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, file=sys.stderr, disable=not (sys.stderr.isatty() if show is None else show),
+                dynamic_ncols=True, leave=False)
+
+
+def run_pipeline(specs, options: PipelineOptions, workers: int | None = None,
+                 show_progress: bool | None = None) -> tuple[Iterator[dict], dict]:
+    """(records, summary): one pass over the files; the summary is complete once records are exhausted.
+
+    Files are extracted, cleaned, language-tagged and scrubbed by `workers` processes (see worker_count),
+    a bounded window of files at a time; duplicates are removed here, in file order, so the output is the
+    same for any number of workers."""
+    from daulat.data.reading import ordered_map
+
     summary = {"files": 0, "documents": 0, "bytes": 0, "skipped": Counter(), "skipped_files": []}
     files = list_files(specs, options, summary)
     if not files:
@@ -131,32 +189,27 @@ def run_pipeline(specs, options: PipelineOptions) -> tuple[Iterator[dict], dict]
     steps = DocumentPipeline(options)
 
     def records() -> Iterator[dict]:
-        from daulat.data.documents import extract_file
-
         seen_files: set[str] = set()
-        for source, shown, path in files:
-            try:
-                sha256 = _file_sha256(path)
-                if sha256 in seen_files:
-                    raise Skipped("duplicate")
-                documents = list(extract_file(path, options.limits))
-            except (Skipped, OSError) as e:
-                reason = e.args[0] if isinstance(e, Skipped) else "unreadable"
-                summary["skipped"][reason] += 1
-                summary["skipped_files"].append({"path": shown, "reason": reason})
-                continue
-            seen_files.add(sha256)
-            summary["files"] += 1
-            for member, fmt, text in documents:
-                kept = steps.process(text, fmt)
-                if kept is None:
+        results = ordered_map(_file_job, ((path, options) for _, _, path in files), worker_count(workers, len(files)))
+        with progress(len(files), show_progress) as bar:
+            for (source, shown, _), (sha256, documents) in zip(files, results):
+                bar.update()
+                if sha256 == "skipped" or sha256 in seen_files:
+                    reason = documents if sha256 == "skipped" else "duplicate"
+                    summary["skipped"][reason] += 1
+                    summary["skipped_files"].append({"path": shown, "reason": reason})
                     continue
-                summary["documents"] += 1
-                summary["bytes"] += len(kept[0].encode("utf-8", "surrogatepass"))
-                yield {"text": kept[0], "source": shown + (f"!{member}" if member else ""), "sha256": sha256,
-                       "language": kept[1], "licence": source.licence, "format": fmt}
-        summary.update(skipped=dict(summary["skipped"]), dropped=dict(steps.dropped), pii=dict(steps.pii),
-                       languages=dict(steps.languages), formats=dict(steps.formats))
+                seen_files.add(sha256)
+                summary["files"] += 1
+                for member, fmt, prepared in documents:
+                    kept = steps.keep(prepared, fmt)
+                    if kept is None:
+                        continue
+                    summary["documents"] += 1
+                    summary["bytes"] += len(kept[0].encode("utf-8", "surrogatepass"))
+                    yield {"text": kept[0], "source": shown + (f"!{member}" if member else ""), "sha256": sha256,
+                           "language": kept[1], "licence": source.licence, "format": fmt}
+        summary.update(skipped=dict(summary["skipped"]), **steps.counts())
 
     return records(), summary
 
@@ -187,6 +240,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--include", action="append", default=[], metavar="GLOB", help="read only matching paths (repeatable)")
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip matching paths (repeatable)")
     parser.add_argument("--follow-links", action="store_true", help="follow symbolic links that leave a data folder")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="extraction processes (0: none; default: one per core, at most 8, for 64 files or more)")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar even when stderr is not a terminal")
 
 
 def run(args) -> int:
@@ -196,7 +252,7 @@ def run(args) -> int:
     options = PipelineOptions(min_chars=args.min_chars, languages=languages, pii=not args.no_pii, pii_code=args.pii_code,
                               near_duplicate_threshold=args.near_duplicates, include=tuple(args.include),
                               exclude=tuple(args.exclude), limits=ReadLimits(follow_links=args.follow_links))
-    records, summary = run_pipeline(args.data, options)
+    records, summary = run_pipeline(args.data, options, workers=args.workers, show_progress=args.progress or None)
     if args.dry_run:
         for _ in records:
             pass

@@ -84,3 +84,30 @@ def inflated(blocks: Iterator[bytes]) -> Iterator[bytes]:
         raise Skipped("corrupt") from None
     if in_member:
         raise Skipped("corrupt")  # truncated
+
+
+def ordered_map(fn, items, workers: int, window: int | None = None) -> Iterator:
+    """fn(item) for each item, in the order of `items`, computed by `workers` processes (0: in this one).
+
+    At most `window` items (default 2 per worker) are in flight at a time, so that a slow consumer or a
+    million items never pile their results up in memory; the order of the results, and so everything
+    computed from them, is the same whatever the number of workers. `fn` and the items must pickle.
+    """
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    # forkserver: workers start from a clean process, not a fork of one that may hold threads (torch, tqdm)
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    window = window or 2 * workers
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
