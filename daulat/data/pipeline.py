@@ -20,7 +20,6 @@ are relative to each source's root.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from daulat.data.corpus import ReadLimits, Skipped, parse_source, published_name, walk_folder
+from daulat.data.corpus import ReadLimits, Skipped, parse_source, published_name, selected, walk_folder
 from daulat.errors import DaulatError
 
 
@@ -63,8 +62,7 @@ def list_files(specs, options: PipelineOptions, summary: dict) -> list[tuple]:
         for parts, path in walk_folder(root, options.limits.follow_links, listing,
                                        accept=lambda n: document_format(n) is not None, listed=listed):
             relative = "/".join(parts)
-            if (options.include and not any(fnmatch.fnmatch(relative, g) for g in options.include)) \
-                    or any(fnmatch.fnmatch(relative, g) for g in options.exclude):
+            if not selected(relative, options.include, options.exclude):
                 listing["excluded"] += 1
                 continue
             files.append((source, f"{name}/{relative}", path))
@@ -156,23 +154,6 @@ def _file_job(job: tuple[Path, PipelineOptions]) -> tuple[str, str | list]:
     return sha256, documents
 
 
-def worker_count(workers: int | None, files: int) -> int:
-    """None: one process per core (at most 8) for a corpus big enough to pay for starting them, else none."""
-    if workers is not None:
-        return max(0, workers)
-    return min(8, os.cpu_count() or 1) if files >= 64 else 0
-
-
-def progress(total: int, show: bool | None, unit: str = "file"):
-    """A tqdm bar on stderr: shown when asked (show=True) or, by default, when stderr is a terminal."""
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit=unit, file=sys.stderr, disable=not (sys.stderr.isatty() if show is None else show),
-                dynamic_ncols=True, leave=False)
-
-
 def run_pipeline(specs, options: PipelineOptions, workers: int | None = None,
                  show_progress: bool | None = None) -> tuple[Iterator[dict], dict]:
     """(records, summary): one pass over the files; the summary is complete once records are exhausted.
@@ -180,7 +161,7 @@ def run_pipeline(specs, options: PipelineOptions, workers: int | None = None,
     Files are extracted, cleaned, language-tagged and scrubbed by `workers` processes (see worker_count),
     a bounded window of files at a time; duplicates are removed here, in file order, so the output is the
     same for any number of workers."""
-    from daulat.data.reading import ordered_map
+    from daulat.data.reading import ordered_map, progress, worker_count
 
     summary = {"files": 0, "documents": 0, "bytes": 0, "skipped": Counter(), "skipped_files": []}
     files = list_files(specs, options, summary)
@@ -212,6 +193,80 @@ def run_pipeline(specs, options: PipelineOptions, workers: int | None = None,
         summary.update(skipped=dict(summary["skipped"]), **steps.counts())
 
     return records(), summary
+
+
+class CleanCorpus:
+    """A Corpus whose documents pass the pipeline's steps (clean, language, PII, exact and near duplicates):
+    what `pretrain`, `tokenizer` and `speedrun --data` train on. Iterating gives the kept texts; the
+    corpus's manifest gains `pipeline` (documents and bytes kept, languages, formats, dropped documents by
+    reason, duplicates included, PII replaced by type, the settings) once a pass has finished."""
+
+    def __init__(self, corpus, options: PipelineOptions):
+        for module in ("ftfy", "lingua", "datasketch"):
+            try:
+                __import__(module)
+            except ImportError:
+                raise DaulatError(f"cleaning the data needs the documents extra ({module} is missing): "
+                                  "pip install 'daulat[documents]', or set data.clean=false to train on the text as it is") from None
+        self.corpus, self.options = corpus, options
+        self.manifest = corpus.manifest
+
+    def source_manifest(self) -> list[dict]:
+        return self.corpus.source_manifest()
+
+    def __iter__(self) -> Iterator[str]:
+        steps, kept, size = DocumentPipeline(self.options), 0, 0
+        for fmt, text in self.corpus.records():
+            result = steps.process(text, fmt)
+            if result is not None:
+                kept, size = kept + 1, size + len(result[0].encode("utf-8", "surrogatepass"))
+                yield result[0]
+        o = self.options
+        self.manifest["pipeline"] = {
+            "documents": kept, "bytes": size, **steps.counts(),
+            "settings": {"min_chars": o.min_chars, "languages": sorted(o.languages) if o.languages else None,
+                         "pii": o.pii, "pii_code": o.pii_code, "near_duplicate_threshold": o.near_duplicate_threshold},
+        }
+        if not kept:
+            raise DaulatError(f"no documents left after cleaning ({json.dumps(steps.counts()['dropped'])})")
+
+    def summary(self) -> str:
+        line = self.corpus.summary()
+        kept = self.manifest.get("pipeline")
+        if kept:
+            dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(kept["dropped"].items()))
+            line += f"; kept {kept['documents']} documents after cleaning" + (f" (dropped: {dropped})" if dropped else "")
+        return line
+
+
+def parse_languages(value) -> frozenset[str] | None:
+    """'id,en' or ['id', 'en'] -> frozenset of ISO 639-1 codes; empty or None -> None (all languages)."""
+    if isinstance(value, str):
+        value = value.split(",")
+    codes = frozenset(c.strip().lower() for c in value or () if c.strip())
+    return codes or None
+
+
+def training_corpus(data, settings):
+    """The corpus a training command reads from `data`: a Corpus, through CleanCorpus unless
+    settings.clean is false. settings: pretrain's DataConfig, or anything with its field names."""
+    from daulat.data.corpus import Corpus
+
+    limits = ReadLimits(settings.max_file_bytes, settings.max_document_bytes, settings.follow_links)
+    corpus = Corpus(data, text_field=settings.text_field, limits=limits, include=tuple(settings.include or ()),
+                    exclude=tuple(settings.exclude or ()))
+    if not settings.clean:
+        return corpus
+    return CleanCorpus(corpus, PipelineOptions(languages=parse_languages(settings.languages), pii=settings.pii,
+                                               near_duplicate_threshold=settings.near_duplicates, limits=limits))
+
+
+def add_selection_arguments(parser) -> None:
+    """--languages, --include, --exclude of the training commands (dest: their config key's name)."""
+    parser.add_argument("--languages", type=lambda v: sorted(parse_languages(v) or ()), metavar="CODES",
+                        help="keep only documents in these languages, ISO 639-1, e.g. id,en (data.languages)")
+    parser.add_argument("--include", action="append", metavar="GLOB", help="read only matching paths in data folders (data.include; repeatable)")
+    parser.add_argument("--exclude", action="append", metavar="GLOB", help="skip matching paths in data folders (data.exclude; repeatable)")
 
 
 def summary_table(summary: dict) -> str:
@@ -248,7 +303,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if not args.out and not args.dry_run:
         raise DaulatError("--out FILE.jsonl is required (or --dry-run to only see what would be read)")
-    languages = frozenset(c.strip().lower() for c in args.languages.split(",") if c.strip()) if args.languages else None
+    languages = parse_languages(args.languages)
     options = PipelineOptions(min_chars=args.min_chars, languages=languages, pii=not args.no_pii, pii_code=args.pii_code,
                               near_duplicate_threshold=args.near_duplicates, include=tuple(args.include),
                               exclude=tuple(args.exclude), limits=ReadLimits(follow_links=args.follow_links))

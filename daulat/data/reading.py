@@ -111,3 +111,20 @@ def ordered_map(fn, items, workers: int, window: int | None = None) -> Iterator:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def worker_count(workers: int | None, files: int) -> int:
+    """None: one process per core (at most 8) for a corpus big enough to pay for starting them, else none."""
+    if workers is not None:
+        return max(0, workers)
+    return min(8, os.cpu_count() or 1) if files >= 64 else 0
+
+
+def progress(total: int, show: bool | None, unit: str = "file"):
+    """A tqdm bar on stderr: shown when asked (show=True) or, by default, when stderr is a terminal."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, file=sys.stderr, disable=not (sys.stderr.isatty() if show is None else show),
+                dynamic_ncols=True, leave=False)
