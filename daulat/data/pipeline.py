@@ -35,7 +35,7 @@ from daulat.errors import DaulatError
 @dataclass
 class PipelineOptions:
     min_chars: int = 20  # shorter documents (after cleaning) are dropped
-    languages: frozenset[str] | None = None  # ISO 639-1 codes to keep (None: all)
+    languages: frozenset[str] | None = None  # ISO 639-1 codes of the documents to keep (None: all; code is kept)
     pii: bool = True  # scrub PII from documents
     pii_code: bool = False  # and from source code and config files
     near_duplicate_threshold: float = 0.8  # estimated Jaccard similarity; 0 turns near-dup removal off
@@ -90,7 +90,7 @@ def prepare(text: str, fmt: str, options: PipelineOptions) -> tuple[str, str, Co
     if text is None:
         return "too_short"
     language = detect_language(text) if fmt != "code" else "code"
-    if options.languages is not None and language not in options.languages:
+    if options.languages is not None and fmt != "code" and language not in options.languages:  # code is kept
         return "language"
     found: Counter = Counter()
     if options.pii and (fmt != "code" or options.pii_code):
