@@ -322,3 +322,15 @@ def test_speedrun_on_a_folder_of_documents(folder, tmp_path):
     for stage in ("pretrain", "distill"):
         card = json.loads((out / stage / "final" / "daulat.json").read_text())
         assert '"near_duplicate": 1' in json.dumps(card), stage  # the pipeline's summary travels with every model
+
+
+def test_progress_bar_on_stderr_only_when_asked(tmp_path, capsys):
+    from daulat.data.pipeline import PipelineOptions, run_pipeline
+
+    (tmp_path / "a.txt").write_text("The first note about the roof repair of the office in March.")
+    (tmp_path / "b.txt").write_text("Das zweite Protokoll beschreibt die neue Kantine im Erdgeschoss.")
+    for show in (False, True):
+        records, _ = run_pipeline([str(tmp_path)], PipelineOptions(), workers=0, show_progress=show)
+        assert len(list(records)) == 2
+        err = capsys.readouterr().err
+        assert ("/2 [" in err and "file/s" in err) == show, err  # tqdm's bar over the 2 files; none unless asked

@@ -54,7 +54,8 @@ from pathlib import Path, PurePath
 from typing import Iterable, Iterator
 
 from daulat.data.documents import document_format, extract_file
-from daulat.data.reading import BLOCK, ReadLimits, Skipped, chunks, inflated, open_regular, ordered_map, worker_count
+from daulat.data.reading import (BLOCK, ReadLimits, Skipped, chunks, inflated, open_regular, ordered_map, progress,
+                                 worker_count)
 from daulat.errors import DaulatError
 
 __all__ = ["Corpus", "ReadLimits", "Skipped", "Source", "iter_documents", "parse_source", "published_name", "walk_folder"]
@@ -278,7 +279,9 @@ class Corpus:
         jobs = [(path, self.limits) for _, _, path in self.files if _format(path) == "document"]
         extracted = ordered_map(_extract_job, jobs, worker_count(self.workers, len(jobs)))
         seen: set[str] = set()
+        bar = progress(len(self.files), None)  # on stderr, only when it is a terminal
         for index, relative, path in self.files:
+            bar.update()
             source, kind = self.sources[index], _format(path) or "text"
             found = next(extracted) if kind == "document" else None
             count = 0
@@ -310,6 +313,7 @@ class Corpus:
                           "format": document_format(path.name) if kind == "document" else kind})
             self.manifest["documents"] += count
             self.manifest["bytes"] += size
+        bar.close()
         self._finish_pass(skipped, skipped_records, skipped_files, files)
 
     def _start_pass(self) -> tuple[Counter, Counter, list, list]:
