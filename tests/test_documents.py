@@ -301,6 +301,11 @@ def test_worker_processes_give_the_same_output_in_the_same_order(folder):
         records, summary = run_pipeline([str(folder)], PipelineOptions(), workers=workers, show_progress=False)
         outputs.append((list(records), summary))
     assert outputs[0] == outputs[1] and outputs[0][1]["dropped"] == {"near_duplicate": 1}
+    from daulat.data.corpus import Corpus  # what pretrain reads: its document files extracted by workers too
+
+    one, two = Corpus(folder, workers=0), Corpus(folder, workers=2)
+    assert list(one) == list(two) and one.manifest == two.manifest
+    assert len(one.manifest["files"]) == 18  # all 20 files but the photo and the scanned PDF
 
 
 def test_pretrain_cleans_filters_and_records_the_pipeline_in_the_manifest(folder, tmp_path):
