@@ -2,11 +2,12 @@
 (what `pretrain --data` uses) on the same folder, side by side in one run.
 
     python bench/corpus.py                  # 40 files of each of 8 formats (320 files)
-    python bench/corpus.py --per-format 100
+    python bench/corpus.py --per-format 100 --workers 2
 
 Each file holds a few paragraphs of distinct generated text (so near-duplicate removal keeps them).
-Reports documents/s and MB of extracted text/s for both, and the peak resident memory of each run, each
-measured in a fresh process (VmHWM). Prints one JSON line last.
+Reports documents/s and MB of extracted text/s for the pipeline in one process and with worker processes
+and for the reader alone, and the peak resident memory of each run's main process (VmHWM; the workers,
+children of a forkserver, are not in it), each measured in a fresh process. Prints one JSON line last.
 """
 
 from __future__ import annotations
@@ -71,23 +72,28 @@ def make_folder(root: Path, per_format: int, seed: int = 0) -> None:
 RUN = """
 import json, sys, time
 start = time.time()
-if sys.argv[1] == "pipeline":
+kind, folder, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if kind == "pipeline":
     from daulat.data.pipeline import PipelineOptions, run_pipeline
-    records, summary = run_pipeline([sys.argv[2]], PipelineOptions())
-    texts = [r["text"] for r in records]
+    records, summary = run_pipeline([folder], PipelineOptions(), workers=workers, show_progress=False)
+    n, mb = 0, 0.0
+    for r in records:  # streamed, as `daulat corpus` writes them: never all texts at once
+        n, mb = n + 1, mb + len(r["text"].encode()) / 1e6
 else:
     from daulat.data.corpus import Corpus
-    texts = list(Corpus(sys.argv[2]))
+    n, mb = 0, 0.0
+    for t in Corpus(folder, workers=workers):
+        n, mb = n + 1, mb + len(t.encode()) / 1e6
 seconds = time.time() - start
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"seconds": seconds, "documents": len(texts), "text_mb": sum(len(t.encode()) for t in texts) / 1e6,
-                  "peak_rss_mb": hwm / 1024}))
+print(json.dumps({"seconds": seconds, "documents": n, "text_mb": mb, "peak_rss_mb": hwm / 1024}))
 """
 
 
-def measure(kind: str, folder: Path) -> dict:
+def measure(kind: str, folder: Path, workers: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    out = subprocess.run([sys.executable, "-c", RUN, kind, str(folder)], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", RUN, kind, str(folder), str(workers)], capture_output=True, text=True,
+                         env=env, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["documents_per_s"] = result["documents"] / result["seconds"]
     result["text_mb_per_s"] = result["text_mb"] / result["seconds"]
@@ -97,15 +103,18 @@ def measure(kind: str, folder: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-format", type=int, default=40)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes of the parallel runs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "docs"
         folder.mkdir()
         make_folder(folder, args.per_format)
         files = len(list(folder.iterdir()))
-        results = {kind: measure(kind, folder) for kind in ("pipeline", "corpus_reader")}
+        runs = {"pipeline_1_process": ("pipeline", 0), f"pipeline_{args.workers}_workers": ("pipeline", args.workers),
+                "corpus_reader": ("corpus", 0)}  # the reader alone: extraction without cleaning
+        results = {name: measure(kind, folder, workers) for name, (kind, workers) in runs.items()}
     for kind, r in results.items():
-        print(f"{kind:<14} {r['documents']:>5} documents in {r['seconds']:.1f}s: {r['documents_per_s']:.1f} docs/s, "
+        print(f"{kind:<20} {r['documents']:>5} documents in {r['seconds']:.1f}s: {r['documents_per_s']:.1f} docs/s, "
               f"{r['text_mb_per_s']:.2f} MB text/s, peak {r['peak_rss_mb']:.0f} MB")
     print(json.dumps({"bench": "corpus", "files": files, "machine": platform.processor() or platform.machine(),
                       "cpus": os.cpu_count(), **{k: {n: round(v, 3) for n, v in r.items()} for k, r in results.items()}}))

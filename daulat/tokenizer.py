@@ -282,6 +282,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--report", action="store_true",
                         help="hold out 1%% of the documents (those the token shards hold out) and print bytes per token "
                              "by language on them (needs the documents extra)")
+    from daulat.data.pipeline import add_selection_arguments
+
+    add_selection_arguments(parser)
 
 
 def run(args) -> int:
@@ -289,10 +292,12 @@ def run(args) -> int:
 
     start = time.time()
     if args.data:
-        from daulat.data.corpus import Corpus, ReadLimits
+        from types import SimpleNamespace
 
-        limits = ReadLimits(args.max_file_bytes, args.max_document_bytes, args.follow_links)
-        corpus = Corpus(args.data, text_field=args.text_field, limits=limits)
+        from daulat.data.pipeline import training_corpus
+
+        # the settings pretrain's [data] section gives, from this command's flags (cleaning as pretrain does)
+        corpus = training_corpus(args.data, SimpleNamespace(**vars(args), clean=True, pii=True, near_duplicates=0.8))
         held_out: list[str] = []
         texts = _holding_out(corpus, held_out) if args.report else corpus
         tokenizer = train_tokenizer(texts, args.vocab_size, args.min_frequency, args.max_length)

@@ -76,10 +76,10 @@ def test_folder_reads_formats_skips_bad_files_and_counts_reasons(data_dir, caplo
 
 
 def test_explicit_files_licences_and_text_field(tmp_path):
-    (tmp_path / "notes.rst").write_text("explicit files of any suffix are text")
+    (tmp_path / "notes.log").write_text("explicit files of any suffix are text")
     (tmp_path / "x.jsonl").write_text('{"body": "from body"}\n{"text": "from text"}\n')
     docs, manifest = iter_documents(
-        [f"{tmp_path}/notes.rst:licence=cc-by-4.0", {"path": tmp_path / "x.jsonl", "license": "mit", "text_field": "body"}]
+        [f"{tmp_path}/notes.log:licence=cc-by-4.0", {"path": tmp_path / "x.jsonl", "license": "mit", "text_field": "body"}]
     )
     assert list(docs) == ["explicit files of any suffix are text", "from body"]
     assert [(f["licence"], f["format"]) for f in manifest["files"]] == [("cc-by-4.0", "text"), ("mit", "jsonl")]

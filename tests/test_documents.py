@@ -234,3 +234,108 @@ def test_damaged_files_are_skipped_with_their_reason_and_dry_run_writes_nothing(
     assert sorted(p.name for p in root.iterdir()) == ["broken.docx", "broken.zip", "good.docx"]
     assert main(["corpus", str(root)]) == 2  # --out is required without --dry-run
     assert "--out" in capsys.readouterr().err
+
+
+def write_ods(path, text):
+    from odf.opendocument import OpenDocumentSpreadsheet
+    from odf.table import Table, TableCell, TableRow
+    from odf.text import P
+
+    document = OpenDocumentSpreadsheet()
+    table = Table(name="Budget")
+    row = TableRow()
+    cell = TableCell(valuetype="string")
+    cell.addElement(P(text=text))
+    row.addElement(cell)
+    table.addElement(row)
+    document.spreadsheet.addElement(table)
+    document.save(str(path))
+
+
+def write_odp(path, text):
+    from odf.draw import Frame, Page, TextBox
+    from odf.opendocument import OpenDocumentPresentation
+    from odf.style import MasterPage, PageLayout
+    from odf.text import P
+
+    document = OpenDocumentPresentation()
+    layout = PageLayout(name="layout")
+    document.automaticstyles.addElement(layout)
+    master = MasterPage(name="master", pagelayoutname=layout)
+    document.masterstyles.addElement(master)
+    page = Page(masterpagename=master)
+    frame = Frame(width="20cm", height="5cm", x="1cm", y="1cm")
+    box = TextBox()
+    box.addElement(P(text=text))
+    frame.addElement(box)
+    page.addElement(frame)
+    document.presentation.addElement(page)
+    document.save(str(path))
+
+
+def test_opendocument_spreadsheet_and_presentation(tmp_path):
+    from daulat.data.documents import extract_file
+    from daulat.data.reading import ReadLimits
+
+    write_ods(tmp_path / "budget.ods", "The spreadsheet cell holds the travel budget for the third quarter.")
+    write_odp(tmp_path / "talk.odp", "The slide announces the new cafeteria opening hours for all staff.")
+    for name, sentence in (("budget.ods", "travel budget for the third quarter"), ("talk.odp", "new cafeteria opening hours")):
+        [(member, fmt, text)] = list(extract_file(tmp_path / name, ReadLimits()))
+        assert (member, fmt) == ("", "odf") and sentence in text, name
+
+
+def test_digits_of_an_invalid_iban_are_not_a_phone_number():
+    from daulat.data.pii import scrub
+
+    # the check digits are wrong: not an IBAN, and its tail "0044 0532 0130 01" is not a call to +44 either
+    assert scrub("Account DE89 3704 0044 0532 0130 01 is closed.") == ("Account DE89 3704 0044 0532 0130 01 is closed.", {})
+    text, counts = scrub("Pay DE89 3704 0044 0532 0130 00 or call 0044 20 7946 0958.")
+    assert text == "Pay <IBAN> or call <PHONE>." and counts == {"iban": 1, "phone": 1}
+
+
+def test_worker_processes_give_the_same_output_in_the_same_order(folder):
+    from daulat.data.pipeline import PipelineOptions, run_pipeline
+
+    outputs = []
+    for workers in (0, 2):
+        records, summary = run_pipeline([str(folder)], PipelineOptions(), workers=workers, show_progress=False)
+        outputs.append((list(records), summary))
+    assert outputs[0] == outputs[1] and outputs[0][1]["dropped"] == {"near_duplicate": 1}
+    from daulat.data.corpus import Corpus  # what pretrain reads: its document files extracted by workers too
+
+    one, two = Corpus(folder, workers=0), Corpus(folder, workers=2)
+    assert list(one) == list(two) and one.manifest == two.manifest
+    assert len(one.manifest["files"]) == 18  # all 20 files but the photo and the scanned PDF
+
+
+def test_pretrain_cleans_filters_and_records_the_pipeline_in_the_manifest(folder, tmp_path):
+    out = tmp_path / "pt"
+    assert main(["pretrain", "--preset", "micro", "--steps", "1", "--data", str(folder), "--out", str(out),
+                 "--exclude", "*.pdf", "--languages", "en", "data.val_fraction=0"]) == 0
+    manifest = json.loads((out / "final" / "daulat.json").read_text())["data"]["manifest"]
+    pipeline = manifest["pipeline"]
+    assert set(pipeline["languages"]) == {"en", "code"} and pipeline["dropped"]["language"] >= 1  # Indonesian
+    assert pipeline["dropped"]["near_duplicate"] == 1 and pipeline["pii"]["email"] >= 1
+    assert manifest["skipped"]["excluded"] == 2 and "pdf" not in pipeline["formats"]
+    assert str(folder.parent) not in json.dumps(manifest)
+
+
+@pytest.mark.slow
+def test_speedrun_on_a_folder_of_documents(folder, tmp_path):
+    out = tmp_path / "run"
+    assert main(["speedrun", "--preset", "micro", "--data", str(folder), "--out", str(out)]) == 0
+    for stage in ("pretrain", "distill"):
+        card = json.loads((out / stage / "final" / "daulat.json").read_text())
+        assert '"near_duplicate": 1' in json.dumps(card), stage  # the pipeline's summary travels with every model
+
+
+def test_progress_bar_on_stderr_only_when_asked(tmp_path, capsys):
+    from daulat.data.pipeline import PipelineOptions, run_pipeline
+
+    (tmp_path / "a.txt").write_text("The first note about the roof repair of the office in March.")
+    (tmp_path / "b.txt").write_text("Das zweite Protokoll beschreibt die neue Kantine im Erdgeschoss.")
+    for show in (False, True):
+        records, _ = run_pipeline([str(tmp_path)], PipelineOptions(), workers=0, show_progress=show)
+        assert len(list(records)) == 2
+        err = capsys.readouterr().err
+        assert ("/2 [" in err and "file/s" in err) == show, err  # tqdm's bar over the 2 files; none unless asked

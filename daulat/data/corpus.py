@@ -38,6 +38,7 @@ counted.
 from __future__ import annotations
 
 import codecs
+import fnmatch
 import gzip
 import hashlib
 import json
@@ -53,7 +54,8 @@ from pathlib import Path, PurePath
 from typing import Iterable, Iterator
 
 from daulat.data.documents import document_format, extract_file
-from daulat.data.reading import BLOCK, ReadLimits, Skipped, chunks, inflated, open_regular
+from daulat.data.reading import (BLOCK, ReadLimits, Skipped, chunks, inflated, open_regular, ordered_map, progress,
+                                 worker_count)
 from daulat.errors import DaulatError
 
 __all__ = ["Corpus", "ReadLimits", "Skipped", "Source", "iter_documents", "parse_source", "published_name", "walk_folder"]
@@ -125,9 +127,15 @@ def _format(path: Path) -> str | None:
     if not suffix:  # README, copyright, changelog: text by convention; a binary one is skipped as binary
         return "text"
     kind = FORMATS.get(suffix)
-    if kind is None and document_format(path.name) not in (None, "text", "code"):
-        return "document"
+    if kind is None and document_format(path.name) not in (None, "text"):
+        return "document"  # PDF, Office, HTML..., and source code and config files (read as text there)
     return kind
+
+
+def selected(relative: str, include=(), exclude=()) -> bool:
+    """Whether the path inside a source passes the --include globs (any; none given: all) and no --exclude."""
+    return (not include or any(fnmatch.fnmatch(relative, g) for g in include)) \
+        and not any(fnmatch.fnmatch(relative, g) for g in exclude)
 
 
 def _inside(target: str, root: str) -> bool:
@@ -214,7 +222,7 @@ class Corpus:
     """
 
     def __init__(self, sources: Iterable | str | os.PathLike | dict, text_field: str = "text",
-                 limits: ReadLimits | None = None):
+                 limits: ReadLimits | None = None, include=(), exclude=(), workers: int | None = None):
         if isinstance(sources, (str, os.PathLike, dict, Source)):
             sources = [sources]
         self.sources = [parse_source(s) for s in sources]
@@ -222,6 +230,7 @@ class Corpus:
             raise DaulatError("no data sources given")
         self.text_field = text_field
         self.limits = limits or ReadLimits()
+        self.workers = workers  # processes extracting PDF, Office, HTML... files (None: see worker_count)
         # (source index, path relative to the source's root, path), in reading order
         self.files: list[tuple[int, str, Path]] = []
         self.listing_skipped: Counter = Counter()  # found while listing: unsupported, FIFOs, links...
@@ -233,7 +242,10 @@ class Corpus:
             if root.is_dir():
                 listed: list = []
                 for parts, path in walk_folder(root, self.limits.follow_links, self.listing_skipped, listed=listed):
-                    self.files.append((i, "/".join(parts), path))
+                    if selected("/".join(parts), include, exclude):
+                        self.files.append((i, "/".join(parts), path))
+                    else:
+                        self.listing_skipped["excluded"] += 1
                 self.listing_skipped_files += [{"source": i, "path": p, "reason": r} for p, r in listed]
                 continue
             try:
@@ -254,42 +266,43 @@ class Corpus:
         return [{"path": published_name(s.path), "licence": s.licence} for s in self.sources]
 
     def __iter__(self) -> Iterator[str]:
-        skipped, skipped_records = Counter(self.listing_skipped), Counter()
-        skipped_files = list(self.listing_skipped_files)
-        files: list[dict] = []
-        self.manifest.clear()
-        self.manifest.update(
-            sources=self.source_manifest(), text_field=self.text_field,
-            limits={"max_file_bytes": self.limits.max_file_bytes, "max_document_bytes": self.limits.max_document_bytes,
-                    "follow_links": self.limits.follow_links},
-            files=files, documents=0, bytes=0, skipped=skipped, skipped_records=skipped_records,
-            skipped_files=skipped_files,
-        )
+        return (text for _, text in self.records())
+
+    def records(self) -> Iterator[tuple[str, str]]:
+        """(format, text) of each document, in reading order: the documents of `iter(corpus)`, each with
+        the format it came from ('text', 'jsonl', 'parquet', or a document format: 'pdf', 'html', 'code'...).
+
+        PDF, Office, HTML... files are extracted by worker processes (`workers`, see worker_count) a few
+        files ahead of the reader, in order, so a pass gives the same documents for any number of workers.
+        """
+        skipped, skipped_records, skipped_files, files = self._start_pass()
+        jobs = [(path, self.limits) for _, _, path in self.files if _format(path) == "document"]
+        extracted = ordered_map(_extract_job, jobs, worker_count(self.workers, len(jobs)))
         seen: set[str] = set()
+        bar = progress(len(self.files), None)  # on stderr, only when it is a terminal
         for index, relative, path in self.files:
-            source = self.sources[index]
-            kind = _format(path) or "text"
+            bar.update()
+            source, kind = self.sources[index], _format(path) or "text"
+            found = next(extracted) if kind == "document" else None
+            count = 0
             try:
                 size, sha256 = scan_file(path, kind, self.limits)
                 if sha256 in seen:
                     raise Skipped("duplicate")
-            except Skipped as e:
-                skipped[e.args[0]] += 1
-                skipped_files.append({"source": index, "path": relative, "reason": e.args[0]})
-                log.info("skipping %s: %s", path, e.args[0])
-                continue
-            count = 0
-            try:
-                for document in _read_documents(path, kind, source.text_field or self.text_field,
-                                                self.limits, skipped_records):
+                if isinstance(found, str):
+                    raise Skipped(found)
+                for record in _read_documents(path, kind, source.text_field or self.text_field, self.limits,
+                                              skipped_records, found):
                     count += 1
-                    yield document
-            except Skipped as e:  # found only now (the file changed since its scan, or Parquet's own checks)
-                if not count:
+                    yield record
+            except Skipped as e:  # before its first document; after it, the file changed while being read
+                if count:
+                    skipped_records["file_changed_while_reading"] += 1
+                else:
                     skipped[e.args[0]] += 1
                     skipped_files.append({"source": index, "path": relative, "reason": e.args[0]})
+                    log.info("skipping %s: %s", path, e.args[0])
                     continue
-                skipped_records["file_changed_while_reading"] += 1
             if not count:
                 skipped["empty"] += 1
                 skipped_files.append({"source": index, "path": relative, "reason": "empty"})
@@ -300,6 +313,24 @@ class Corpus:
                           "format": document_format(path.name) if kind == "document" else kind})
             self.manifest["documents"] += count
             self.manifest["bytes"] += size
+        bar.close()
+        self._finish_pass(skipped, skipped_records, skipped_files, files)
+
+    def _start_pass(self) -> tuple[Counter, Counter, list, list]:
+        """A fresh manifest; (skipped, skipped_records, skipped_files, files), which it holds, to fill."""
+        skipped, skipped_records = Counter(self.listing_skipped), Counter()
+        skipped_files, files = list(self.listing_skipped_files), []
+        self.manifest.clear()
+        self.manifest.update(
+            sources=self.source_manifest(), text_field=self.text_field,
+            limits={"max_file_bytes": self.limits.max_file_bytes, "max_document_bytes": self.limits.max_document_bytes,
+                    "follow_links": self.limits.follow_links},
+            files=files, documents=0, bytes=0, skipped=skipped, skipped_records=skipped_records,
+            skipped_files=skipped_files,
+        )
+        return skipped, skipped_records, skipped_files, files
+
+    def _finish_pass(self, skipped: Counter, skipped_records: Counter, skipped_files: list, files: list) -> None:
         # Plain dicts from here on, so that the manifest is JSON-able as it is; the list of skipped files is
         # kept to MAX_LISTED entries, so that a folder of a million unsupported files keeps a small manifest.
         self.manifest["skipped"], self.manifest["skipped_records"] = dict(skipped), dict(skipped_records)
@@ -399,23 +430,38 @@ def _open_content(path: Path, raw):
     return gzip.GzipFile(fileobj=raw) if _gzipped(path) else raw
 
 
-def _read_documents(path: Path, kind: str, field: str, limits: ReadLimits, skipped_records: Counter) -> Iterator[str]:
-    """The documents of a file that `scan_file` accepted. Record-level problems are counted, not fatal."""
+def _extract_job(job: tuple[Path, ReadLimits]) -> list[tuple[str, str]] | str:
+    """[(format, text)] of a document file, or the reason it is skipped: what an extraction worker does."""
+    path, limits = job
+    try:
+        return [(fmt, text) for _, fmt, text in extract_file(path, limits)]
+    except Skipped as e:
+        return e.args[0]
+
+
+def _read_documents(path: Path, kind: str, field: str, limits: ReadLimits, skipped_records: Counter,
+                    extracted: list | None = None) -> Iterator[tuple[str, str]]:
+    """(format, text) of the documents of a file that `scan_file` accepted; `extracted`: what _extract_job
+    gave for a document file. Record-level problems are counted, not fatal."""
     if kind == "parquet":
-        yield from _parquet_documents(path, field, limits, skipped_records)
+        yield from (("parquet", t) for t in _parquet_documents(path, field, limits, skipped_records))
         return
     if kind == "document":
-        for _, _, text in extract_file(path, limits):
-            yield from _texts([text], limits, skipped_records)
+        extracted = extracted if extracted is not None else _extract_job((path, limits))
+        if isinstance(extracted, str):
+            raise Skipped(extracted)
+        for fmt, text in extracted:
+            yield from ((fmt, t) for t in _texts([text], limits, skipped_records))
         return
     with open_regular(path) as raw, _open_content(path, raw) as content:
         try:
             if kind == "text":
                 text = content.read(limits.max_document_bytes + 1).decode("utf-8-sig")
                 if text.strip():
-                    yield text
+                    yield "text", text
                 return
-            yield from _texts(_jsonl_values(content, field, limits, skipped_records), limits, skipped_records)
+            values = _jsonl_values(content, field, limits, skipped_records)
+            yield from (("jsonl", t) for t in _texts(values, limits, skipped_records))
         except (OSError, EOFError, zlib.error, UnicodeDecodeError):
             raise Skipped("corrupt") from None  # the file changed since it was scanned
 

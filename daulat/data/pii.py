@@ -8,7 +8,9 @@ timestamp is not taken for a card: an IBAN must pass ISO 13616's mod-97 check wi
 a card number (13 to 19 digits, spaces or dashes between groups) Luhn's check. Phone numbers have no
 checksum: a candidate needs an international prefix (+62, +49, 0049) or a national trunk 0 followed by
 enough digits, 8 to 15 in all (E.164), written with the separators people use (spaces, dashes, dots,
-parentheses). Only counts per type are returned, never the values, so a manifest can say how much was
+parentheses). A number inside an IBAN-shaped string that fails its check ("DE89 3704 0044 0532 0130 01",
+a typo or a made-up example) is left as it is, not read as a phone or card number from its tail
+("0044 0532..." looks like a call to +44). Only counts per type are returned, never the values, so a manifest can say how much was
 removed without keeping any of it.
 """
 
@@ -68,14 +70,20 @@ def scrub(text: str, kinds=tuple(PLACEHOLDERS)) -> tuple[str, Counter]:
     phones, so that a valid card number is reported as a card and not as a phone.
     """
     counts: Counter = Counter()
+    protected: list[tuple[int, int]] = []  # spans of IBAN-shaped strings that failed the IBAN check
     checks = {"email": (_EMAIL, None), "iban": (_IBAN, iban_is_valid), "card": (_CARD, luhn_is_valid),
               "phone": (_PHONE, _phone_is_plausible)}
     for kind in ("email", "iban", "card", "phone"):
         if kind not in kinds:
             continue
         pattern, valid = checks[kind]
+        if kind in ("card", "phone"):  # after the IBAN pass every IBAN-shaped string left is an invalid one
+            protected = [m.span() for m in _IBAN.finditer(text)]
 
         def replace(match, kind=kind, valid=valid):
+            start, end = match.span()
+            if any(start < p_end and p_start < end for p_start, p_end in protected):
+                return match.group(0)
             if valid is not None and not valid(match.group(0)):
                 return match.group(0)
             counts[kind] += 1

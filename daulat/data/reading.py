@@ -84,3 +84,47 @@ def inflated(blocks: Iterator[bytes]) -> Iterator[bytes]:
         raise Skipped("corrupt") from None
     if in_member:
         raise Skipped("corrupt")  # truncated
+
+
+def ordered_map(fn, items, workers: int, window: int | None = None) -> Iterator:
+    """fn(item) for each item, in the order of `items`, computed by `workers` processes (0: in this one).
+
+    At most `window` items (default 2 per worker) are in flight at a time, so that a slow consumer or a
+    million items never pile their results up in memory; the order of the results, and so everything
+    computed from them, is the same whatever the number of workers. `fn` and the items must pickle.
+    """
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    # forkserver: workers start from a clean process, not a fork of one that may hold threads (torch, tqdm)
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    window = window or 2 * workers
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def worker_count(workers: int | None, files: int) -> int:
+    """None: one process per core (at most 8) for a corpus big enough to pay for starting them, else none."""
+    if workers is not None:
+        return max(0, workers)
+    return min(8, os.cpu_count() or 1) if files >= 64 else 0
+
+
+def progress(total: int, show: bool | None, unit: str = "file"):
+    """A tqdm bar on stderr: shown when asked (show=True) or, by default, when stderr is a terminal."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, file=sys.stderr, disable=not (sys.stderr.isatty() if show is None else show),
+                dynamic_ncols=True, leave=False)

@@ -22,11 +22,12 @@ import dataclasses
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
 from daulat.errors import DaulatError
+from daulat.data.pipeline import add_selection_arguments
 from daulat.train.common import add_common_arguments, run_command, split_overrides
 from daulat.train.objectives import next_token_objective
 from daulat.train.stage import Stage, StageRun, Training, stage_schema
@@ -45,6 +46,13 @@ class DataConfig:
     max_file_bytes: int = 4 << 30  # bytes read from one file, after decompression (larger: skipped, counted)
     max_document_bytes: int = 16 << 20  # one document: a text file, a JSONL line, a Parquet value
     follow_links: bool = False  # follow symbolic links that leave a data folder
+    # The documents pipeline (daulat.data.pipeline, documents extra): cleaning, language, PII, near-duplicates
+    clean: bool = True  # false: train on the extracted text as it is
+    languages: list = field(default_factory=list)  # ISO 639-1 codes to keep, e.g. ["id", "en"] (empty: all)
+    include: list = field(default_factory=list)  # globs on paths inside data folders: only these are read
+    exclude: list = field(default_factory=list)  # globs of paths not read
+    pii: bool = True  # replace e-mail addresses, phone numbers, IBANs and card numbers by placeholders
+    near_duplicates: float = 0.8  # drop a document this similar (Jaccard) to an earlier one; 0: keep
 
     def __post_init__(self):
         if not 0 <= self.val_fraction < 1:
@@ -75,12 +83,16 @@ def add_arguments(parser) -> None:
                              "licence; default: the built-in corpus of task examples (no download)")
     parser.add_argument("--out", required=True, help="run directory: tokenizer, shards, checkpoints, metrics")
     parser.add_argument("--tokenizer", metavar="DIR", help="use this tokenizer instead of training one on the data")
+    add_selection_arguments(parser)
     add_common_arguments(parser, default_preset="tiny")
+
+
+DATA_FLAGS = {"languages": "data.languages", "include": "data.include", "exclude": "data.exclude"}
 
 
 def run(args) -> int:
     data, moved = split_overrides(args.data, SECTIONS)
-    return run_command(STAGE, args, {}, lambda config: pretrain(config, args.out, data=data or None,
+    return run_command(STAGE, args, DATA_FLAGS, lambda config: pretrain(config, args.out, data=data or None,
                                                                  tokenizer=args.tokenizer, resume=args.resume),
                        extra_overrides=moved)
 
@@ -112,10 +124,9 @@ def pretrain(config: dict, out, data: list[str] | None = None, tokenizer=None, r
     # Check every input before writing anything.
     corpus = None
     if data:
-        from daulat.data.corpus import Corpus, ReadLimits
+        from daulat.data.pipeline import training_corpus
 
-        corpus = Corpus(data, text_field=data_cfg.text_field, limits=ReadLimits(
-            data_cfg.max_file_bytes, data_cfg.max_document_bytes, data_cfg.follow_links))
+        corpus = training_corpus(data, data_cfg)
     given = load_tokenizer(tokenizer) if tokenizer is not None else None
     out = run.prepare_output()
 
