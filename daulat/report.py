@@ -432,6 +432,21 @@ def plot_losses(stages: dict, rows: list[dict], out_dir) -> str | None:
     return "loss.png"
 
 
+def _stage_plot(out_dir, file: str, draw, title: str, **axes) -> str:
+    """One 7 x 3.2 in figure: `draw(ax)` plots the curves, then title, axes, legend; saved as out_dir/file."""
+    from pathlib import Path
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    draw(ax)
+    ax.set(xlabel="step", title=title, **axes)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / file, dpi=110)
+    plt.close(fig)
+    return file
+
+
 def plot_rewards(stages: dict, out_dir) -> list[str]:
     """curves_STAGE.png for the stages that log rewards or held-out accuracy while they train (fractions)."""
     from pathlib import Path
@@ -442,18 +457,14 @@ def plot_rewards(stages: dict, out_dir) -> list[str]:
         keys = [k for k in ("reward_mean", "eval_accuracy", "val_accuracy", "accuracy") if _series(records, k)[0]]
         if not keys or name == "pretrain":
             continue
-        plt = _pyplot()
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        for key in keys:
-            x, y = _series(records, key)
-            ax.plot(x, y, marker="." if len(x) < 40 else None, label=key)
-        ax.set(xlabel="step", ylabel="fraction correct", ylim=(0, 1),
-               title=f"{STAGE_TITLES.get(name, name)}: reward and held-out accuracy while training")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(Path(out_dir) / f"curves_{name}.png", dpi=110)
-        plt.close(fig)
-        written.append(f"curves_{name}.png")
+
+        def draw(ax, records=records, keys=keys):
+            for key in keys:
+                x, y = _series(records, key)
+                ax.plot(x, y, marker="." if len(x) < 40 else None, label=key)
+
+        written.append(_stage_plot(out_dir, f"curves_{name}.png", draw, ylabel="fraction correct", ylim=(0, 1),
+                                   title=f"{STAGE_TITLES.get(name, name)}: reward and held-out accuracy while training"))
     return written
 
 
@@ -468,18 +479,14 @@ def plot_expert_load(stages: dict, out_dir) -> list[str]:
                  if isinstance(r.get("expert_load_max_over_mean"), list)]
         if not loads:
             continue
-        plt = _pyplot()
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        for layer in range(len(loads[0][1])):
-            ax.plot([s for s, _ in loads], [v[layer] for _, v in loads], label=f"MoE layer {layer}")
-        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-        ax.set(xlabel="step", ylabel="max / mean tokens per expert",
-               title=f"{STAGE_TITLES.get(name, name)}: expert load balance")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(Path(out_dir) / f"expert_load_{name}.png", dpi=110)
-        plt.close(fig)
-        written.append(f"expert_load_{name}.png")
+
+        def draw(ax, loads=loads):
+            for layer in range(len(loads[0][1])):
+                ax.plot([s for s, _ in loads], [v[layer] for _, v in loads], label=f"MoE layer {layer}")
+            ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+
+        written.append(_stage_plot(out_dir, f"expert_load_{name}.png", draw, ylabel="max / mean tokens per expert",
+                                   title=f"{STAGE_TITLES.get(name, name)}: expert load balance"))
     return written
 
 
