@@ -744,7 +744,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = targets != ignore_index
         n_valid = valid.sum()
         # d(mean loss)/d(logits) = (softmax - one_hot) / n_valid on valid rows, 0 on ignored ones
-        row_scale = (valid / n_valid.clamp(min=1)).unsqueeze(1)  # [N, 1]
+        row_scale = (valid / n_valid.clamp(min=1)).unsqueeze(1).float()  # [N, 1]
         safe_targets = targets.masked_fill(~valid, 0).unsqueeze(1)  # [N, 1]
         loss_sum = torch.zeros((), device=h.device)
         grad_h = torch.empty_like(h)
@@ -753,12 +753,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], rows):
             chunk = slice(start, start + rows)
             logits = F.linear(h[chunk], weight).float()  # [n, V]
-            lse = logits.logsumexp(dim=-1, keepdim=True)  # [n, 1]
-            loss_sum += ((lse - logits.gather(1, safe_targets[chunk])) * valid[chunk, None]).sum()
-            grad = logits.sub_(lse).exp_()  # the softmax, in place of the logits
-            grad.scatter_add_(1, safe_targets[chunk], grad.new_full(lse.shape, -1.0))
-            grad *= row_scale[chunk]
-            grad_h[chunk] = grad.to(h.dtype) @ weight
+            target_logit = logits.gather(1, safe_targets[chunk])  # [n, 1]
+            # one exp pass serves both the loss and the gradient (logsumexp would make its own):
+            # exp(logits - max) in place, its row sum z, lse = max + log z, softmax = exp / z
+            row_max = logits.amax(dim=-1, keepdim=True)  # [n, 1]
+            grad = logits.sub_(row_max).exp_()
+            z = grad.sum(dim=-1, keepdim=True)  # [n, 1]
+            loss_sum += ((row_max + z.log() - target_logit) * valid[chunk, None]).sum()
+            grad.mul_(row_scale[chunk] / z)  # the softmax, already scaled by 1 / n_valid
+            grad.scatter_add_(1, safe_targets[chunk], -row_scale[chunk])
+            torch.mm(grad if grad.dtype == h.dtype else grad.to(h.dtype), weight, out=grad_h[chunk])
             grad_weight.addmm_(grad.t(), h[chunk].float())
         ctx.save_for_backward(grad_h, grad_weight.to(weight.dtype))
         return loss_sum / n_valid  # NaN when every target is ignored, as F.cross_entropy
