@@ -293,6 +293,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def rotate_pairs(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """RoPE over interleaved pairs, output interleaved too: x [..., r] (float32/64), rotation
+    [..., r/2] complex (cos + i sin, broadcast over x's leading dims) -> [..., r]. Pair (2i, 2i+1)
+    is the complex number x_2i + i x_2i+1, and rotating it is one complex product. The same
+    numbers as apply_rope(x, cos, sin, interleave=True), laid out as pairs instead of halves."""
+    pairs = x.unflatten(-1, (-1, 2))
+    if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()  # view_as_complex needs whole complex numbers
+    return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2)
+
+
 @functools.lru_cache(maxsize=None)
 def _rope_basis(dim: int, interleave: bool, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """[r, r * r]: row i < r/2 is where cos_i goes in apply_rope's rotation matrix, row r/2 + i where sin_i goes."""
@@ -459,7 +470,14 @@ class MLA(DecodeCalls, nn.Module):
             rotation = rope_rotation(cos, sin, self.interleave) if rotation is None else rotation  # [N, r, r]
             pe = torch.bmm(torch.cat([q_pe, k_pe[:, None]], dim=1), rotation)  # [N, H + 1, r]
             q_pe, k_pe = pe[:, :H], pe[:, H]
-        else:
+        elif cache is None and self.interleave and q_pe.dtype in (torch.float32, torch.float64):
+            # training and scoring: nothing keeps the rotated keys, so they may stay in DeepSeek's
+            # pair-interleaved layout (q.k is the same in any layout both share) and rotate as one
+            # complex product, about half the time of apply_rope's forward and backward
+            rotation = torch.view_as_complex(torch.stack([cos.reshape(N, 1, r // 2), sin.reshape(N, 1, r // 2)], -1))
+            q_pe = rotate_pairs(q_pe, rotation)
+            k_pe = rotate_pairs(k_pe[:, None], rotation)[:, 0]
+        else:  # a cache keeps the rotated keys in the layout the absorbed path expects (apply_rope's)
             cos, sin = cos.reshape(N, 1, r // 2), sin.reshape(N, 1, r // 2)
             q_pe = apply_rope(q_pe, cos, sin, self.interleave)
             k_pe = apply_rope(k_pe[:, None], cos, sin, self.interleave)[:, 0]
