@@ -227,6 +227,9 @@ def main(argv=None) -> int:
         "tok_s": {name: round(v, 1) for name, v in tok_s.items()},
         "ratios": ratios,  # daulat (training_loss) and daulat_forward (forward + F.cross_entropy) / transformers
         "ratio": round(ratio, 3),  # the smaller of the two
+        # on a shared machine the fastest step is the steadier estimate of what a step costs
+        "ratios_min_step": {name: round(min(times["transformers"]) / min(t), 3)
+                            for name, t in times.items() if name != "transformers"},
         "mode": args.mode, "shape": args.shape, "set": parse_set(args.set),
         "step_s": {name: [round(x, 4) for x in t] for name, t in times.items()},
         "device": str(device), "dtype": args.dtype, "clock": args.clock,
