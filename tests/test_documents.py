@@ -293,6 +293,7 @@ def test_digits_of_an_invalid_iban_are_not_a_phone_number():
     assert text == "Pay <IBAN> or call <PHONE>." and counts == {"iban": 1, "phone": 1}
 
 
+@pytest.mark.slow  # starts worker processes: about 4 s
 def test_worker_processes_give_the_same_output_in_the_same_order(folder):
     from daulat.data.pipeline import PipelineOptions, run_pipeline
 

@@ -59,6 +59,7 @@ def test_engine_greedy_decode_equals_the_full_forward_with_continuous_batching(m
         assert result.token_ids == greedy_plain_forward(model, result.prompt_token_ids, sp.max_tokens)
 
 
+@pytest.mark.slow  # a `daulat inspect` subprocess and an engine: about 5 s
 def test_inspect_reports_the_cache_per_token_the_engine_measures(model, tokenizer, tmp_path):
     path = save_documented(model, tmp_path / "ckpt", tokenizer=tokenizer)
     run = subprocess.run([sys.executable, "-m", "daulat.cli", "inspect", str(path), "--json"],
