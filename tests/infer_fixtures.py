@@ -55,20 +55,22 @@ def free_port() -> int:
 class Server:
     """`daulat serve CKPT` in a subprocess on 127.0.0.1 and a free port; stopped on exit."""
 
-    def __init__(self, checkpoint: Path, *args: str, env: dict | None = None, timeout: float = 60.0):
-        self.port = free_port()
+    def __init__(self, checkpoint: Path, *args: str, env: dict | None = None, timeout: float = 60.0,
+                 wait: bool = True):
+        self.port, self.timeout = free_port(), timeout
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(checkpoint).parent / f"serve-{self.port}.log"
         command = [sys.executable, "-m", "daulat.cli", "serve", str(checkpoint), "--host", "127.0.0.1",
                    "--port", str(self.port), *args]
         self.process = subprocess.Popen(command, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
                                         env={**os.environ, **(env or {})})
-        self._wait_healthy(timeout)
+        if wait:
+            self.wait_healthy()
 
-    def _wait_healthy(self, timeout: float) -> None:
+    def wait_healthy(self) -> None:
         import httpx
 
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"daulat serve exited with {self.process.returncode}:\n{self.log.read_text()}")
@@ -79,7 +81,7 @@ class Server:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"daulat serve did not become healthy within {timeout} s:\n{self.log.read_text()}")
+        raise RuntimeError(f"daulat serve did not become healthy within {self.timeout} s:\n{self.log.read_text()}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -100,23 +102,32 @@ class Server:
 API_KEY = "test-key-0123456789"
 
 
+# The two shared servers: one with API keys (the server and web tests), one keyless with a small batch
+# (4 slots, 4 more sequences may queue: the hardening and echo tests).
+SHARED_SERVERS = {
+    "server": ("--api-key", "other-key", API_KEY, "--threads", "1", "--max-num-seqs", "64", "--max-tokens", "256",
+               "--served-model-name", "micro"),
+    "keyless": ("--threads", "1", "--max-num-seqs", "4", "--max-queue", "4", "--served-model-name", "micro"),
+}
+
+
+def _shared_server(name: str, checkpoint: Path, request) -> Server:
+    """The first time either shared server is asked for, both start, so that they load side by side."""
+    if name not in _BUILT:
+        for key, args in SHARED_SERVERS.items():
+            _BUILT[key] = Server(checkpoint, *args, wait=False)
+            request.addfinalizer(_BUILT[key].stop)
+    _BUILT[name].wait_healthy()
+    return _BUILT[name]
+
+
 @pytest.fixture(scope="session")
 def server(checkpoint, request) -> Server:
     """One `daulat serve` (API key API_KEY, one CPU thread) shared by the server and web tests."""
-    if "server" not in _BUILT:
-        _BUILT["server"] = Server(checkpoint, "--api-key", "other-key", API_KEY, "--threads", "1",
-                                  "--max-num-seqs", "64", "--max-tokens", "256", "--served-model-name", "micro")
-        request.addfinalizer(_BUILT["server"].stop)
-    return _BUILT["server"]
+    return _shared_server("server", checkpoint, request)
 
 
 @pytest.fixture(scope="session")
 def keyless_server(checkpoint, request) -> Server:
-    """One keyless `daulat serve` with a small batch (4 slots, 4 more sequences may queue), shared by
-    the hardening and echo tests."""
-    if "keyless" not in _BUILT:
-        _BUILT["keyless"] = Server(checkpoint, "--threads", "1", "--max-num-seqs", "4", "--max-queue", "4",
-                                   "--served-model-name", "micro")
-        request.addfinalizer(_BUILT["keyless"].stop)
-    return _BUILT["keyless"]
-
+    """One keyless `daulat serve` with a small batch, shared by the hardening and echo tests."""
+    return _shared_server("keyless", checkpoint, request)
