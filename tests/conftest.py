@@ -67,3 +67,16 @@ def require_program(name: str, install: str) -> str:
     if path is None:
         missing(f"the program {name!r}", install)
     return path
+
+
+def trained_like_biases(model) -> None:
+    """Give a freshly built model the non-zero biases a trained one has (the router's correction bias,
+    so that routing depends on it, and every `.bias`), in place."""
+    import torch
+
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.2)
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.05)

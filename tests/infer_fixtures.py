@@ -131,3 +131,11 @@ def server(checkpoint, request) -> Server:
 def keyless_server(checkpoint, request) -> Server:
     """One keyless `daulat serve` with a small batch, shared by the hardening and echo tests."""
     return _shared_server("keyless", checkpoint, request)
+
+
+@pytest.fixture(scope="session")
+def keyless_client(keyless_server):
+    """The official `openai` client on the keyless server (no retries: a test sees each answer)."""
+    import openai
+
+    return openai.OpenAI(base_url=keyless_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import require
+from conftest import require, trained_like_biases
 
 transformers = require("transformers")
 
@@ -40,12 +40,7 @@ def _hf_load(path):
 def test_daulat_checkpoint_loads_in_transformers_with_same_logits(name, tmp_path):
     torch.manual_seed(0)
     model = DeepseekV3(ModelConfig(**{**BASE, **SPREAD[name]})).eval()
-    with torch.no_grad():
-        for moe in model.moe_layers():  # a trained model's bias is not zero: make routing depend on it
-            moe.gate.e_score_correction_bias.normal_(0, 0.2)
-        for name_, p in model.named_parameters():
-            if name_.endswith(".bias"):
-                p.normal_(0, 0.05)
+    trained_like_biases(model)
     save_model(model, tmp_path / "ckpt")
     hf = _hf_load(tmp_path / "ckpt")
     ids = torch.randint(0, BASE["vocab_size"], (2, 33))

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from conftest import require
 import torch
-from infer_fixtures import checkpoint, keyless_server  # noqa: F401  (pytest fixtures)
+from infer_fixtures import checkpoint, keyless_client, keyless_server  # noqa: F401  (pytest fixtures)
 
 openai = require("openai")
 
@@ -17,8 +17,8 @@ def served(keyless_server):
 
 
 @pytest.fixture(scope="module")
-def client(served):
-    return openai.OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+def client(keyless_client):
+    return keyless_client
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import threading
 import httpx
 import pytest
 from conftest import require
-from infer_fixtures import API_KEY, checkpoint, keyless_server, server  # noqa: F401  (pytest fixtures)
+from infer_fixtures import API_KEY, checkpoint, keyless_client, keyless_server, server  # noqa: F401  (pytest fixtures)
 
 openai = require("openai")
 
@@ -25,8 +25,8 @@ def keyless(keyless_server):
 
 
 @pytest.fixture(scope="module")
-def client(keyless):
-    return openai.OpenAI(base_url=keyless.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+def client(keyless_client):
+    return keyless_client
 
 
 def post(server, path: str, content: bytes, headers=JSON, **kw) -> httpx.Response:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import require
+from conftest import require, trained_like_biases
 
 transformers = require("transformers")
 
@@ -49,12 +49,7 @@ SPREAD = {
 def _daulat_model(name: str, seed: int) -> DeepseekV32:
     torch.manual_seed(seed)
     model = DeepseekV32(DeepseekV32Config(**{**BASE, **SPREAD[name]})).eval()
-    with torch.no_grad():
-        for moe in model.moe_layers():  # a trained model's bias is not zero: make routing depend on it
-            moe.gate.e_score_correction_bias.normal_(0, 0.2)
-        for name_, p in model.named_parameters():
-            if name_.endswith(".bias"):
-                p.normal_(0, 0.05)
+    trained_like_biases(model)
     return model
 
 
