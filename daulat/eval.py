@@ -20,6 +20,7 @@ import time
 import torch
 
 from daulat.errors import DaulatError
+from daulat.threads import set_threads, threads_argument
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -183,6 +184,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-ppl-tokens", type=int, default=200_000, help="perplexity over at most this many tokens")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
+    parser.add_argument("--threads", type=threads_argument, default="auto", metavar="N|auto",
+                        help="torch CPU threads (default: auto, the cores not busy; see daulat.threads)")
 
 
 def run(args) -> int:
@@ -193,6 +196,7 @@ def run(args) -> int:
     if args.samples < 0 or args.problems < 1 or args.max_tokens < 1 or args.seq_len < 1:
         raise DaulatError("--samples must be >= 0; --problems, --max-tokens and --seq-len >= 1")
     task = load_task(args.task) if args.task else None
+    set_threads(args.threads)
     model, tokenizer, _ = load_checkpoint(args.checkpoint, device=args.device, need_tokenizer=True)
     if args.samples:
         from daulat.infer import SamplingParams

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from daulat.errors import DaulatError
 from daulat.generation import Sampling
+from daulat.threads import set_threads, threads_argument
 
 
 @dataclass
@@ -72,8 +73,6 @@ DIRECT = "student-direct"  # the student architecture trained on the task's own 
 STAGES = ["pretrain", "sft", "grpo", "distill", DIRECT]
 SETTINGS_FILE = "speedrun-settings.json"
 STUDENT_INIT = "student-init"
-# 1 thread per process measured fastest for the tiny pretraining step on 2 shared cores (see README)
-DEFAULT_THREADS = 1
 
 
 def add_arguments(p):
@@ -83,9 +82,9 @@ def add_arguments(p):
     p.add_argument("--data", nargs="+", metavar="PATH", help="your files and folders (default: the built-in corpus)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (default: 0)")
-    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
-                   help="torch CPU threads of every stage and evaluation (default: %(default)s, the fastest measured "
-                        "on 2 shared cores)")
+    p.add_argument("--threads", type=threads_argument, default="auto", metavar="N|auto",
+                   help="torch CPU threads of every stage and evaluation (default: auto, the cores not busy when "
+                        "each stage starts: measured fastest, see daulat.threads)")
     p.add_argument("--config", metavar="FILE.toml", help="TOML file merged over the preset")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
                    help="e.g. speedrun.task=sorting or train.lr=1e-3 (passed to every stage)")
@@ -204,9 +203,10 @@ def _plan(args, sr: SpeedrunConfig, out: Path) -> dict[str, tuple[list[str], lis
     def init(stage):
         return out / stage / "final"
 
+    # the built-in corpus leans towards the run's task; the user's own files are read as they are
+    data = ["--data", *args.data] if args.data else [f"data.builtin_task={sr.task}"]
     plan = {
-        "pretrain": (["pretrain", "--out", str(out / "pretrain"), *common, *steps(sr.pretrain_steps)]
-                     + (["--data", *args.data] if args.data else []), []),
+        "pretrain": (["pretrain", "--out", str(out / "pretrain"), *common, *steps(sr.pretrain_steps), *data], []),
         "sft": (["sft", "--init", str(init("pretrain")), "--task", sr.task, "--out", str(out / "sft"), *common,
                  *steps(sr.sft_steps)], [init("pretrain")]),
         "grpo": (["grpo", "--init", str(init("sft")), "--task", sr.task, "--out", str(out / "grpo"), *common,
@@ -364,14 +364,10 @@ def record_evaluation(ckpt: Path, model, info: dict, result: dict) -> None:
 
 
 def _apply_threads(args) -> list[str]:
-    """torch threads for this process (every stage runs in it), and the `train.threads` override that
-    gives the stages the same."""
-    import torch
-
-    if args.threads < 1:
-        raise DaulatError("--threads must be at least 1")
-    torch.set_num_threads(args.threads)
-    return [f"train.threads={args.threads}"]
+    """torch threads for this process (the evaluations), and the `train.threads` override that gives
+    the stages the same setting (`auto` is resolved by each stage as it starts)."""
+    set_threads(args.threads)
+    return [f"train.threads={json.dumps(args.threads)}"]
 
 
 def run(args) -> int:

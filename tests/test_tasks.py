@@ -168,9 +168,26 @@ def test_addition_is_a_column_by_column_sum_with_a_held_out_split_that_separates
         a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", e.prompt).groups())
         assert max(len(str(a)), len(str(b))) == 3  # the default difficulty: 3 columns at least
         lines = e.solution_text.splitlines()
-        assert lines[0] == f"Line up the columns: {a:03d} + {b:03d}"
-        columns = [line for line in lines if line.startswith("column ")]
-        assert len(columns) >= 3 and [int(line.split()[1].rstrip(":")) for line in columns] == list(range(1, len(columns) + 1))
-        written = [re.search(r"write (?:the carry )?(\d)", line).group(1) for line in columns]
-        assert int("".join(reversed(written))) == a + b == int(e.answer)
+        assert lines[0] == f"Columns: {a:03d} + {b:03d}" and lines[-1] == f"Answer: {a + b}"
+        carry, so_far = 0, ""
+        for column, line in enumerate(lines[1:4], 1):  # right to left: two digits, the carry, the answer so far
+            x, y = (a // 10 ** (column - 1)) % 10, (b // 10 ** (column - 1)) % 10
+            so_far = f"{(x + y + carry) % 10}{so_far}"
+            assert line == f"{x}+{y}{'+1' if carry else ''}={x + y + carry} so {so_far}"
+            carry = (x + y + carry) // 10
+        assert lines[4:-1] == ([f"carry 1 so 1{so_far}"] if carry else [])
         assert task.check(e.solution_text, e) and not task.check(e.solution_text.replace(f"Answer: {a + b}", f"Answer: {a + b + 1}"), e)
+
+
+def test_the_builtin_corpus_leans_towards_a_task_without_its_held_out_problems():
+    addition = get_task("addition")
+    plain = list(default_corpus(2000, seed=3))
+    leaning = list(default_corpus(2000, seed=3, task="addition", task_share=0.6))
+    def share(docs):
+        return sum(d.startswith("What is ") and " + " in d.split("\n")[0] for d in docs) / len(docs)
+    assert share(plain) < 0.2 and 0.6 < share(leaning) < 0.75  # 0.6 of it, plus the mixed rest's share
+    prompts = {d.split("\n")[0] for d in leaning}
+    assert not prompts & {e.prompt for e in addition.eval_examples(500)}
+    assert leaning == list(default_corpus(2000, seed=3, task="addition", task_share=0.6))  # deterministic
+    with pytest.raises(DaulatError, match="unknown task"):
+        next(default_corpus(10, task="nope"))

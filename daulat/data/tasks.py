@@ -183,22 +183,30 @@ def sample_addition(rng: random.Random, digits: int) -> Example:
 
     The worked solution is the one a small transformer can follow a token at a time: the numbers lined
     up to the same width first (so column i of both is a fixed distance back), then one line per
-    column, right to left, each naming its column and writing the digit sum, the digit kept and the
-    carry, so that every line needs only the two digits of its column and the carry of the line above.
+    column, right to left: the column's two digits and the carry of the line above, their sum, and
+    after `so` the answer so far (the sum's last digit in front of the previous line's answer so far).
+    Every step needs only a few tokens it can see close by, and the final answer is a copy of the last
+    line's, so the model never has to hold a number in its head or reverse one.
+
+        Columns: 478 + 056
+        8+6=14 so 4
+        7+5+1=13 so 34
+        4+0+1=5 so 534
+        Answer: 534
     """
     full = rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
     a, b = (full, _number(rng, digits)) if rng.random() < 0.5 else (_number(rng, digits), full)
     width = max(len(str(a)), len(str(b)))
     da, db = str(a).zfill(width), str(b).zfill(width)
-    lines, carry = [f"Line up the columns: {da} + {db}"], 0
+    lines, carry, so_far = [f"Columns: {da} + {db}"], 0, ""
     for column in range(1, width + 1):
         x, y = int(da[-column]), int(db[-column])
         total = x + y + carry
-        lines.append(f"column {column}: {x} + {y}{f' + {carry}' if carry else ''} = {total}, "
-                     f"write {total % 10}{', carry 1' if total >= 10 else ''}")
+        so_far = f"{total % 10}{so_far}"
+        lines.append(f"{x}+{y}{'+1' if carry else ''}={total} so {so_far}")
         carry = total // 10
     if carry:
-        lines.append(f"column {width + 1}: write the carry 1")
+        lines.append(f"carry 1 so 1{so_far}")
     return Example(f"What is {a} + {b}?", str(a + b), "\n".join(lines + [f"Answer: {a + b}"]))
 
 
@@ -393,19 +401,25 @@ def _prose(rng: random.Random) -> str:
     return " ".join(rng.sample(sentences, rng.randint(1, 3)))
 
 
-def default_corpus(n_docs: int, seed: int = 0) -> Iterator[str]:
+def default_corpus(n_docs: int, seed: int = 0, task: str | None = None, task_share: float = 0.6) -> Iterator[str]:
     """The built-in pretraining corpus: `n_docs` documents, deterministic for a seed.
 
     About 4 in 5 are worked examples of the built-in tasks (prompt + solution, difficulties from 1 up to
-    each task's default; training split only), the rest templated prose about numbers. Small enough to
-    generate on the fly; it teaches a tiny model the formats that SFT, GRPO and eval then use.
+    each task's default; training split only), the rest templated prose about numbers. With `task`, a
+    `task_share` of the documents are worked examples of that task at its default difficulty (the one
+    its evaluation uses) and the rest are as before: the corpus of a run that is to learn that task, as a
+    lab's pretraining mix leans towards what its model is for. Small enough to generate on the fly; it
+    teaches a tiny model the formats that SFT, GRPO and eval then use.
     """
+    focus = get_task(task) if task else None
     rng = random.Random(seed)
     for _ in range(n_docs):
-        if rng.random() < 0.8:
-            task = TASKS[rng.choice(BUILTIN_TASKS)]
-            difficulty = rng.randint(task.min_difficulty, task.default_difficulty)
-            yield task.sample(rng, difficulty).render()
+        if focus is not None and rng.random() < task_share:
+            yield focus.sample(rng).render()
+        elif rng.random() < 0.8:
+            other = TASKS[rng.choice(BUILTIN_TASKS)]
+            difficulty = rng.randint(other.min_difficulty, other.default_difficulty)
+            yield other.sample(rng, difficulty).render()
         else:
             yield _prose(rng)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import sys
 
+from daulat.threads import set_threads, threads_argument
+
 HELP = "/clear starts a new conversation, /quit (or Ctrl-D) exits"
 
 
@@ -25,7 +27,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, help="seed for reproducible replies (default: random)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights' dtype (default: float32)")
-    p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    p.add_argument("--threads", type=threads_argument, default="auto", metavar="N|auto",
+                   help="torch CPU threads (default: auto, the cores not busy; see daulat.threads)")
 
 
 class Chat:
@@ -81,10 +84,7 @@ def run(args) -> int:
     from daulat.errors import DaulatError
     from daulat.infer.engine import Engine, SamplingParams
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise DaulatError("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed)
     model, tokenizer, _ = load_checkpoint(args.checkpoint, device=args.device, need_tokenizer=True,

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from daulat.errors import DaulatError
+from daulat.threads import resolve_threads, set_threads, threads_argument
 from daulat.infer.api import (APIError, Echo, Limits, ServerState, TokenText, admit, bad_value, chat_logprobs,
                               check_sequences, completion_logprobs, echo_only, echo_prompt, error_response, flag,
                               is_int, number, parse_common, parse_messages, parse_prompts)
@@ -397,7 +398,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body, else 413 (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights' dtype (default: float32)")
-    p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    p.add_argument("--threads", type=threads_argument, default="auto", metavar="N|auto",
+                   help="torch CPU threads (default: auto, the cores not busy; see daulat.threads)")
     p.add_argument("--seed", type=int, help="seed for requests that bring none (default: random)")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.add_argument("--parse-special-tokens", action="store_true",
@@ -429,8 +431,7 @@ def run(args) -> int:
     config = load_config(checkpoint)  # fails fast, with one line, on a bad directory
     tokenizer = load_tokenizer(checkpoint)
     check_arguments(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     limits = Limits(max_model_len=args.max_model_len or config.max_position_embeddings, max_tokens=args.max_tokens,
                     max_num_seqs=args.max_num_seqs, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
@@ -481,8 +482,7 @@ def check_arguments(args) -> None:
         raise DaulatError("--max-queue must be at least 0")
     if args.max_model_len is not None and not 2 <= args.max_model_len:
         raise DaulatError("--max-model-len must be at least 2")
-    if args.threads is not None and args.threads < 1:
-        raise DaulatError("--threads must be at least 1")
+    resolve_threads(args.threads)
 
 
 def describe(error: BaseException) -> str:

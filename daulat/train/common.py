@@ -19,11 +19,12 @@ from typing import Callable
 
 from daulat.config import preset_names
 from daulat.errors import DaulatError
+from daulat.threads import threads_argument
 
 _OVERRIDE = re.compile(r"^([A-Za-z_]\w*)\.[A-Za-z_][\w.]*=")
 
 # the flags every stage has, and the config key each one sets
-COMMON_FLAGS = {"steps": "train.steps", "save_every": "train.save_every", "seed": "train.seed"}
+COMMON_FLAGS = {"steps": "train.steps", "save_every": "train.save_every", "seed": "train.seed", "threads": "train.threads"}
 FLAG = object()  # in a flag table: "the flag's own value"
 TASK_HELP = "a built-in task (see `daulat tasks`), a .jsonl task file, or module:name (a Python module that registers the task)"
 
@@ -39,6 +40,8 @@ def add_common_arguments(parser, default_preset: str | None = "tiny", lora: bool
     parser.add_argument("--save-every", type=int, metavar="N", help="steps between checkpoints (train.save_every; 0: only at the end)")
     parser.add_argument("--seed", type=int, metavar="S", help="seed of initialisation and data order (train.seed)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--threads", type=threads_argument, metavar="N|auto",
+                        help="torch CPU threads (train.threads; default auto: the cores not busy, see daulat.threads)")
     parser.add_argument("--print-config", action="store_true", help="print the merged config as TOML and exit")
     parser.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. train.lr=1e-3")
 

@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from daulat.threads import set_threads
 from daulat.train import muon, state
 from daulat.train.distributed import (Dist, full_tensor, init_distributed, plain_model, resolve_device,  # noqa: F401
                                       run_on_main, shard_model, to_device)
@@ -72,8 +73,7 @@ class Trainer:
                  val_batches: Callable[[], Iterable] | None = None, tokenizer=None, info: dict | None = None,
                  resume_from=None, dist: Dist | None = None, batch_tokens: Callable[[Any], int] = count_tokens,
                  evaluate: Callable[[Any], dict] | None = None):
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
+        set_threads(config.threads)
         self.config, self.objective, self.batches = config, objective, batches
         self.val_batches, self.tokenizer, self.batch_tokens = val_batches, tokenizer, batch_tokens
         self.evaluate_fn, self.info, self.out = evaluate, dict(info or {}), Path(out_dir)

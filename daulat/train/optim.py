@@ -46,7 +46,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" (cuda if present, else cpu), "cpu", "cuda", ...
     dtype: str = "auto"  # compute dtype: "auto" (bfloat16 autocast on GPU, float32 on CPU), "float32", "bfloat16"
-    threads: int | None = None  # torch CPU threads (torch.set_num_threads at the start); unset: torch's default
+    threads: int | str = "auto"  # torch CPU threads at the start: a number, or "auto" (see daulat.threads)
     compile: bool = False  # torch.compile each block (GPU; needs a working compiler toolchain)
     tensorboard: bool = False  # also write OUT/tensorboard/ (if the tensorboard package is installed)
 
@@ -65,7 +65,8 @@ class TrainConfig:
             (self.schedule in ("cosine", "wsd", "constant"), "schedule", "must be 'cosine', 'wsd' or 'constant'"),
             (self.optimizer in OPTIMIZERS, "optimizer", "must be 'adamw' or 'muon'"),
             (self.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be 'auto', 'float32' or 'bfloat16'"),
-            (self.threads is None or self.threads >= 1, "threads", "must be at least 1 (or unset)"),
+            (self.threads == "auto" or (type(self.threads) is int and self.threads >= 1), "threads",
+             "must be a whole number of at least 1, or 'auto'"),
             (self.grad_accum < 1 or self.batch_size % self.grad_accum == 0, "batch_size", f"must be divisible by grad_accum ({self.grad_accum})"),
             # Newton-Schulz needs whole matrices and QK-clip whole heads' logits; FSDP2 holds shards
             (not (torchrun and self.optimizer == "muon"), "optimizer", "Muon runs in one process for now: run without torchrun"),
