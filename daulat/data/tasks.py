@@ -182,31 +182,27 @@ def sample_addition(rng: random.Random, digits: int) -> Example:
     """One number of exactly `digits` digits plus one of 1..`digits` digits, added column by column.
 
     The worked solution is the one a small transformer can follow a token at a time: the numbers lined
-    up to the same width first (so column i of both is a fixed distance back), then one line per
-    column, right to left: the column's two digits and the carry of the line above, their sum, and
-    after `so` the answer so far (the sum's last digit in front of the previous line's answer so far).
-    Every step needs only a few tokens it can see close by, and the final answer is a copy of the last
-    line's, so the model never has to hold a number in its head or reverse one.
+    up to the same width first, then one line per column, right to left, each the column's two digits,
+    the carry into it (0 or 1) and their two-digit sum, then the answer: the last carry (if 1) and the
+    sums' last digits, read from the bottom line up. Every line has the same width, so each digit the
+    model needs sits a fixed number of tokens back (the same for every problem): it learns where to
+    look once, instead of following line lengths that change with the numbers.
 
         Columns: 478 + 056
-        8+6=14 so 4
-        7+5+1=13 so 34
-        4+0+1=5 so 534
+        8+6+0=14
+        7+5+1=13
+        4+0+1=05
         Answer: 534
     """
     full = rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
     a, b = (full, _number(rng, digits)) if rng.random() < 0.5 else (_number(rng, digits), full)
     width = max(len(str(a)), len(str(b)))
     da, db = str(a).zfill(width), str(b).zfill(width)
-    lines, carry, so_far = [f"Columns: {da} + {db}"], 0, ""
+    lines, carry = [f"Columns: {da} + {db}"], 0
     for column in range(1, width + 1):
         x, y = int(da[-column]), int(db[-column])
-        total = x + y + carry
-        so_far = f"{total % 10}{so_far}"
-        lines.append(f"{x}+{y}{'+1' if carry else ''}={total} so {so_far}")
-        carry = total // 10
-    if carry:
-        lines.append(f"carry 1 so 1{so_far}")
+        lines.append(f"{x}+{y}+{carry}={x + y + carry:02d}")
+        carry = (x + y + carry) // 10
     return Example(f"What is {a} + {b}?", str(a + b), "\n".join(lines + [f"Answer: {a + b}"]))
 
 
