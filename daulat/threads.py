@@ -66,11 +66,11 @@ def set_threads(value) -> int:
 
 
 def threads_argument(value: str):
-    """argparse type of --threads: a whole number >= 1 or 'auto'."""
+    """argparse type of --threads: a whole number >= 1, or 'auto'."""
     import argparse
 
-    try:
-        resolve_threads(value if value == AUTO else int(value) if value.strip().lstrip("-").isdigit() else value)
-    except DaulatError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return value if value == AUTO else int(value)
+    if value == AUTO:
+        return value
+    if not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"threads must be a whole number of at least 1 or 'auto', got {value!r}")
+    return int(value)
