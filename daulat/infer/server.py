@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from daulat.errors import DaulatError
-from daulat.threads import resolve_threads, set_threads, threads_argument
+from daulat.threads import set_threads, threads_argument
 from daulat.infer.api import (APIError, Echo, Limits, ServerState, TokenText, admit, bad_value, chat_logprobs,
                               check_sequences, completion_logprobs, echo_only, echo_prompt, error_response, flag,
                               is_int, number, parse_common, parse_messages, parse_prompts)
@@ -482,7 +482,6 @@ def check_arguments(args) -> None:
         raise DaulatError("--max-queue must be at least 0")
     if args.max_model_len is not None and not 2 <= args.max_model_len:
         raise DaulatError("--max-model-len must be at least 2")
-    resolve_threads(args.threads)
 
 
 def describe(error: BaseException) -> str:
