@@ -168,7 +168,8 @@ def rollout_source(coin, reward=None, **overrides):
 
     settings = dict(prompts_per_rollout=2, group_size=8, eval_problems=0)
     settings.update(overrides)
-    cfg = GRPOConfig(sampling=Sampling(max_tokens=settings.pop("max_tokens", 6)), **settings)
+    cfg = GRPOConfig(sampling=Sampling(max_tokens=settings.pop("max_tokens", 6),
+                                       temperature=settings.pop("temperature", 1.0)), **settings)
     train_cfg = TrainConfig(batch_size=8, steps=4)
     model = load_model(coin / "sft" / "final").train()
     source = RolloutSource(model, load_tokenizer(coin / "sft" / "final"), get_task(str(coin / "coin.jsonl")), cfg,
@@ -189,6 +190,21 @@ def test_on_policy_ratio_is_exactly_one_through_the_rollout_path(coin):
     assert stats["engine_logprob_gap"] < 1e-3  # the engine's decode path agrees closely, not bit for bit
     for key in ("reward_mean", "accuracy", "zero_variance_frac", "entropy", "mean_length", "rollout_s", "update_s"):
         assert key in stats
+
+
+def test_the_policy_is_the_tempered_distribution_the_rollouts_sampled(coin):
+    from daulat.train.grpo import GRPOObjective
+
+    model, source, cfg = rollout_source(coin, epochs=2, temperature=0.5)
+    batch = next(source)
+    mask = batch["mask"].bool()
+    tempered, _ = completion_logprobs(model, batch["input_ids"], temperature=0.5)
+    raw, _ = completion_logprobs(model, batch["input_ids"])
+    assert torch.equal(tempered.detach(), batch["old_logprobs"])  # the old policy is softmax(logits / 0.5)
+    assert not torch.allclose(tempered[mask], raw[mask])  # ... which is not the raw distribution
+    _, stats = GRPOObjective(cfg)(model, batch)
+    assert stats["ratio_max"] == 1 and stats["kl_rollout"] == 0  # the update sees the same policy
+    assert "engine_logprob_gap" not in stats  # the engine reports raw log-probs: no like-for-like gap
 
 
 def test_zero_variance_groups_are_dropped_and_give_no_gradient(coin):

@@ -18,7 +18,8 @@ sequences x max_tokens). Groups whose rewards are all equal carry no signal and 
 replaced by new prompts); samples cut off at max_tokens are masked out of the loss; a soft penalty
 may discourage answers that approach the limit (DAPO).
 
-The old-policy log-probs of the ratio are recomputed with the training model on exactly the tensors
+The policy is the distribution the rollouts are sampled from: softmax(logits / grpo.sampling.temperature)
+(top_p and top_k, if set, are not part of it). The old-policy log-probs of the ratio are recomputed with the training model on exactly the tensors
 the update will see (not taken from the engine's decode path), so with no update the ratio is
 exactly 1. The engine's own log-probs are kept to report how far the two paths disagree.
 
@@ -113,7 +114,7 @@ class GRPOObjective:
     def __call__(self, model, batch: dict):
         cfg = self.cfg
         ids, mask, advantages = batch["input_ids"], batch["mask"], batch["advantages"]
-        logprobs, entropy = completion_logprobs(model, ids, with_entropy=True)
+        logprobs, entropy = completion_logprobs(model, ids, with_entropy=True, temperature=cfg.sampling.temperature)
         old = batch.get("old_logprobs")
         old = logprobs.detach() if old is None else old  # one step per rollout: on-policy, ratio exactly 1
         per_token, ratio, clipped = clipped_surrogate(logprobs, old, advantages, cfg.epsilon_low, cfg.epsilon_high)
@@ -133,8 +134,9 @@ class GRPOObjective:
                 entropy=masked_mean(entropy, mask),
                 kl_rollout=masked_mean(k3_kl(lp, old, cfg.kl_clamp), mask),
                 ratio_max=(ratio.detach() * mask).max() if mask.any() else torch.ones(()),
-                engine_logprob_gap=masked_mean((lp - batch["engine_logprobs"]).abs(), mask),
             )
+            if cfg.sampling.temperature == 1.0:  # the engine reports the raw (temperature 1) log-probs
+                stats["engine_logprob_gap"] = masked_mean((lp - batch["engine_logprobs"]).abs(), mask)
         stats.update(batch["rollout_stats"])
         return loss, stats
 

@@ -147,12 +147,15 @@ def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer: int, penalt
 # ------------------------------------------------------------------------------------------------
 
 
-def completion_logprobs(model, input_ids: torch.Tensor, with_entropy: bool = False):
+def completion_logprobs(model, input_ids: torch.Tensor, with_entropy: bool = False, temperature: float = 1.0):
     """Log-probs of each next token under `model`: input_ids [N, T] -> [N, T-1] (position t holds
     log p(input_ids[t+1] | input_ids[:t+1])), and the entropy of each of those distributions [N, T-1]
-    when asked. One full forward in float32 softmax: the same numeric path for the old policy, the
-    update and the reference, so that identical weights give identical numbers."""
+    when asked. The policy is the one the rollouts sampled from, softmax(logits / temperature). One
+    full forward in float32 softmax: the same numeric path for the old policy, the update and the
+    reference, so that identical weights give identical numbers."""
     logits = model(input_ids[:, :-1]).float()
+    if temperature != 1.0:
+        logits = logits / temperature
     logp_all = F.log_softmax(logits, dim=-1)
     logprobs = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     if not with_entropy:

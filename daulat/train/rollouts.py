@@ -277,11 +277,12 @@ class RolloutSource:
                  "engine_logprobs": engine_lp, "denominator": float(denominator),
                  "n_tokens": sum(len(s.ids) for s in samples)}
         on_device = ids.to(self.device)
+        temperature = self.cfg.sampling.temperature  # the policy is the distribution the rollouts sampled
         with self.autocast():
             if self.steps_per_rollout > 1:  # the old policy, before any update of this rollout
-                batch["old_logprobs"] = completion_logprobs(self.model, on_device)[0].cpu()
+                batch["old_logprobs"] = completion_logprobs(self.model, on_device, temperature=temperature)[0].cpu()
             if self.reference is not None:
-                batch["ref_logprobs"] = completion_logprobs(self.reference, on_device)[0].cpu()
+                batch["ref_logprobs"] = completion_logprobs(self.reference, on_device, temperature=temperature)[0].cpu()
         return batch
 
     # -- held-out evaluation (the Trainer's `evaluate`: it calls this in eval mode, without gradients) --
