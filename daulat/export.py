@@ -65,6 +65,10 @@ def check_llama_cpp(config) -> None:
     def refuse(field: str, value, why: str):
         raise DaulatError(f"cannot export to GGUF: config field {field!r} = {value!r}: {why}")
 
+    model_type = config.to_hf_dict().get("model_type", "deepseek_v3")
+    if model_type not in ("deepseek_v3", "kimi_k2"):
+        refuse("model_type", model_type, "llama.cpp's deepseek2 is DeepSeek-V3's dense MLA, without the sparse "
+               "attention's indexer; export with --format hf (transformers, vLLM)")
     if config.attention_bias:
         refuse("attention_bias", True, "llama.cpp's deepseek2 has no attention biases")
     if config.hidden_act != "silu":
