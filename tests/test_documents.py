@@ -65,6 +65,18 @@ def write_docx(path, text):
     document.save(path)
 
 
+def write_rtf(path, text):
+    from PyRTF.Elements import Document, Section
+    from PyRTF.Renderer import Renderer
+
+    document, section = Document(), Section()
+    document.Sections.append(section)
+    section.append("Memo")
+    section.append(text)
+    with open(path, "w") as f:
+        Renderer().Write(document, f)
+
+
 def write_pptx(path, text):
     import pptx
 
@@ -144,7 +156,7 @@ def folder(tmp_path_factory):
     box.add(write_email(s["mbox"]))
     box.add(write_email(PII))
     box.close()
-    (root / "memo.rtf").write_text(r"{\rtf1\ansi{\fonttbl\f0\fswiss Helvetica;}\f0\pard " + s["rtf"] + r"\par}")
+    write_rtf(root / "memo.rtf", s["rtf"])
     (root / "tool.py").write_text(f'# {s["code"]}\nprint("contact: dev@example.com")\n')
     with zipfile.ZipFile(root / "bundle.zip", "w") as z:
         z.writestr("inner/note.txt", s["zip"])
@@ -179,6 +191,8 @@ def test_every_format_gives_its_sentence(produced):
     formats = {r["source"].split("/", 1)[1]: r["format"] for r in records}
     assert formats["report.pdf"] == "pdf" and formats["minutes.docx"] == "docx" and formats["bundle.zip!inner/note.txt"] == "text"
     assert all(r["licence"] == "internal" and len(r["sha256"]) == 64 for r in records)
+    memo = next(r["text"] for r in records if r["source"].endswith("memo.rtf"))
+    assert memo.split("\n")[0] == "Memo" and "Heading" not in memo  # the text, not the stylesheet's names
 
 
 def test_html_main_content_only(produced):
