@@ -37,11 +37,19 @@ def read_toml(path) -> dict:
         raise DaulatError(f"{path}: malformed TOML ({e})") from None
 
 
-def read_preset(name: str) -> dict:
+def read_preset(name: str, _seen: tuple[str, ...] = ()) -> dict:
+    """A preset of recipes/. One with `base = "other"` is that preset with the tables it writes put in
+    place of the base's, whole: tiny-v4's [model] is all of V4's fields, not V3's with V4's on top."""
     file = RECIPES / f"{name}.toml"
     if not file.is_file():
         raise DaulatError(f"unknown preset {name!r} (known: {', '.join(preset_names())})")
-    return read_toml(file)
+    raw = read_toml(file)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or base in _seen + (name,):
+        raise DaulatError(f"preset {name!r}: base = {base!r} must name another preset, without a cycle")
+    return {**read_preset(base, _seen + (name,)), **raw}
 
 
 def parse_override(override) -> tuple[str, str, object]:
@@ -118,7 +126,11 @@ MOVED = {"model.bias_update_speed": "train.bias_update_speed"}
 
 
 def build_section(section: str, cls, values: dict):
-    """values (a TOML table) -> cls(**values), type-checked; a dataclass-typed field is a sub-table."""
+    """values (a TOML table) -> cls(**values), type-checked; a dataclass-typed field is a sub-table.
+    A schema entry with a `choose(section, values) -> (dataclass, values)` is a family of sections
+    whose table names its member (daulat.architectures.ModelSection: [model] model_type)."""
+    if hasattr(cls, "choose"):
+        cls, values = cls.choose(section, values)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -194,8 +206,10 @@ def stage_config(schema: dict[str, type], stage: str, *, preset: str | None = No
 
 
 def to_dict(config: dict) -> dict:
-    """The merged config as plain JSON/TOML-able data (for --print-config and daulat.json)."""
-    return {section: dataclasses.asdict(value) for section, value in config.items()}
+    """The merged config as plain JSON/TOML-able data (for --print-config and daulat.json). A section
+    chosen from a family says which member it is (its class's `model_type`), so it reads back the same."""
+    return {section: ({"model_type": type(value).model_type} if hasattr(type(value), "model_type") else {})
+            | dataclasses.asdict(value) for section, value in config.items()}
 
 
 def to_toml(config: dict) -> str:
@@ -208,6 +222,8 @@ def to_toml(config: dict) -> str:
 def _toml_table(name: str, section) -> list[str]:
     """[name] with the section's plain keys, then a [name.field] table for each dataclass field."""
     lines, tables = [f"[{name}]"], []
+    if hasattr(type(section), "model_type"):  # the member of a family of sections (see `to_dict`)
+        lines.append(f"model_type = {_toml_value(type(section).model_type)}")
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         if dataclasses.is_dataclass(value):

@@ -67,8 +67,8 @@ def check_llama_cpp(config) -> None:
 
     model_type = config.to_hf_dict().get("model_type", "deepseek_v3")
     if model_type not in ("deepseek_v3", "kimi_k2"):
-        refuse("model_type", model_type, "llama.cpp's deepseek2 is DeepSeek-V3's dense MLA, without the sparse "
-               "attention's indexer; export with --format hf (transformers, vLLM)")
+        refuse("model_type", model_type, "daulat writes llama.cpp's deepseek2 (DeepSeek-V3) layout only, not yet "
+               "its deepseek32/deepseek4 ones; export with --format hf (transformers, vLLM)")
     if config.attention_bias:
         refuse("attention_bias", True, "llama.cpp's deepseek2 has no attention biases")
     if config.hidden_act != "silu":

@@ -14,13 +14,13 @@ def add_arguments(p):
 def run(args) -> int:
     import torch
 
+    from daulat.architectures import ModelSection, build_model
     from daulat.config import load_config, to_dict
-    from daulat.model import DeepseekV3, ModelConfig
     from daulat.report import save_documented
 
-    config = load_config({"model": ModelConfig}, preset=args.preset, path=args.config, overrides=args.overrides)
+    config = load_config({"model": ModelSection}, preset=args.preset, path=args.config, overrides=args.overrides)
     torch.manual_seed(args.seed)
-    model = DeepseekV3(config["model"])
+    model = build_model(config["model"])
     info = {"stage": "init", "preset": args.preset, "seed": args.seed, "config": to_dict(config)}
     save_documented(model, args.out, info=info)
     print(f"wrote {args.out} ({model.num_parameters():,} parameters)")

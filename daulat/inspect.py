@@ -60,16 +60,15 @@ def run(args) -> int:
 
     from daulat.checkpoint import load_checkpoint
     from daulat.errors import DaulatError
-    from daulat.model import DeepseekV3
 
     if (args.path is None) == (args.preset is None):
         raise DaulatError("give a checkpoint PATH or --preset NAME (one of them)")
     if args.preset:
+        from daulat.architectures import ModelSection, build_model
         from daulat.config import load_config
-        from daulat.model import ModelConfig
 
         with torch.device("meta"):
-            model = DeepseekV3(load_config({"model": ModelConfig}, preset=args.preset)["model"])
+            model = build_model(load_config({"model": ModelSection}, preset=args.preset)["model"])
         source = f"preset {args.preset}"
     else:
         model = load_checkpoint(args.path).model

@@ -33,6 +33,7 @@ import functools
 import math
 import types
 from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,8 @@ from torch import nn
 @dataclass
 class ModelConfig:
     """Architecture hyper-parameters, named as in transformers' `DeepseekV3Config`."""
+
+    model_type: ClassVar[str] = "deepseek_v3"  # the architecture (see daulat.architectures); not a field
 
     vocab_size: int = 4096
     hidden_size: int = 256

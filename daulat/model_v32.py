@@ -33,6 +33,7 @@ dtype (as transformers keeps them).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,8 @@ CHUNK_NUMBERS = 1 << 24
 @dataclass
 class DeepseekV32Config(ModelConfig):
     """ModelConfig plus the lightning indexer, named as in transformers' `DeepseekV32Config`."""
+
+    model_type: ClassVar[str] = "deepseek_v32"
 
     q_lora_rank: int | None = 64  # required: the indexer's queries are read from the low-rank query
     index_topk: int = 2048  # k: keys each query attends to

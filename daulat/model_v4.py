@@ -24,12 +24,13 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from types import SimpleNamespace
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from daulat.model import MLP, MoE, RMSNorm, linear_cross_entropy, rope_frequencies
+from daulat.model import MLP, DeepseekV3, MoE, RMSNorm, linear_cross_entropy, rope_frequencies
 from daulat.v4_attention import LayerCache, Rotary, V4Attention, unit_rms
 
 LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
@@ -43,6 +44,8 @@ FP32_TENSORS = ("attn_hc.", "ffn_hc.", "hc_head.", ".sinks", ".position_bias", "
 @dataclass
 class ModelConfigV4:
     """Hyper-parameters, named as in transformers' `DeepseekV4Config` (small defaults for tests)."""
+
+    model_type: ClassVar[str] = "deepseek_v4"
 
     vocab_size: int = 512
     hidden_size: int = 64
@@ -90,7 +93,6 @@ class ModelConfigV4:
     pad_token_id: int | None = None
     num_nextn_predict_layers: int = 0
     # daulat's training knobs (transformers ignores them)
-    bias_update_speed: float = 1e-3
     seq_aux_loss_alpha: float = 0.0
     indexer_loss_weight: float = 0.0  # > 0: the CSA indexers learn toward their attention (KL)
     n_group: int = 1  # daulat's MoE reads these; V4 has no group-limited routing
@@ -416,6 +418,9 @@ class DeepseekV4(nn.Module):
     def moe_layers(self) -> list[V4MoE]:
         return [layer.mlp for layer in self.layers]
 
+    # V3's count reads the same names (embed_tokens, lm_head, layers[i].mlp, mtp.*): total or active per token
+    num_parameters = DeepseekV3.num_parameters
+
     def _trunk(self, input_ids: torch.Tensor, layer_caches: list[LayerCache] | None = None,
                start: int = 0) -> torch.Tensor:
         """input_ids [B, T] at positions start..start+T-1 -> the collapsed hidden states [B, T, D].
@@ -487,10 +492,10 @@ class DeepseekV4(nn.Module):
         return loss, stats
 
     @torch.no_grad()
-    def update_router_bias(self, gamma: float | None = None) -> list[torch.Tensor]:
+    def update_router_bias(self, gamma: float) -> list[torch.Tensor]:
         """Auxiliary-loss-free balancing of the learned routers (hash layers have nothing to balance):
-        call after each optimizer step; returns each such layer's expert load since the last call."""
-        gamma = self.config.bias_update_speed if gamma is None else gamma
+        call after each optimizer step with the bias speed (train.bias_update_speed); returns each
+        such layer's expert load since the last call."""
         return [moe.update_bias(gamma) for moe in self.moe_layers() if not moe.is_hash]
 
 

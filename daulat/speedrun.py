@@ -246,14 +246,14 @@ def fresh_student(path: Path, teacher: Path, distill_argv: list[str], seed: int)
     import torch
 
     from daulat.checkpoint import save_model
+    from daulat.architectures import ModelSection, build_model
     from daulat.config import build_section
-    from daulat.model import DeepseekV3, ModelConfig
     from daulat.provenance import stage_info
     from daulat.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(teacher)
     raw = tomllib.loads(_printed_config(distill_argv))["model"]
-    config = dataclasses.replace(build_section("model", ModelConfig, raw), vocab_size=tokenizer.vocab_size)
+    config = dataclasses.replace(build_section("model", ModelSection, raw), vocab_size=tokenizer.vocab_size)
     if path.is_dir():
         made = json.loads((path / "daulat.json").read_text(encoding="utf-8"))
         if made.get("config", {}).get("model") != dataclasses.asdict(config) or made.get("seed") != seed:
@@ -261,7 +261,7 @@ def fresh_student(path: Path, teacher: Path, distill_argv: list[str], seed: int)
                               f"{path} and the student trained directly")
         return
     torch.manual_seed(seed)
-    model = DeepseekV3(config)
+    model = build_model(config)
     info = stage_info("init", method="random initialisation (no pretraining, no teacher)",
                       config={"model": dataclasses.asdict(config)}, data={"none": "random weights: no data"},
                       compute={}, metrics={}, parent=None, tokenizer_sha256=tokenizer.sha256, seed=seed)

@@ -65,7 +65,7 @@ def test_adamw_lowers_the_loss():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        model.update_router_bias()
+        model.update_router_bias(1e-3)
         losses.append(float(stats["ce"]))
     assert losses[-1] < losses[0] - 0.5
     assert {"balance", "indexer"} <= set(stats)

@@ -257,7 +257,7 @@ def _student(run: StageRun, teacher, student, preset, tokenizer):
     model of config["model"] with the teacher's (or `tokenizer`'s) tokenizer, whose lineage is the teacher's."""
     import torch
 
-    from daulat.model import DeepseekV3
+    from daulat.architectures import build_model
     from daulat.tokenizer import load_tokenizer
     from daulat.train.stage import load_trainable
 
@@ -278,7 +278,7 @@ def _student(run: StageRun, teacher, student, preset, tokenizer):
     run.config = dict(run.config, model=model_cfg)  # the record shows the student as it was built
     torch.manual_seed(run.train_cfg.seed)
     parent = getattr(teacher, "info", None) or None  # a fresh student's knowledge comes from the teacher
-    return DeepseekV3(model_cfg), tok, parent, f"fresh from preset {preset}" if preset else "fresh"
+    return build_model(model_cfg), tok, parent, f"fresh from preset {preset}" if preset else "fresh"
 
 
 def _check_same_vocabulary(mode: str, teacher, model, tok) -> None:

@@ -116,7 +116,7 @@ def pretrain(config: dict, out, data: list[str] | None = None, tokenizer=None, r
     import torch
 
     from daulat.data.shards import BatchSampler, load_shards
-    from daulat.model import DeepseekV3
+    from daulat.architectures import build_model
     from daulat.tokenizer import load_tokenizer
     from daulat.train.loop import run_on_main
 
@@ -143,7 +143,7 @@ def pretrain(config: dict, out, data: list[str] | None = None, tokenizer=None, r
 
     run.config = config = dict(config, model=dataclasses.replace(config["model"], vocab_size=tok.vocab_size))
     torch.manual_seed(train_cfg.seed)  # the same initial weights on every rank
-    model = DeepseekV3(config["model"])
+    model = build_model(config["model"])
     batches = BatchSampler(shards.train, train_cfg.micro_batch_size, train_cfg.seq_len, seed=train_cfg.seed,
                            rank=d.rank, world_size=d.world_size)
     splits = shards.index["splits"]

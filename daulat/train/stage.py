@@ -45,14 +45,15 @@ class Stage:
 
 
 def stage_schema(*, model: bool = False, **sections: type) -> Callable[[], dict[str, type]]:
-    """A stage's config sections: [model] (if it builds one), [train], then its own. ModelConfig and
-    TrainConfig are imported when the schema is first asked for, so that `daulat --help` stays fast."""
+    """A stage's config sections: [model] (if it builds one: any architecture's, see
+    daulat.architectures), [train], then its own. They are imported when the schema is first asked
+    for, so that `daulat --help` stays fast."""
 
     def schema() -> dict[str, type]:
-        from daulat.model import ModelConfig
+        from daulat.architectures import ModelSection
         from daulat.train.loop import TrainConfig
 
-        return {**({"model": ModelConfig} if model else {}), "train": TrainConfig, **sections}
+        return {**({"model": ModelSection} if model else {}), "train": TrainConfig, **sections}
 
     return schema
 
