@@ -76,3 +76,27 @@ def test_pretraining_builds_and_saves_the_named_architecture(tmp_path):
     assert json.loads((out / "final" / "config.json").read_text())["model_type"] == "deepseek_v32"
     assert json.loads((out / "final" / "daulat.json").read_text())["config"]["model"]["model_type"] == "deepseek_v32"
     assert type(load_checkpoint(out / "final").model) is DeepseekV32
+
+
+@pytest.mark.parametrize("warmup", [1, 0])
+def test_the_v32_indexer_trains_in_pretraining_alone_during_its_warm_up(tmp_path, warmup):
+    import torch
+
+    from daulat.checkpoint import load_checkpoint
+    from daulat.cli import main
+
+    out = tmp_path / "v32"
+    assert main(["pretrain", "--preset", "micro", "--out", str(out), "--steps", "1", "--threads", "1",
+                 'model.model_type="deepseek_v32"', "model.q_lora_rank=16", "model.index_topk=8",
+                 "model.index_n_heads=2", "model.index_head_dim=16", "data.builtin_docs=200",
+                 f"train.indexer_warmup_steps={warmup}", "train.warmup_steps=0"]) == 0
+    trained = load_checkpoint(out / "final").model
+    torch.manual_seed(0)  # the run's seed: the weights it started from
+    start = build_model(trained.config).state_dict()
+    moved = {name for name, t in trained.state_dict().items() if not torch.equal(t, start[name])}
+    indexer = {name for name in moved if ".indexer." in name}
+    assert indexer  # the indexer learns in both modes
+    if warmup:
+        assert moved == indexer  # the warm-up step trains the indexer only, with dense attention
+    else:
+        assert "embed_tokens.weight" in moved and moved - indexer  # sparse training moves the model too

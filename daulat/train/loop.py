@@ -160,6 +160,8 @@ class Trainer:
             group["lr"] = self.lr
         if cfg.tracks_max_logit:
             muon.track_max_logits(self.model)
+        if hasattr(self.model, "indexer_mode"):  # DeepSeek-V3.2: its indexer trains too (see TrainConfig)
+            self.model.indexer_mode = "warmup" if self.step < cfg.indexer_warmup_steps else "sparse"
         tokens = 0
         for micro in range(cfg.grad_accum):
             batch = to_device(next(self.batches), self.device)

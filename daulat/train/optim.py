@@ -38,6 +38,10 @@ class TrainConfig:
     log_max_logit: bool = False  # log the largest attention logit per step (always on with qk_clip)
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     bias_update_speed: float = 1e-3  # gamma of aux-loss-free balancing (older checkpoints' config.json key is ignored)
+    # DeepSeek-V3.2's lightning indexer trains with the model: the first this many steps train only the
+    # indexer, toward the dense attention's distribution (its warm-up), then sparse training, the
+    # indexer still learning by KL with its input detached (0: sparse from the start, as from scratch)
+    indexer_warmup_steps: int = 0
     log_every: int = 10  # steps between metrics lines
     eval_every: int = 100  # steps between validations (0: only at the end)
     eval_batches: int = 20  # validation batches of batch_size sequences each (0: no validation)
@@ -55,7 +59,8 @@ class TrainConfig:
         problems = [(name, "must be at least 1") for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every")
                     if getattr(self, name) < 1]
         problems += [(name, "must not be negative") for name in ("warmup_steps", "eval_every", "eval_batches", "save_every",
-                                                                 "keep_last", "grad_clip", "weight_decay", "qk_clip")
+                                                                 "keep_last", "grad_clip", "weight_decay", "qk_clip",
+                                                                 "indexer_warmup_steps")
                      if getattr(self, name) < 0]
         problems += [(name, why) for ok, name, why in (
             (self.lr > 0, "lr", "must be positive"),
