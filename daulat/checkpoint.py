@@ -1,4 +1,4 @@
-"""Checkpoints are transformers `deepseek_v3` directories (see DESIGN.md):
+"""Checkpoints are transformers `deepseek_v3` (`deepseek_v32`, `deepseek_v4`) directories (see DESIGN.md):
 
     config.json  model.safetensors  generation_config.json  tokenizer files
     mtp.safetensors (daulat only)  daulat.json (how it was made)  README.md (model card)
@@ -12,7 +12,8 @@ On disk the routed experts have transformers' per-expert names
 (`model.layers.{i}.mlp.experts.{e}.gate_proj.weight`, ...); in memory daulat stacks them
 (`layers.{i}.mlp.gate_up_proj` [E, 2I, D], `layers.{i}.mlp.down_proj` [E, D, I]). MTP modules sit
 after the main stack as `model.layers.{L + k}` exactly as in DeepSeek-V3's release, but in their own
-file so that transformers and exports never see them.
+file so that transformers and exports never see them. An architecture brings its own names (its
+`Layout` in ARCHITECTURES): DeepSeek-V4's are DeepSeek's published ones (daulat/model_v4.py).
 
 Reading treats a directory as untrusted input (daulat/weights.py): config.json and the tensor
 headers are checked against each other (names, shapes, dtypes, layer and expert counts) before
@@ -35,44 +36,24 @@ from typing import Callable, NamedTuple
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
+from torch import nn
 
 import daulat.lora as lora
 import daulat.model_v32 as model_v32
+import daulat.model_v4 as model_v4
 from daulat.errors import DaulatError
 from daulat.model import DeepseekV3, ModelConfig, rope_frequencies
 from daulat.quant import SCALE_SUFFIX, BlockFP8, dequantize, parse_quantization, scale_grid
-from daulat.weights import (FP8_DTYPE, INDEX_FILE, INFO_FILE, MODEL_FILE, SCALE_DTYPES, TRAIN_STATE_DIR, Checkpoint,
-                            Entry, TensorReader, check_dtype, check_finite, checkpoint_dir, disk_error, fsync_dir,
-                            read_json, read_safetensors, replace_dir, scan, write_json)
+from daulat.weights import (FP8_DTYPE, INDEX_FILE, INFO_FILE, INTEGER_DTYPES, MODEL_FILE, SCALE_DTYPES,
+                            TRAIN_STATE_DIR, Checkpoint, Entry, TensorReader, check_dtype, check_finite,
+                            checkpoint_dir, disk_error, fsync_dir, read_json, read_safetensors, replace_dir, scan,
+                            write_json)
 
 MTP_FILE = "mtp.safetensors"
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
-
-
-class Architecture(NamedTuple):
-    """How to read one `model_type`: its config class (`from_hf_dict` parses config.json), the model
-    built from that config, and the parameters (name suffixes) kept in float32 at any load dtype.
-    The tensor names a model accepts are its own state dict's, so an architecture's extra tensors (the
-    V3.2 indexer's) pass the header and shape checks without being listed here."""
-
-    config: type
-    build: Callable[[ModelConfig], DeepseekV3]
-    keep_fp32: tuple[str, ...]
-
-
-ARCHITECTURES = {
-    "deepseek_v3": Architecture(ModelConfig, DeepseekV3, ("e_score_correction_bias",)),
-    "deepseek_v32": Architecture(model_v32.DeepseekV32Config, model_v32.build_model, model_v32.KEEP_FP32),
-}
-
-
-def architecture(raw: dict) -> Architecture:
-    """The Architecture of a config.json. Any other model_type (none, kimi_k2, an unsupported one) goes
-    to DeepSeek-V3's, whose parser accepts its aliases and names the type it expects otherwise."""
-    return ARCHITECTURES.get(raw.get("model_type", "deepseek_v3"), ARCHITECTURES["deepseek_v3"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,7 +103,7 @@ def _layer_name(layer: int, rest: str, num_layers: int) -> str:
     if rest in special:
         return f"mtp.{k}.{special[rest]}"
     if rest.startswith(("embed_tokens", "shared_head.head")):
-        return f"mtp_shared.{k}.{rest}"  # DeepSeek-V3 repeats the shared embedding/head here; dropped below
+        return ""  # DeepSeek-V3 repeats the shared embedding and head in its MTP layer: read past
     return f"mtp.{k}.block.{rest}"
 
 
@@ -133,10 +114,11 @@ def _layer_name(layer: int, rest: str, num_layers: int) -> str:
 
 
 
-def save_model(model: DeepseekV3, path, tokenizer=None, info: dict | None = None,
+def save_model(model: nn.Module, path, tokenizer=None, info: dict | None = None,
                train_state: dict | None = None, model_card: str | None = None,
                weights: dict[str, torch.Tensor] | None = None, extra_config: dict | None = None) -> Path:
-    """Write `model` as a transformers `deepseek_v3` directory at `path`, atomically.
+    """Write `model` as a transformers directory of its architecture (`deepseek_v3`, `deepseek_v32`,
+    `deepseek_v4`: its config's `to_hf_dict` names it) at `path`, atomically.
 
     tokenizer: saved beside the weights when given (anything with `.save(dir)`).
     info: JSON written as daulat.json (stage, config, data manifest, compute...).
@@ -168,12 +150,12 @@ def save_model(model: DeepseekV3, path, tokenizer=None, info: dict | None = None
 def _write_files(model, tmp: Path, tokenizer, info, train_state, model_card, weights, extra_config) -> None:
     """Every file of a checkpoint into the fresh directory `tmp`, each fsynced."""
     config = model.config
-    main, mtp = to_hf_state_dict(model)
-    main = {k: v.detach().cpu() for k, v in (weights if weights is not None else main).items()}
+    hf_config = config.to_hf_dict()
+    main, mtp = architecture(hf_config).layout.to_hf(model)
+    main = {k: v.detach().cpu().contiguous() for k, v in (weights if weights is not None else main).items()}
     save_file(main, tmp / MODEL_FILE, metadata={"format": "pt"})
     if mtp:
-        save_file({k: v.detach().cpu() for k, v in mtp.items()}, tmp / MTP_FILE, metadata={"format": "pt"})
-    hf_config = config.to_hf_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in mtp.items()}, tmp / MTP_FILE, metadata={"format": "pt"})
     hf_config["dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     hf_config.update(extra_config or {})
     write_json(tmp / "config.json", hf_config)
@@ -256,7 +238,8 @@ def _fits(value, annotation: str) -> bool:
         return bool(kinds & {"int", "float"})
     if isinstance(value, float):
         return "float" in kinds and math.isfinite(value)
-    return any(isinstance(value, kind) for name, kind in (("str", str), ("dict", dict)) if name in kinds)
+    return any(isinstance(value, kind) for name, kind in (("str", str), ("dict", dict), ("list[str]", list))
+               if name in kinds)
 
 
 def _short(value) -> str:
@@ -293,6 +276,17 @@ def _target(key: str, num_layers: int) -> tuple[str, int | None, int | None] | N
     return None
 
 
+def _hf_name(name: str) -> str:
+    """The checkpoint key (first expert for stacked tensors) a daulat parameter is read from."""
+    m = re.match(r"^layers\.(\d+)\.mlp\.(gate_up_proj|down_proj)$", name)
+    if m:
+        kind = "gate_proj" if m[2] == "gate_up_proj" else "down_proj"
+        return f"model.layers.{m[1]}.mlp.experts.0.{kind}.weight"
+    if name.startswith("layers.") or name in ("embed_tokens.weight", "norm.weight"):
+        return "model." + name
+    return name
+
+
 def _first_gap(found: set[int]) -> int:
     """The smallest index not in `found` (without building range(n) for an n a config claims)."""
     i = 0
@@ -301,51 +295,59 @@ def _first_gap(found: set[int]) -> int:
     return i
 
 
-def _check_counts(entries: dict[str, Entry], config: ModelConfig, source: str) -> None:
+def _check_counts(entries: dict[str, Entry], config, layout: Layout, source: str) -> None:
     """Layer, MTP and expert counts of config.json against the tensor names, before anything is built:
     a config that claims 10**6 layers or 10**9 experts fails here, at the cost of reading names.
-    A checkpoint without MTP weights (transformers' save_pretrained drops them) loads without MTP."""
+    A checkpoint without MTP weights (transformers' save_pretrained drops them) loads without MTP.
+    A missing layer or expert is named after a key of its neighbours (the checkpoint's own spelling)."""
     L, D, E = config.num_hidden_layers, config.num_nextn_predict_layers, config.n_routed_experts
-    layers, experts = set(), {}
+    layers, experts, expert_key, prefix = set(), {}, {}, ""
     for key in entries:
-        m = _LAYER.match(key)
+        m = layout.layer.match(key)
         if not m:
             continue
-        layer, e = int(m[1]), _EXPERT.match(key)
+        layer, e = int(m[1]), layout.expert.match(key)
         if layer >= L + D or (e and int(e[2]) >= E):
             limits = f"num_hidden_layers = {L}, num_nextn_predict_layers = {D}, n_routed_experts = {E}"
             raise DaulatError(f"{source}: unexpected tensor {key!r} for this config.json ({limits})")
         layers.add(layer)
+        prefix = key[: m.start(1)]  # "model.layers.", or V4's "layers."
         if e:
             experts.setdefault((layer, e[3]), set()).add(int(e[2]))
+            expert_key.setdefault((layer, e[3]), e)
     if _first_gap(layers) < L:
-        raise DaulatError(f"{source}: missing tensors of layer {_first_gap(layers)} ('model.layers."
-                          f"{_first_gap(layers)}.*'): config.json says num_hidden_layers = {L}")
+        gap = _first_gap(layers)
+        raise DaulatError(f"{source}: missing tensors of layer {gap} ('{prefix}{gap}.*'): "
+                          f"config.json says num_hidden_layers = {L}")
     mtp = {layer - L for layer in layers if layer >= L}
     if not mtp:
         config.num_nextn_predict_layers = 0
     elif _first_gap(mtp) < D:
-        raise DaulatError(f"{source}: missing tensors of MTP layer 'model.layers.{L + _first_gap(mtp)}.*': "
+        raise DaulatError(f"{source}: missing tensors of MTP layer '{prefix}{L + _first_gap(mtp)}.*': "
                           f"config.json says num_nextn_predict_layers = {D}")
     for (layer, kind), found in sorted(experts.items()):
         if _first_gap(found) < E:
-            raise DaulatError(f"{source}: missing tensor 'model.layers.{layer}.mlp.experts.{_first_gap(found)}."
-                              f"{kind}.weight': config.json says n_routed_experts = {E}")
+            name = _renumber(expert_key[(layer, kind)], 2, _first_gap(found))
+            raise DaulatError(f"{source}: missing tensor {name!r}: config.json says n_routed_experts = {E}")
 
 
-def _plan(entries: dict[str, Entry], config: ModelConfig, quant: BlockFP8 | None, source: str) -> dict:
+def _renumber(match: re.Match, group: int, number: int) -> str:
+    """The matched key with its `group`-th number replaced: the name of a neighbour that is absent."""
+    return match.string[: match.start(group)] + str(number) + match.string[match.end(group):]
+
+
+def _plan(entries: dict[str, Entry], config, quant: BlockFP8 | None, layout: Layout, source: str) -> dict:
     """The checkpoint's tensors grouped by the daulat parameter they fill, FP8 scales paired with weights."""
     plan: dict[str, list[_Piece]] = {}
     for key, entry in entries.items():
         if key.endswith((SCALE_SUFFIX, "rotary_emb.inv_freq", "rotary_emb.original_inv_freq")):
             continue
-        target = _target(key, config.num_hidden_layers)
+        target = layout.target(key, config.num_hidden_layers)
         if target is None:
             raise DaulatError(f"{source}: unexpected tensor {key!r}")
         name, expert, half = target
-        if name.startswith("mtp_shared."):
-            continue  # DeepSeek-V3 repeats the shared embedding and head in its MTP layer
-        plan.setdefault(name, []).append(_Piece(entry, _scale_of(entry, entries, quant), expert, half))
+        if name:  # "": a tensor the model reads past
+            plan.setdefault(name, []).append(_Piece(entry, _scale_of(entry, entries, quant), expert, half))
     for key, entry in entries.items():
         weight = key.removesuffix(SCALE_SUFFIX)
         if key.endswith(SCALE_SUFFIX) and weight not in entries:
@@ -356,6 +358,8 @@ def _plan(entries: dict[str, Entry], config: ModelConfig, quant: BlockFP8 | None
 def _scale_of(entry: Entry, entries: dict[str, Entry], quant: BlockFP8 | None) -> Entry | None:
     """The block scale of a float8 weight, checked against the weight's shape and the block size."""
     scale = entries.get(entry.name + SCALE_SUFFIX)
+    if entry.dtype in INTEGER_DTYPES and scale is None:
+        return None  # an index table (V4's tid2eid), or a wrong dtype: _check_shapes asks which
     check_dtype(entry, scaled=scale is not None and quant is not None)
     if scale is None:
         return None
@@ -371,25 +375,30 @@ def _scale_of(entry: Entry, entries: dict[str, Entry], quant: BlockFP8 | None) -
     return scale
 
 
-def _check_shapes(plan: dict, expected: dict[str, torch.Tensor], source: str) -> None:
-    """Every parameter present with the shape config.json implies; nothing left over."""
+def _check_shapes(plan: dict, expected: dict[str, torch.Tensor], hf_name: Callable, source: str) -> None:
+    """Every parameter present with the shape config.json implies, integer only where the model holds an
+    index table; nothing left over."""
     for name, ref in expected.items():
         pieces = plan.get(name)
         if not pieces:
-            raise DaulatError(f"{source}: missing tensor {_hf_name(name)!r}")
+            raise DaulatError(f"{source}: missing tensor {hf_name(name)!r}")
         stacked = pieces[0].expert is not None
         if stacked != all(p.expert is not None for p in pieces):
-            raise DaulatError(f"{source}: {_hf_name(name)!r} is stored both fused and per expert")
+            raise DaulatError(f"{source}: {hf_name(name)!r} is stored both fused and per expert")
         want = tuple(ref.shape)
         if stacked:  # per-expert tensors: [I, D] halves of gate_up_proj, [D, I] slices of down_proj
             halves = 2 if name.endswith("gate_up_proj") else 1
             want = (want[1] // halves, *want[2:])
             if len(pieces) != ref.shape[0] * halves:  # counts were checked; a half of an expert is absent
-                raise DaulatError(f"{source}: missing gate_proj or up_proj of an expert for {_hf_name(name)!r}")
+                raise DaulatError(f"{source}: missing the gate or up projection of an expert for {hf_name(name)!r}")
         for piece in pieces:
-            if piece.entry.shape != want:
-                raise DaulatError(f"{source}: tensor {piece.entry.name!r} has shape {piece.entry.shape}, "
+            entry = piece.entry
+            if entry.shape != want:
+                raise DaulatError(f"{source}: tensor {entry.name!r} has shape {entry.shape}, "
                                   f"config.json implies {want}")
+            if ref.is_floating_point() == (entry.dtype in INTEGER_DTYPES):
+                need = "weights must be floating point" if ref.is_floating_point() else "expected an integer table"
+                raise DaulatError(f"{entry.file}: tensor {entry.name!r} has dtype {entry.dtype}: {need}")
     extra = sorted(set(plan) - set(expected))
     if extra:
         raise DaulatError(f"{source}: unexpected tensor {plan[extra[0]][0].entry.name!r} for this config.json")
@@ -397,12 +406,14 @@ def _check_shapes(plan: dict, expected: dict[str, torch.Tensor], source: str) ->
 
 def _stream(plan: dict, expected: dict[str, torch.Tensor], quant: BlockFP8 | None, device,
             dtype: torch.dtype, keep_fp32: tuple[str, ...] = ("e_score_correction_bias",)) -> dict[str, torch.Tensor]:
-    """Read every parameter's tensors one at a time, straight into `dtype` on `device` (float32 for
-    names ending in `keep_fp32`: the router's selection bias, V3.2's indexer head weights)."""
+    """Read every parameter's tensors one at a time, straight into `dtype` on `device`: float32 for
+    names holding a `keep_fp32` fragment (the router's selection bias, V3.2's indexer head weights,
+    V4's hyper-connections...), the model's own integer dtype for an index table."""
     state = {}
     with TensorReader() as reader:
         for name, ref in expected.items():
-            want = torch.float32 if name.endswith(keep_fp32) else dtype
+            want = torch.float32 if any(k in "." + name for k in keep_fp32) else dtype
+            want = want if ref.is_floating_point() else ref.dtype
             pieces = plan[name]
             if pieces[0].expert is None:
                 state[name] = _read(reader, pieces[0], quant, device, want)
@@ -427,7 +438,85 @@ def _read(reader: TensorReader, piece: _Piece, quant: BlockFP8 | None, device, d
     return tensor
 
 
-def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> DeepseekV3:
+# ------------------------------------------------------------------------------------------------
+# Architectures: what each model_type brings (config, model, names, float32 tensors)
+# ------------------------------------------------------------------------------------------------
+
+
+def _v3_buffers(model: DeepseekV3, device) -> None:
+    """Non-persistent buffers of a model built on the meta device, made real: RoPE, expert loads."""
+    model.inv_freq = rope_frequencies(model.config)[0].to(device)
+    for moe in model.moe_layers():
+        moe.tokens_per_expert = torch.zeros(moe.n_experts, device=device)
+
+
+def _v4_to_hf(model: model_v4.DeepseekV4) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    return model_v4.to_hf_state_dict_v4(model), {}  # MTP modules are not built for V4
+
+
+def _v4_buffers(model: model_v4.DeepseekV4, device) -> None:
+    """V4's RoPE tables and load counters made real, and each hash layer's token -> expert table checked
+    to name real experts (an id out of range would fail deep inside a forward, not here in one line)."""
+    model.reset_buffers(device)
+    for i, moe in enumerate(model.moe_layers()):
+        table = moe.gate.tid2eid if moe.is_hash else None
+        if table is not None and table.numel() and not 0 <= int(table.min()) <= int(table.max()) < moe.n_experts:
+            raise DaulatError(f"tensor {model_v4.checkpoint_key_v4(f'layers.{i}.mlp.gate.tid2eid')!r} holds "
+                              f"expert ids outside 0..{moe.n_experts - 1}")
+
+
+def _v4_target(key: str, num_layers: int) -> tuple[str, int | None, int | None]:
+    return model_v4.checkpoint_target_v4(key)
+
+
+class Layout(NamedTuple):
+    """How an architecture's tensors are named on disk, and where each lands in daulat's state dict."""
+
+    to_hf: Callable  # model -> (main tensors, MTP tensors) under checkpoint keys, experts one by one
+    target: Callable  # (key, num_layers) -> (daulat name, expert, half), "" for a key read past; None: not the model's
+    hf_name: Callable  # daulat name -> the checkpoint key it is read from (the first expert's, if stacked)
+    layer: re.Pattern  # a key inside a layer; group 1: the layer index
+    expert: re.Pattern  # one routed expert's key; groups: layer, expert, which projection
+
+
+V3_LAYOUT = Layout(to_hf_state_dict, _target, _hf_name, _LAYER, _EXPERT)
+V4_LAYOUT = Layout(_v4_to_hf, _v4_target, model_v4.checkpoint_key_v4, model_v4.LAYER_KEY, model_v4.EXPERT_KEY)
+
+
+class Architecture(NamedTuple):
+    """How to read and write one `model_type`: its config class (`from_hf_dict` parses config.json), the
+    model built from that config, the parameters kept in float32 at any load dtype (name fragments,
+    matched within "." + name), its checkpoint names, how the buffers no checkpoint holds are made on a
+    model loaded onto the meta device, and whether FP8 block-scaled weights are read.
+    The tensor names a model accepts are its own state dict's, so an architecture's extra tensors (the
+    V3.2 indexer's) pass the header and shape checks without being listed here."""
+
+    config: type
+    build: Callable[[ModelConfig], nn.Module]
+    keep_fp32: tuple[str, ...]
+    layout: Layout = V3_LAYOUT
+    buffers: Callable[[nn.Module, object], None] = _v3_buffers
+    reads_fp8: bool = True
+
+
+# DeepSeek-V4 keeps in float32 what its model keeps there on a cast (model_v4.FP32_TENSORS: the
+# hyper-connections, sinks, compressor position biases, router correction biases), so that a model
+# loaded in bfloat16 and one cast to it agree. Its FP8/MXFP4 releases are not read yet.
+ARCHITECTURES = {
+    "deepseek_v3": Architecture(ModelConfig, DeepseekV3, ("e_score_correction_bias",)),
+    "deepseek_v32": Architecture(model_v32.DeepseekV32Config, model_v32.build_model, model_v32.KEEP_FP32),
+    "deepseek_v4": Architecture(model_v4.ModelConfigV4, model_v4.DeepseekV4, model_v4.FP32_TENSORS, V4_LAYOUT,
+                                _v4_buffers, reads_fp8=False),
+}
+
+
+def architecture(raw: dict) -> Architecture:
+    """The Architecture of a config.json. Any other model_type (none, kimi_k2, an unsupported one) goes
+    to DeepSeek-V3's, whose parser accepts its aliases and names the type it expects otherwise."""
+    return ARCHITECTURES.get(raw.get("model_type", "deepseek_v3"), ARCHITECTURES["deepseek_v3"])
+
+
+def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Load a checkpoint directory written by daulat or by transformers' `save_pretrained`, or an
     open-weight release (bf16 or FP8 block-scaled, one file or sharded).
 
@@ -441,39 +530,28 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> Deepseek
     path = checkpoint_dir(path)
     raw = read_json(path / "config.json", expect=dict)
     config = parse_config(raw, path / "config.json")
+    arch = architecture(raw)
     quant = parse_quantization(raw, path / "config.json")
+    if quant is not None and not arch.reads_fp8:
+        raise DaulatError(f"{path / 'config.json'}: {raw['model_type']} FP8/MXFP4 weights (quantization_config) "
+                          "are not supported yet; load a bf16 or float32 checkpoint")
     entries = scan(path, also=(MTP_FILE,))
     source = str(path / (MODEL_FILE if (path / MODEL_FILE).is_file() else INDEX_FILE))
-    _check_counts(entries, config, source)
-    plan = _plan(entries, config, quant, source)
-    arch = architecture(raw)
+    _check_counts(entries, config, arch.layout, source)
+    plan = _plan(entries, config, quant, arch.layout, source)
     with torch.device("meta"):
         model = arch.build(config)
     expected = model.state_dict()
     if config.tie_word_embeddings:
         plan.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)
-    _check_shapes(plan, expected, source)
+    _check_shapes(plan, expected, arch.layout.hf_name, source)
     state = _stream(plan, expected, quant, device, dtype or torch.float32, arch.keep_fp32)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    # non-persistent buffers were created on the meta device: make them real
-    model.inv_freq = rope_frequencies(config)[0].to(device)
-    for moe in model.moe_layers():
-        moe.tokens_per_expert = torch.zeros(moe.n_experts, device=device)
+    arch.buffers(model, device)  # non-persistent buffers were created on the meta device: make them real
     return model.eval()
-
-
-def _hf_name(name: str) -> str:
-    """The checkpoint key (first expert for stacked tensors) a daulat parameter is read from."""
-    m = re.match(r"^layers\.(\d+)\.mlp\.(gate_up_proj|down_proj)$", name)
-    if m:
-        kind = "gate_proj" if m[2] == "gate_up_proj" else "down_proj"
-        return f"model.layers.{m[1]}.mlp.experts.0.{kind}.weight"
-    if name.startswith("layers.") or name in ("embed_tokens.weight", "norm.weight"):
-        return "model." + name
-    return name
 
 
 def load_info(path) -> dict:

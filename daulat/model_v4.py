@@ -36,9 +36,11 @@ from daulat.v4_attention import LayerCache, Rotary, V4Attention, unit_rms
 LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 # tensors that stay float32 whatever dtype the model is cast to (transformers keeps them so too): the
 # hyper-connections, whose Sinkhorn iterations and sigmoid gates are sensitive, the sinks, the
-# compressors' position biases and the routers' correction biases. (The norms, which transformers also
-# keeps in float32, follow the model's dtype here: daulat's RMSNorm scales in the input's dtype.)
-FP32_TENSORS = ("attn_hc.", "ffn_hc.", "hc_head.", ".sinks", ".position_bias", ".e_score_correction_bias")
+# compressors' position biases, the routers' correction biases and the RoPE frequencies (a bfloat16
+# frequency times a large position is a wrong angle). (The norms, which transformers also keeps in
+# float32, follow the model's dtype here: daulat's RMSNorm scales in the input's dtype.)
+FP32_TENSORS = ("attn_hc.", "ffn_hc.", "hc_head.", ".sinks", ".position_bias", ".e_score_correction_bias",
+                ".inv_freq")
 
 
 @dataclass
@@ -406,14 +408,25 @@ class DeepseekV4(nn.Module):
                 moe.gate.e_score_correction_bias.zero_()
 
     def _apply(self, fn, recurse=True):
-        """Casts (`.to(torch.bfloat16)`, `.half()`) leave FP32_TENSORS in float32; moves still move them."""
-        kept = {name: t for name, t in [*self.named_parameters(), *self.named_buffers()]
+        """Casts (`.to(torch.bfloat16)`, `.half()`) leave FP32_TENSORS in float32; moves still move them.
+        The float32 values are held as `.data` (a cast swaps a Parameter's data, not the Parameter),
+        so that they come back exactly, not rounded through the cast's dtype."""
+        kept = {name: t.data for name, t in [*self.named_parameters(), *self.named_buffers()]
                 if any(key in "." + name for key in FP32_TENSORS) and t.dtype == torch.float32}
         super()._apply(fn, recurse)
         for name, t in [*self.named_parameters(), *self.named_buffers()]:
             if name in kept and t.dtype != torch.float32:
                 t.data = kept[name].data.to(device=t.device, dtype=torch.float32)
         return self
+
+    def reset_buffers(self, device=None) -> None:
+        """Recompute on `device` what no checkpoint holds (the two RoPE tables, the experts' load
+        counters): for a model whose weights were loaded into a build on the meta device."""
+        config = self.config
+        self.rope_main = _rotary(config, config.rope_theta, None).to(device)
+        self.rope_compress = _rotary(config, config.compress_rope_theta, config.rope_scaling).to(device)
+        for moe in self.moe_layers():
+            moe.tokens_per_expert = torch.zeros(moe.n_experts, device=device)
 
     def moe_layers(self) -> list[V4MoE]:
         return [layer.mlp for layer in self.layers]
@@ -557,8 +570,10 @@ def kv_cache_bytes_per_token_v4(config: ModelConfigV4, bytes_per_number: int = 2
 # On disk a DeepSeek-V4 checkpoint uses DeepSeek's published names (`layers.0.attn.wq_a.weight`,
 # per-expert `ffn.experts.3.w1.weight`, ...), which transformers' `from_pretrained` converts to its
 # module names (`model.layers.0.self_attn.q_a_proj.weight`, fused `mlp.experts.gate_up_proj`).
-# to_hf_state_dict_v4 writes the published names; from_hf_state_dict_v4 reads either, with or without
-# the "model." prefix (transformers' save_pretrained mixes both).
+# The mapping is per tensor, so that daulat/checkpoint.py can stream a checkpoint through it:
+# `checkpoint_key_v4` names where a daulat tensor is written, `checkpoint_target_v4` where a checkpoint
+# tensor is read into (either spelling, with or without the "model." prefix, which transformers'
+# save_pretrained mixes). to_hf_state_dict_v4 / from_hf_state_dict_v4 apply them to a whole state dict.
 
 _TOP_NAMES = {"embed_tokens.weight": "embed.weight", "lm_head.weight": "head.weight", "norm.weight": "norm.weight",
               "hc_head.hc_fn": "hc_head_fn", "hc_head.hc_base": "hc_head_base", "hc_head.hc_scale": "hc_head_scale"}
@@ -580,12 +595,47 @@ _LAYER_NAMES = {  # daulat's name inside layers.{i}. -> the published one
     "mlp.shared_experts.down_proj.weight": "ffn.shared_experts.w2.weight",
     "mlp.shared_experts.up_proj.weight": "ffn.shared_experts.w3.weight",
 }
-# transformers' module names that differ from daulat's (inside layers.{i}.)
+# transformers' module names that differ from daulat's (inside layers.{i}.); its fused experts are
+# daulat's stacked ones, [E, 2I, D] and [E, D, I]
 _TRANSFORMERS_NAMES = {"mlp.experts.gate_up_proj": "mlp.gate_up_proj", "mlp.experts.down_proj": "mlp.down_proj",
                        "self_attn.compressor.indexer.scorer.weights_proj.weight":
                        "self_attn.compressor.indexer.weights_proj.weight"}
-_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-_EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+_FROM_TOP = {v: k for k, v in _TOP_NAMES.items()}
+_FROM_LAYER = {v: k for k, v in _LAYER_NAMES.items()} | _TRANSFORMERS_NAMES
+# a layer's tensor, daulat's or a checkpoint's (group 1: the layer); one routed expert's (layer, expert, w)
+LAYER_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
+EXPERT_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.ffn\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+_EXPERT_HALF = {"w1": 0, "w3": 1, "w2": None}  # the gate rows, the up rows of gate_up_proj; down_proj
+
+
+def checkpoint_key_v4(name: str, expert: int | None = None, half: int | None = None) -> str:
+    """The published checkpoint key of a daulat tensor; for the stacked experts, of one expert's
+    slice (`half` 0: w1, the gate rows of gate_up_proj; 1: w3, the up rows; down_proj: w2)."""
+    layer = LAYER_KEY.match(name)
+    if layer is None:
+        return _TOP_NAMES.get(name, name)
+    if layer[2] in ("mlp.gate_up_proj", "mlp.down_proj"):
+        w = "w2" if layer[2] == "mlp.down_proj" else ("w1", "w3")[half or 0]
+        return f"layers.{layer[1]}.ffn.experts.{expert or 0}.{w}.weight"
+    return f"layers.{layer[1]}.{_LAYER_NAMES.get(layer[2], layer[2])}"
+
+
+def checkpoint_target_v4(key: str) -> tuple[str, int | None, int | None]:
+    """(daulat name, expert, half) that a checkpoint tensor fills: one expert's slice of a stacked
+    parameter (half as in checkpoint_key_v4), or the whole of it (None, None). MTP tensors (`mtp.*`)
+    are read past (name ""), as transformers drops them; an unknown name passes through unchanged
+    for the caller to report."""
+    name = key.removeprefix("model.")
+    if name.startswith("mtp."):
+        return "", None, None
+    expert = EXPERT_KEY.match(name)
+    if expert is not None:
+        kind = "down_proj" if expert[3] == "w2" else "gate_up_proj"
+        return f"layers.{expert[1]}.mlp.{kind}", int(expert[2]), _EXPERT_HALF[expert[3]]
+    layer = LAYER_KEY.match(name)
+    if layer is None:
+        return _FROM_TOP.get(name, name), None, None
+    return f"layers.{layer[1]}.{_FROM_LAYER.get(layer[2], layer[2])}", None, None
 
 
 def to_hf_state_dict_v4(model: DeepseekV4) -> dict[str, torch.Tensor]:
@@ -593,47 +643,33 @@ def to_hf_state_dict_v4(model: DeepseekV4) -> dict[str, torch.Tensor]:
     `DeepseekV4ForCausalLM.from_pretrained` reads."""
     out = {}
     for name, tensor in model.state_dict().items():
-        layer = _LAYER.match(name)
-        if layer is None:
-            if name != "lm_head.weight" or not model.config.tie_word_embeddings:
-                out[_TOP_NAMES[name]] = tensor
-        elif layer[2] in ("mlp.gate_up_proj", "mlp.down_proj"):
-            for e, weight in enumerate(tensor):  # [2I, D] gate rows first, or [D, I]
-                if layer[2] == "mlp.down_proj":
-                    out[f"layers.{layer[1]}.ffn.experts.{e}.w2.weight"] = weight
-                else:
-                    gate, up = weight.chunk(2, dim=0)
-                    out[f"layers.{layer[1]}.ffn.experts.{e}.w1.weight"] = gate
-                    out[f"layers.{layer[1]}.ffn.experts.{e}.w3.weight"] = up
-        else:
-            out[f"layers.{layer[1]}.{_LAYER_NAMES[layer[2]]}"] = tensor
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue  # tied to the embedding; not stored
+        if not name.endswith(("mlp.gate_up_proj", "mlp.down_proj")):
+            out[checkpoint_key_v4(name)] = tensor
+            continue
+        for e, weight in enumerate(tensor):  # [2I, D] gate rows first, or [D, I]
+            halves = weight.chunk(2, dim=0) if name.endswith("gate_up_proj") else (weight,)
+            for half, rows in enumerate(halves):
+                out[checkpoint_key_v4(name, e, half)] = rows
     return out
 
 
 def from_hf_state_dict_v4(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Published or transformers names -> daulat's, experts stacked. MTP tensors (`mtp.*`) are dropped,
     as transformers drops them; an unknown name passes through for a strict load to report."""
-    top = {v: k for k, v in _TOP_NAMES.items()}
-    in_layer = {v: k for k, v in _LAYER_NAMES.items()} | _TRANSFORMERS_NAMES
     out, experts = {}, {}
-    for name, tensor in tensors.items():
-        name = name.removeprefix("model.")
-        if name.startswith("mtp."):
-            continue
-        layer = _LAYER.match(name)
-        if layer is None:
-            out[top.get(name, name)] = tensor
-        elif (expert := _EXPERT.match(layer[2])) is not None:
-            experts.setdefault(int(layer[1]), {})[(int(expert[1]), expert[2])] = tensor
-        else:
-            out[f"layers.{layer[1]}.{in_layer.get(layer[2], layer[2])}"] = tensor
-    for i, per_expert in experts.items():
-        n = 1 + max(e for e, _ in per_expert)
-        missing = [f"layers.{i}.ffn.experts.{e}.{w}.weight" for e in range(n) for w in ("w1", "w2", "w3")
-                   if (e, w) not in per_expert]
+    for key, tensor in tensors.items():
+        name, expert, half = checkpoint_target_v4(key)
+        if expert is not None:
+            experts.setdefault(name, {})[(expert, half)] = tensor
+        elif name:
+            out[name] = tensor
+    for name, pieces in experts.items():
+        halves = (0, 1) if name.endswith("gate_up_proj") else (None,)
+        wanted = [(e, h) for e in range(1 + max(e for e, _ in pieces)) for h in halves]
+        missing = [checkpoint_key_v4(name, e, h) for e, h in wanted if (e, h) not in pieces]
         if missing:
             raise ValueError(f"missing tensor {missing[0]!r}")
-        out[f"layers.{i}.mlp.gate_up_proj"] = torch.stack(
-            [torch.cat([per_expert[(e, "w1")], per_expert[(e, "w3")]]) for e in range(n)])
-        out[f"layers.{i}.mlp.down_proj"] = torch.stack([per_expert[(e, "w2")] for e in range(n)])
+        out[name] = torch.stack([torch.cat([pieces[(e, h)] for h in halves]) for e, _ in wanted[:: len(halves)]])
     return out

@@ -6,7 +6,8 @@ loader can check names, shapes, dtypes and counts against config.json before it 
 (as llama.cpp checks a GGUF header). `TensorReader` then reads the tensors one by one.
 
 An index may only name files inside the checkpoint directory; a tensor must be floating point
-(float8 only with its block scale, see daulat/quant.py) and finite.
+(float8 only with its block scale, see daulat/quant.py; integer only where the model holds an index
+table) and finite.
 
 Also the few low-level pieces that both checkpoint directories (daulat/checkpoint.py) and adapter
 directories (daulat/lora.py) are written and returned with: `write_json`, `fsync_dir`, `replace_dir`
@@ -33,6 +34,7 @@ MODEL_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 INFO_FILE, TRAIN_STATE_DIR = "daulat.json", "train_state"
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 FP8_DTYPE, SCALE_DTYPES = "F8_E4M3", {"F32", "F8_E8M0"}
+INTEGER_DTYPES = {"I64", "I32"}  # index tables (DeepSeek-V4's token -> expert hash), where the model holds one
 
 
 def read_json(path: Path, expect: type | None = None):
@@ -161,7 +163,7 @@ def check_dtype(entry: Entry, scaled: bool) -> None:
     raise DaulatError(f"{entry.file}: tensor {entry.name!r} has dtype {entry.dtype}: weights must be floating point")
 
 
-ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E8M0": 1}
+ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E8M0": 1, "I64": 8, "I32": 4}
 
 
 class TensorReader:
