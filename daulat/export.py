@@ -65,8 +65,8 @@ def check_llama_cpp(config) -> None:
     def refuse(field: str, value, why: str):
         raise DaulatError(f"cannot export to GGUF: config field {field!r} = {value!r}: {why}")
 
-    model_type = config.to_hf_dict().get("model_type", "deepseek_v3")
-    if model_type not in ("deepseek_v3", "kimi_k2"):
+    model_type = type(config).model_type  # kimi_k2 is read as deepseek_v3
+    if model_type != "deepseek_v3":
         refuse("model_type", model_type, "daulat writes llama.cpp's deepseek2 (DeepSeek-V3) layout only, not yet "
                "its deepseek32/deepseek4 ones; export with --format hf (transformers, vLLM)")
     if config.attention_bias:

@@ -522,12 +522,20 @@ class V4Cache:
     forward's batch rows; None: 0..B-1), `copy_rows`, `bytes_per_token`, `batch_size`, `max_len`.
     """
 
+    exact_lengths = True  # every token a row is fed becomes state: prompts are never padded (the engine's runner)
+
     def __init__(self, config: ModelConfigV4, batch_size: int, max_len: int, bytes_per_number: int = 4):
         self.batch_size, self.max_len = batch_size, max_len
         self.slots = [[LayerCache() for _ in range(config.num_hidden_layers)] for _ in range(batch_size)]
         self.lengths = [0] * batch_size  # tokens each row holds
         self.rows: list[int] | torch.Tensor | None = None
         self._per_token = kv_cache_bytes_per_token_v4(config, bytes_per_number)["v4"]
+
+    def reset_rows(self, rows: list[int]) -> None:
+        """Empty these rows (a new sequence is prefilled into them from position 0)."""
+        for row in rows:
+            self.slots[row] = [LayerCache() for _ in self.slots[row]]
+            self.lengths[row] = 0
 
     def copy_rows(self, source: int, targets: list[int], length: int) -> None:
         """Give each target row the state of source's first `length` tokens: a prompt prefilled once

@@ -71,9 +71,12 @@ def _git_commit() -> str | None:
 
 def training_flops(model_config, tokens: int, seq_len: int, active_params: int) -> float:
     """Training FLOPs: 6 * N_active * D for the matrix multiplies (forward + backward) plus attention
-    scores and weighted values, 6 * L * H * (qk_head_dim + v_head_dim) * T/2 per token (causal)."""
+    scores and weighted values, 6 * L * H * (qk_head_dim + v_head_dim) * T/2 per token (causal; for
+    DeepSeek-V4, whose heads are head_dim wide for keys and values alike, the dense bound: its sliding
+    and compressed layers score fewer entries)."""
     c = model_config
-    attention_per_token = 6 * c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * seq_len / 2
+    qk, v = (c.head_dim, c.head_dim) if c.model_type == "deepseek_v4" else (c.qk_head_dim, c.v_head_dim)
+    attention_per_token = 6 * c.num_hidden_layers * c.num_attention_heads * (qk + v) * seq_len / 2
     return float(6 * active_params * tokens + attention_per_token * tokens)
 
 

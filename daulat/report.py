@@ -52,9 +52,25 @@ def _data_summary(stage: dict) -> dict:
     return data
 
 
+def _architecture(c) -> str:
+    """The model card's one-line description of the architecture of config `c`."""
+    moe = (f"{c.n_routed_experts} routed + {c.n_shared_experts} shared experts, top-{c.num_experts_per_tok}")
+    if c.model_type == "deepseek_v4":
+        return (f"DeepSeek-V4 decoder (shared-KV multi-query attention with a {c.sliding_window}-token sliding "
+                f"window, compressed sparse and heavily compressed attention, {c.hc_mult} hyper-connection "
+                f"streams, DeepSeekMoE): {c.num_hidden_layers} layers ({', '.join(c.layer_types)}), hidden "
+                f"{c.hidden_size}, {c.num_attention_heads} heads of {c.head_dim}, {moe}")
+    sparse = (f"MLA with DeepSeek Sparse Attention: a lightning indexer picks {c.index_topk} keys per query"
+              if c.model_type == "deepseek_v32" else "MLA")
+    name = "DeepSeek-V3.2" if c.model_type == "deepseek_v32" else "DeepSeek-V3"
+    return (f"{name} decoder ({sparse} + DeepSeekMoE): {c.num_hidden_layers} layers ({c.first_k_dense_replace} "
+            f"dense), hidden {c.hidden_size}, {c.num_attention_heads} heads, kv_lora_rank {c.kv_lora_rank}, {moe}")
+
+
 def annex_xi(model, info: dict) -> dict:
     """The machine-readable card: every ANNEX_XI_FIELDS key filled from the model and its history."""
     c = model.config
+    v3 = c.model_type == "deepseek_v3"  # what llama.cpp (GGUF) takes
     stages = _stages(info)
     flops = sum(float((s.get("compute") or {}).get("flops", 0) or 0) for s in stages)
     seconds = sum(float((s.get("compute") or {}).get("wall_time_s", 0) or 0) for s in stages)
@@ -73,20 +89,17 @@ def annex_xi(model, info: dict) -> dict:
         "acceptable_use": info.get("acceptable_use", "Not for decisions about people or safety-critical control "
                                    "without human review; outputs can be wrong."),
         "release": {"date": (stages[-1].get("created") if stages else None),
-                    "distribution": "a transformers deepseek_v3 checkpoint directory (safetensors + JSON); "
-                                    "GGUF via `daulat export`"},
-        "architecture": (f"DeepSeek-V3 decoder (MLA + DeepSeekMoE): {c.num_hidden_layers} layers "
-                         f"({c.first_k_dense_replace} dense), hidden {c.hidden_size}, {c.num_attention_heads} heads, "
-                         f"kv_lora_rank {c.kv_lora_rank}, {c.n_routed_experts} routed + {c.n_shared_experts} shared "
-                         f"experts, top-{c.num_experts_per_tok}"),
+                    "distribution": f"a transformers {c.model_type} checkpoint directory (safetensors + JSON)"
+                                    + ("; GGUF via `daulat export`" if v3 else "")},
+        "architecture": _architecture(c),
         "parameters_total": model.num_parameters(),
         "parameters_active": model.num_parameters(active=True),
         "modalities": {"input": "text", "output": "text"},
-        "format": "safetensors weights, JSON config (model_type deepseek_v3), tokenizers BPE tokenizer.json",
+        "format": f"safetensors weights, JSON config (model_type {c.model_type}), tokenizers BPE tokenizer.json",
         "context_length": c.max_position_embeddings,
         "license": _license(info, stages),
-        "integration": "transformers AutoModelForCausalLM / vLLM / llama.cpp (GGUF); `daulat serve` "
-                       "(OpenAI-compatible API)",
+        "integration": ("transformers AutoModelForCausalLM / vLLM / llama.cpp (GGUF)" if v3 else
+                        "transformers AutoModelForCausalLM") + "; `daulat serve` (OpenAI-compatible API)",
         "training_method": [{"stage": s.get("stage"), "method": s.get("method"), "metrics": s.get("metrics", {}),
                              "seed": (s.get("config") or {}).get("train", {}).get("seed", s.get("seed"))}
                             for s in stages],

@@ -100,3 +100,24 @@ def test_the_v32_indexer_trains_in_pretraining_alone_during_its_warm_up(tmp_path
         assert moved == indexer  # the warm-up step trains the indexer only, with dense attention
     else:
         assert "embed_tokens.weight" in moved and moved - indexer  # sparse training moves the model too
+
+
+def test_the_indexer_is_left_alone_where_it_cannot_learn(monkeypatch):
+    """Under torchrun the warm-up is refused in one line; a frozen indexer (LoRA) is never switched on."""
+    import torch
+
+    from daulat.lora import LoraConfig, apply_lora
+    from daulat.train.optim import TrainConfig, indexer_is_trainable
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="indexer_warmup_steps.*one process"):
+        TrainConfig(indexer_warmup_steps=10)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    torch.manual_seed(0)
+    model = build_model(DeepseekV32Config(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                                          num_hidden_layers=2, num_attention_heads=2, kv_lora_rank=16,
+                                          qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, q_lora_rank=16,
+                                          index_n_heads=2, index_head_dim=16, index_topk=4))
+    assert indexer_is_trainable(model)
+    apply_lora(model, LoraConfig(rank=4))
+    assert not indexer_is_trainable(model)

@@ -102,3 +102,42 @@ def test_rows_at_their_own_positions_and_a_copied_prompt():
     assert torch.equal(step[1], step[2])
     with pytest.raises(ValueError, match="cannot copy its first 5"):
         cache.copy_rows(0, [1], 5)
+
+
+def test_the_engine_serves_prompts_of_different_lengths_as_if_each_were_alone():
+    """Prompts of several lengths in one batch (and n > 1 samples sharing a prefill): a V4 cache
+    cannot take padding, so each answer must equal greedy decoding of its prompt on its own."""
+    from daulat.infer import Engine, SamplingParams
+
+    def cut(tokens):  # up to the end-of-sequence token, where the engine stops
+        eos = model.config.eos_token_id
+        return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+    model = _model(index_topk=2)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, model.config.vocab_size, (n,), generator=g).tolist() for n in (5, 12, 9, 12)]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            for _ in range(6):
+                ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
+            expected.append(cut(ids[0, len(prompt):].tolist()))
+    engine = Engine(model, None, max_num_seqs=8, max_model_len=32)
+    results = engine.generate(prompts, SamplingParams(n=2, temperature=0.0, max_tokens=6))
+    assert [[cut(s.token_ids) for s in r.samples] for r in results] == [[e, e] for e in expected]
+    assert len({len(e) for e in expected}) > 1 or len(expected[0]) == 6  # the answers carry tokens
+
+
+def test_a_reused_engine_slot_starts_empty():
+    """More prompts than slots: a finished sequence's slot serves the next prompt from position 0."""
+    from daulat.infer import Engine, SamplingParams
+
+    model = _model(index_topk=2)
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(2, model.config.vocab_size, (7,), generator=g).tolist() for _ in range(3)]
+    alone = [Engine(model, None, max_num_seqs=1, max_model_len=32).generate([p], SamplingParams(temperature=0.0,
+             max_tokens=5))[0].samples[0].token_ids for p in prompts]
+    engine = Engine(model, None, max_num_seqs=1, max_model_len=32)  # one slot, used three times in turn
+    together = [r.samples[0].token_ids for r in engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=5))]
+    assert together == alone

@@ -50,7 +50,8 @@ from daulat.train.distributed import (Dist, full_tensor, init_distributed, plain
                                       run_on_main, shard_model, to_device)
 from daulat.train.metrics import (METRICS_FILE, MetricsLog, Progress, StepSums, Window, count_tokens, parameter_counts,
                                   run_record)
-from daulat.train.optim import TrainConfig, build_optimizer, learning_rate, parameter_groups, router_bias_speed  # noqa: F401
+from daulat.train.optim import TrainConfig, build_optimizer, learning_rate, parameter_groups  # noqa: F401
+from daulat.train.optim import indexer_is_trainable, router_bias_speed
 from daulat.train.state import latest_checkpoint, step_checkpoints  # noqa: F401
 
 
@@ -72,7 +73,7 @@ class Trainer:
     def __init__(self, model, config: TrainConfig, objective: Callable, batches: Iterator, out_dir, *,
                  val_batches: Callable[[], Iterable] | None = None, tokenizer=None, info: dict | None = None,
                  resume_from=None, dist: Dist | None = None, batch_tokens: Callable[[Any], int] = count_tokens,
-                 evaluate: Callable[[Any], dict] | None = None):
+                 evaluate: Callable[[Any], dict] | None = None, trains_indexer: bool = False):
         set_threads(config.threads)
         self.config, self.objective, self.batches = config, objective, batches
         self.val_batches, self.tokenizer, self.batch_tokens = val_batches, tokenizer, batch_tokens
@@ -81,11 +82,10 @@ class Trainer:
         self.device = self.dist.device
         self.compute_dtype = torch.bfloat16 if (config.dtype == "bfloat16" or (config.dtype == "auto" and self.device.type == "cuda")) else torch.float32
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.model_config = model.config
         self.gamma = router_bias_speed(model, config)
+        self.indexer_trains = trains_indexer and indexer_is_trainable(model)  # V3.2, through training_loss
         self.params = parameter_counts(model)
         self.step, self.tokens, self.elapsed_before = 0, 0, 0.0
         self.last_loss = self.last_val_loss = None  # float | None
@@ -144,6 +144,8 @@ class Trainer:
                         state.prune_checkpoints(self.out, cfg.keep_last)
             self.save(self.out / "final", train_state=False)
         finally:
+            if self.indexer_trains:
+                self.model.indexer_mode = None
             self._progress.close()
             self._metrics.close()
             self._metrics = None
@@ -160,7 +162,7 @@ class Trainer:
             group["lr"] = self.lr
         if cfg.tracks_max_logit:
             muon.track_max_logits(self.model)
-        if hasattr(self.model, "indexer_mode"):  # DeepSeek-V3.2: its indexer trains too (see TrainConfig)
+        if self.indexer_trains:  # DeepSeek-V3.2's indexer: its warm-up, then sparse training (see TrainConfig)
             self.model.indexer_mode = "warmup" if self.step < cfg.indexer_warmup_steps else "sparse"
         tokens = 0
         for micro in range(cfg.grad_accum):
@@ -266,9 +268,7 @@ class Trainer:
                 n += 1
         finally:
             self.model.train()
-        if n == 0:
-            return float("nan")
-        return self.dist.mean((total / n).reshape(1))[0]
+        return float("nan") if n == 0 else self.dist.mean((total / n).reshape(1))[0]
 
     def elapsed(self) -> float:  # seconds of training over all sessions of the run
         return self.elapsed_before + (time.time() - getattr(self, "session_start", time.time()))

@@ -38,9 +38,10 @@ class TrainConfig:
     log_max_logit: bool = False  # log the largest attention logit per step (always on with qk_clip)
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     bias_update_speed: float = 1e-3  # gamma of aux-loss-free balancing (older checkpoints' config.json key is ignored)
-    # DeepSeek-V3.2's lightning indexer trains with the model: the first this many steps train only the
-    # indexer, toward the dense attention's distribution (its warm-up), then sparse training, the
-    # indexer still learning by KL with its input detached (0: sparse from the start, as from scratch)
+    # DeepSeek-V3.2's lightning indexer trains with the model in pretraining and SFT (not under LoRA):
+    # the first this many steps train only the indexer, toward the dense attention's distribution (its
+    # warm-up), then sparse training, the indexer still learning by KL with its input detached (0:
+    # sparse from the start, as from scratch)
     indexer_warmup_steps: int = 0
     log_every: int = 10  # steps between metrics lines
     eval_every: int = 100  # steps between validations (0: only at the end)
@@ -77,6 +78,8 @@ class TrainConfig:
             (not (torchrun and self.optimizer == "muon"), "optimizer", "Muon runs in one process for now: run without torchrun"),
             (not (torchrun and self.tracks_max_logit), "qk_clip",
              "QK-clip and max-logit tracking run in one process for now: run without torchrun"),
+            (not (torchrun and self.indexer_warmup_steps > 0), "indexer_warmup_steps",
+             "the indexer warm-up runs in one process for now: run without torchrun"),
         ) if not ok]
         if problems:
             name, why = problems[0]
@@ -90,6 +93,11 @@ class TrainConfig:
     @property
     def tracks_max_logit(self) -> bool:
         return self.qk_clip > 0 or self.log_max_logit
+
+
+def indexer_is_trainable(model) -> bool:
+    """Whether `model` has a DeepSeek-V3.2 lightning indexer that can learn here (not frozen, as under LoRA)."""
+    return hasattr(model, "indexer_mode") and any(p.requires_grad for n, p in model.named_parameters() if ".indexer." in n)
 
 
 def router_bias_speed(model: torch.nn.Module, config: TrainConfig) -> float:

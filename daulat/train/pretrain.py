@@ -152,7 +152,7 @@ def pretrain(config: dict, out, data: list[str] | None = None, tokenizer=None, r
     say(f"model: {model.num_parameters():,} parameters, {model.num_parameters(active=True):,} active per token, "
         f"vocab {tok.vocab_size}; data: {splits['train']['tokens']:,} train + {splits['val']['tokens']:,} val tokens; "
         f"{train_cfg.batch_size} x {train_cfg.seq_len} tokens per step on {d.world_size} x {d.device.type}")
-    return run.train(Training(model, next_token_objective, batches, tok, METHOD, data_info,
+    return run.train(Training(model, next_token_objective, batches, tok, METHOD, data_info, trains_indexer=True,
                               val_batches=_val_batches(shards, train_cfg, d, say)))
 
 

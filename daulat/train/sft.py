@@ -118,5 +118,5 @@ def sft(config: dict, init, out, resume: bool = False, verbose: bool = True) -> 
             f"{c['assistant_tokens']:,} are trained on, in {c['rows']} {'packed' if cfg.pack else 'padded'} rows; "
             f"{c['val_conversations']} held out")
     return run.train(Training(model, sft_objective, batches, tokenizer, METHOD, data_info, parent=parent,
-                              extra={"init": str(init)}, val_batches=val_batches,
+                              extra={"init": str(init)}, val_batches=val_batches, trains_indexer=True,
                               batch_tokens=lambda batch: int((batch[0] != tokenizer.pad_id).sum())))

@@ -74,6 +74,7 @@ class Training:
     compute: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     val_batches: Callable | None = None
+    trains_indexer: bool = False  # the objective is model.training_loss, which trains a V3.2 indexer too
     evaluate: Callable | None = None  # model -> dict, merged into the validation records (held-out accuracy)
     evaluate_at_start: bool = False  # also evaluate once before the first step of a fresh run
     batch_tokens: Callable | None = None  # tokens of a micro-batch (default: the Trainer's count)
@@ -145,7 +146,7 @@ class StageRun:
 
         batches = _EvaluateAtStart(t.batches) if (t.evaluate and t.evaluate_at_start) else t.batches
         kwargs = {"val_batches": t.val_batches, "tokenizer": t.tokenizer, "info": self.record(t),
-                  "resume_from": self.resume_from, "dist": self.dist}
+                  "resume_from": self.resume_from, "dist": self.dist, "trains_indexer": t.trains_indexer}
         if t.batch_tokens is not None:
             kwargs["batch_tokens"] = t.batch_tokens
         trainer = Trainer(t.model, self.train_cfg, t.objective, batches, self.out, evaluate=t.evaluate, **kwargs)

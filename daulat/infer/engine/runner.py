@@ -42,8 +42,24 @@ class ModelRunner:
         token, float32 [B, V].
 
         Shorter prompts are right-padded; the padding writes entries past the prompt's end, which
-        decode overwrites before any query can see them (a query at position p reads keys 0..p).
+        decode overwrites before any query can see them (a query at position p reads keys 0..p). A
+        cache that folds every token into running state (DeepSeek-V4's windows and pooled entries,
+        `exact_lengths`) cannot take padding, nor what a slot's last sequence left in it: its slots are
+        emptied first and its prompts prefilled in groups of equal length.
         """
+        if not getattr(self.cache, "exact_lengths", False):
+            return self._prefill(prompts, slots)
+        self.cache.reset_rows(slots)
+        groups: dict[int, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(len(prompt), []).append(i)
+        logits: list = [None] * len(prompts)
+        for rows in groups.values():
+            for i, row_logits in zip(rows, self._prefill([prompts[i] for i in rows], [slots[i] for i in rows])):
+                logits[i] = row_logits
+        return torch.stack(logits)
+
+    def _prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         lengths = [len(p) for p in prompts]
         B, T = len(prompts), max(lengths)
         ids = torch.zeros(B, T, dtype=torch.long)
