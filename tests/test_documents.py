@@ -2,6 +2,7 @@
 sentence: the sentence comes out, navigation and scripts do not, PII is replaced, a near-duplicate is
 dropped, an Indonesian document is tagged as Indonesian, and the manifest counts all of it."""
 
+import csv
 import email.message
 import gzip
 import io
@@ -147,7 +148,8 @@ def folder(tmp_path_factory):
     write_docx(root / "minutes.docx", s["docx"])
     write_pptx(root / "deck.pptx", s["pptx"])
     write_xlsx(root / "sheet.xlsx", s["xlsx"])
-    (root / "table.csv").write_text(f'id,note\n1,"{s["csv"]}"\n')
+    with open(root / "table.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["id", "note"], [1, s["csv"]]])
     write_odt(root / "letter.odt", s["odt"])
     write_epub(root / "book.epub", s["epub"])
     (root / "page.html").write_text(HTML.format(text=s["html"], more="A second paragraph of the main article text."))
