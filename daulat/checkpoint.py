@@ -41,6 +41,7 @@ from torch import nn
 import daulat.lora as lora
 import daulat.model_v32 as model_v32
 import daulat.model_v4 as model_v4
+from daulat.architectures import MODEL_TYPES
 from daulat.errors import DaulatError
 from daulat.model import DeepseekV3, ModelConfig, rope_frequencies
 from daulat.quant import SCALE_SUFFIX, BlockFP8, dequantize, parse_quantization, scale_grid
@@ -502,11 +503,11 @@ class Architecture(NamedTuple):
 # DeepSeek-V4 keeps in float32 what its model keeps there on a cast (model_v4.FP32_TENSORS: the
 # hyper-connections, sinks, compressor position biases, router correction biases), so that a model
 # loaded in bfloat16 and one cast to it agree. Its FP8/MXFP4 releases are not read yet.
-ARCHITECTURES = {
-    "deepseek_v3": Architecture(ModelConfig, DeepseekV3, ("e_score_correction_bias",)),
-    "deepseek_v32": Architecture(model_v32.DeepseekV32Config, model_v32.build_model, model_v32.KEEP_FP32),
-    "deepseek_v4": Architecture(model_v4.ModelConfigV4, model_v4.DeepseekV4, model_v4.FP32_TENSORS, V4_LAYOUT,
-                                _v4_buffers, reads_fp8=False),
+ARCHITECTURES = {  # config class and model from daulat.architectures, the one list of architectures
+    "deepseek_v3": Architecture(*MODEL_TYPES["deepseek_v3"], ("e_score_correction_bias",)),
+    "deepseek_v32": Architecture(*MODEL_TYPES["deepseek_v32"], model_v32.KEEP_FP32),
+    "deepseek_v4": Architecture(*MODEL_TYPES["deepseek_v4"], model_v4.FP32_TENSORS, V4_LAYOUT, _v4_buffers,
+                                reads_fp8=False),
 }
 
 

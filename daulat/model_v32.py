@@ -25,8 +25,8 @@ K = min(index_topk, S) selected keys, c = kv_lora_rank, n/r/v as in daulat/model
 Checkpoints: the tensor names are DeepSeek-V3's plus, per layer,
 `model.layers.{i}.self_attn.indexer.{wq_b,wk,weights_proj}.weight` and `...indexer.k_norm.{weight,bias}`,
 so daulat/checkpoint.py's `to_hf_state_dict` / `from_hf_state_dict` map them unchanged; the config is
-`DeepseekV32Config.to_hf_dict` / `from_hf_dict`, `config_from_hf_dict` and `build_model` pick the
-architecture a config.json names, and `KEEP_FP32` lists the tensors kept in float32 whatever the load
+`DeepseekV32Config.to_hf_dict` / `from_hf_dict` (daulat.architectures and daulat/checkpoint.py pick
+the architecture a config or config.json names), and `KEEP_FP32` lists the tensors kept in float32 whatever the load
 dtype (as transformers keeps them).
 """
 
@@ -362,22 +362,6 @@ class DeepseekV32(DeepseekV3):
         weight = self.embed_tokens.weight
         return IndexedLatentCache(self.config, batch_size, max_len, device=weight.device if device is None else device,
                                   dtype=weight.dtype if dtype is None else dtype)
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints: which config and model a config.json asks for (the tensor names are V3's, see above)
-# ------------------------------------------------------------------------------------------------
-
-
-def config_from_hf_dict(d: dict) -> ModelConfig:
-    """The config of a transformers config.json: `deepseek_v32` or else DeepSeek-V3's (which names
-    the model_type it expects when it is neither)."""
-    return (DeepseekV32Config if d.get("model_type") == "deepseek_v32" else ModelConfig).from_hf_dict(d)
-
-
-def build_model(config: ModelConfig) -> DeepseekV3:
-    """The model for a config: DeepseekV32 for a DeepseekV32Config, DeepseekV3 otherwise."""
-    return DeepseekV32(config) if isinstance(config, DeepseekV32Config) else DeepseekV3(config)
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, bytes_per_number: int = 2) -> dict:

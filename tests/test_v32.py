@@ -12,10 +12,10 @@ transformers = require("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from daulat.checkpoint import to_hf_state_dict  # noqa: E402
+from daulat.architectures import build_model  # noqa: E402
+from daulat.checkpoint import parse_config, to_hf_state_dict  # noqa: E402
 from daulat.model import DeepseekV3, ModelConfig  # noqa: E402
-from daulat.model_v32 import (DeepseekV32, DeepseekV32Config, build_model, config_from_hf_dict,  # noqa: E402
-                               from_transformers_state_dict)
+from daulat.model_v32 import DeepseekV32, DeepseekV32Config, from_transformers_state_dict  # noqa: E402
 
 # 16 indexer heads: with very few heads, ties in the top-k make even transformers disagree with itself
 BASE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
@@ -87,7 +87,7 @@ def test_transformers_weights_load_in_daulat_with_same_logits(name, tmp_path):
     with torch.no_grad():
         for layer in hf.model.layers[hf_config.first_k_dense_replace:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0, 0.2)
-    config = config_from_hf_dict(hf.config.to_dict())
+    config = parse_config(hf.config.to_dict(), "transformers")
     model = build_model(config).eval()
     assert isinstance(model, DeepseekV32)
     missing, unexpected = model.load_state_dict(from_transformers_state_dict(hf.state_dict()), strict=False)
@@ -146,7 +146,7 @@ def test_config_json_round_trips_and_other_models_are_refused():
     assert DeepseekV32Config.from_hf_dict(json.loads(json.dumps(d))) == config
     with pytest.raises(ValueError, match="deepseek_v32"):
         DeepseekV32Config.from_hf_dict(ModelConfig().to_hf_dict())
-    v3 = config_from_hf_dict(ModelConfig().to_hf_dict())  # a deepseek_v3 config.json stays DeepSeek-V3
+    v3 = parse_config(ModelConfig().to_hf_dict(), "v3")  # a deepseek_v3 config.json stays DeepSeek-V3
     assert type(v3) is ModelConfig and type(build_model(v3)) is DeepseekV3
     with pytest.raises(ValueError, match="mlp_layer_types"):
         DeepseekV32Config.from_hf_dict({**d, "mlp_layer_types": ["sparse", "dense", "sparse"]})
