@@ -158,7 +158,7 @@ def p_heads(path):
     return p["heads"] / (p["heads"] + p["tails"])
 
 
-def rollout_source(coin, reward=None, **overrides):
+def rollout_source(coin, reward=None, reference=None, **overrides):
     from daulat.checkpoint import load_model
     from daulat.data.tasks import get_task
     from daulat.tokenizer import load_tokenizer
@@ -173,7 +173,8 @@ def rollout_source(coin, reward=None, **overrides):
     train_cfg = TrainConfig(batch_size=8, steps=4)
     model = load_model(coin / "sft" / "final").train()
     source = RolloutSource(model, load_tokenizer(coin / "sft" / "final"), get_task(str(coin / "coin.jsonl")), cfg,
-                           train_cfg, reward or load_reward(None, cfg.format_reward))
+                           train_cfg, reward or load_reward(None, cfg.format_reward),
+                           reference=load_model(coin / "sft" / "final") if reference else None)
     return model, source, cfg
 
 
@@ -195,15 +196,16 @@ def test_on_policy_ratio_is_exactly_one_through_the_rollout_path(coin):
 def test_the_policy_is_the_tempered_distribution_the_rollouts_sampled(coin):
     from daulat.train.grpo import GRPOObjective
 
-    model, source, cfg = rollout_source(coin, epochs=2, temperature=0.5)
+    model, source, cfg = rollout_source(coin, epochs=2, temperature=0.5, reference=True, beta=0.1)
     batch = next(source)
     mask = batch["mask"].bool()
     tempered, _ = completion_logprobs(model, batch["input_ids"], temperature=0.5)
     raw, _ = completion_logprobs(model, batch["input_ids"])
     assert torch.equal(tempered.detach(), batch["old_logprobs"])  # the old policy is softmax(logits / 0.5)
+    assert torch.equal(tempered.detach(), batch["ref_logprobs"])  # ... and so is the (identical) reference
     assert not torch.allclose(tempered[mask], raw[mask])  # ... which is not the raw distribution
     _, stats = GRPOObjective(cfg)(model, batch)
-    assert stats["ratio_max"] == 1 and stats["kl_rollout"] == 0  # the update sees the same policy
+    assert stats["ratio_max"] == 1 and stats["kl_rollout"] == 0 and stats["kl"] == 0  # the same policy throughout
     assert "engine_logprob_gap" not in stats  # the engine reports raw log-probs: no like-for-like gap
 
 

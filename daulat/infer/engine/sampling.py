@@ -4,8 +4,8 @@ One decode step gives logits [B, V] for B sequences that may each want different
 sampler filters and normalises all rows at once; only the final draw is per sequence, from that
 sequence's own `torch.Generator`, so a seeded request samples the same tokens whatever else shares
 its batch. Log-probabilities are those of the model itself (log_softmax of the raw logits, before
-temperature, top-k or top-p), which is what GRPO's importance ratios and distillation need;
-a `logit_bias` changes which token is drawn, not the log-probs reported (as vLLM's raw log-probs).
+temperature, top-k or top-p), as an OpenAI client expects (GRPO recomputes its tempered policy's
+log-probs with the training model and reports this gap only at temperature 1); a `logit_bias` changes which token is drawn, not the log-probs reported (as vLLM's raw log-probs).
 """
 
 from __future__ import annotations
