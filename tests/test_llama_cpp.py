@@ -235,7 +235,9 @@ def test_completion_and_chat_apis_decode_what_daulat_decodes(llm, trained, token
     out = llm.create_chat_completion(messages, max_tokens=12, temperature=0.0)
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     assert out["usage"]["prompt_tokens"] == len(prompt)
-    assert out["choices"][0]["message"]["content"] == expected(prompt, out["usage"]["completion_tokens"])
+    # an answer that starts inside a UTF-8 character: daulat shows the stray bytes as U+FFFD, llama-cpp-python's
+    # chat completion leaves them out; the characters after them must agree
+    assert out["choices"][0]["message"]["content"] == expected(prompt, out["usage"]["completion_tokens"]).lstrip("\ufffd")
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("f16", 0.05), ("bf16", 0.25), ("q8_0", 0.25)])
