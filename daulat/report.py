@@ -132,7 +132,9 @@ def model_card(model, info: dict) -> str:
     """README.md in the Hugging Face model-card convention (YAML front matter + Markdown)."""
     card = annex_xi(model, info)
     stages = [s["stage"] for s in card["training_method"] if s.get("stage")]
-    tags = ["daulat", "deepseek_v3", "mixture-of-experts", "multi-head-latent-attention", *stages]
+    attention = {"deepseek_v4": "compressed-sparse-attention", "deepseek_v32": "deepseek-sparse-attention"}
+    tags = ["daulat", model.config.model_type, "mixture-of-experts",
+            attention.get(model.config.model_type, "multi-head-latent-attention"), *stages]
     front = ["---", f"license: {card['license']}", "library_name: transformers", "pipeline_tag: text-generation",
              "tags:", *[f"- {t}" for t in dict.fromkeys(tags)], "---", ""]
     lines = [f"# {card['name']}", "", card["intended_tasks"], "",
@@ -189,7 +191,7 @@ def save_documented(model, path, tokenizer=None, info: dict | None = None, train
         from daulat.provenance import environment
 
         record["environment"] = environment()
-    record.setdefault("architecture", {"model_type": "deepseek_v3", "parameters_total": model.num_parameters(),
+    record.setdefault("architecture", {"model_type": model.config.model_type, "parameters_total": model.num_parameters(),
                                        "parameters_active": model.num_parameters(active=True),
                                        "config": model.config.to_hf_dict()})
     if lora.is_lora(model):

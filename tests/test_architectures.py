@@ -27,7 +27,8 @@ def test_a_preset_names_its_architecture_and_the_printed_config_reads_back_the_s
 
 def test_an_architecture_preset_inherits_the_base_tables_it_does_not_write():
     tiny, v4 = read_preset("tiny"), read_preset("tiny-v4")
-    assert v4["train"] == tiny["train"] and v4["speedrun"] == tiny["speedrun"]
+    assert v4["train"] == tiny["train"] and v4["data"] == tiny["data"] and v4["grpo"] == tiny["grpo"]
+    assert v4["speedrun"]["grpo_steps"] < tiny["speedrun"]["grpo_steps"]  # its own table, whole
     assert "intermediate_size" in tiny["model"] and "intermediate_size" not in v4["model"]  # replaced whole
     assert "base" not in v4
 
