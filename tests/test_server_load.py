@@ -48,9 +48,10 @@ def test_abandoned_non_streaming_requests_stop_within_a_second(served):
         async with httpx.AsyncClient(base_url=served.url, limits=httpx.Limits(max_connections=64)) as client:
             return await asyncio.gather(*[impatient(client, i) for i in range(32)])
 
-    # 256 sequences of 480 tokens through 32 slots: 8 rounds of 480 decode steps, far more than 2 s
-    # (32 x 480 tokens alone took under 2 s on a fast 2-core machine)
-    assert asyncio.run(main()) == ["gave up"] * 32
+    # 256 sequences of 480 tokens through 32 slots: 8 rounds of 480 decode steps, far more than 2 s (32 x
+    # 480 tokens alone took under 2 s on a fast 2-core machine, so the first requests served may finish)
+    outcomes = asyncio.run(main())
+    assert outcomes.count("gave up") >= 24, outcomes
     gave_up = time.monotonic()
     while time.monotonic() - gave_up < 1.0 and busy(health(served)):
         time.sleep(0.02)
