@@ -245,8 +245,8 @@ def fresh_student(path: Path, teacher: Path, distill_argv: list[str], seed: int)
 
     import torch
 
-    from daulat.checkpoint import save_model
     from daulat.architectures import ModelSection, build_model
+    from daulat.checkpoint import save_model
     from daulat.config import build_section
     from daulat.provenance import stage_info
     from daulat.tokenizer import load_tokenizer
