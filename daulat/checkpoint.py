@@ -43,8 +43,9 @@ import daulat.model_v32 as model_v32
 import daulat.model_v4 as model_v4
 from daulat.architectures import MODEL_TYPES
 from daulat.errors import DaulatError
-from daulat.model import DeepseekV3, ModelConfig, rope_frequencies
-from daulat.quant import SCALE_SUFFIX, BlockFP8, dequantize, parse_quantization, scale_grid
+from daulat.model import DeepseekV3, ModelConfig, MoE, rope_frequencies
+from daulat.quant import (RESIDENT_BLOCK, SCALE_SUFFIX, BlockFP8, dequantize, make_resident, parse_quantization,
+                          quantize, scale_grid)
 from daulat.weights import (FP8_DTYPE, INDEX_FILE, INFO_FILE, INTEGER_DTYPES, MODEL_FILE, SCALE_DTYPES,
                             TRAIN_STATE_DIR, Checkpoint, Entry, TensorReader, check_dtype, check_finite,
                             checkpoint_dir, disk_error, fsync_dir, read_json, read_safetensors, replace_dir, scan,
@@ -406,26 +407,72 @@ def _check_shapes(plan: dict, expected: dict[str, torch.Tensor], hf_name: Callab
 
 
 def _stream(plan: dict, expected: dict[str, torch.Tensor], quant: BlockFP8 | None, device,
-            dtype: torch.dtype, keep_fp32: tuple[str, ...] = ("e_score_correction_bias",)) -> dict[str, torch.Tensor]:
+            dtype: torch.dtype, keep_fp32: tuple[str, ...] = ("e_score_correction_bias",),
+            resident: frozenset[str] = frozenset()) -> tuple[dict[str, torch.Tensor], dict[str, tuple]]:
     """Read every parameter's tensors one at a time, straight into `dtype` on `device`: float32 for
     names holding a `keep_fp32` fragment (the router's selection bias, V3.2's indexer head weights,
-    V4's hyper-connections...), the model's own integer dtype for an index table."""
-    state = {}
+    V4's hyper-connections...), the model's own integer dtype for an index table. The names in
+    `resident` are kept FP8 instead, as (weight, scale_inv) pairs: -> (state, pairs)."""
+    state, pairs = {}, {}
     with TensorReader() as reader:
         for name, ref in expected.items():
             want = torch.float32 if any(k in "." + name for k in keep_fp32) else dtype
             want = want if ref.is_floating_point() else ref.dtype
             pieces = plan[name]
-            if pieces[0].expert is None:
+            if name in resident:
+                pairs[name] = _read_resident(reader, pieces, ref, quant, device)
+            elif pieces[0].expert is None:
                 state[name] = _read(reader, pieces[0], quant, device, want)
-                continue
-            out = torch.empty(ref.shape, dtype=want, device=device)
-            rows = ref.shape[1] // 2
-            for piece in pieces:
-                slot = out[piece.expert] if piece.half is None else out[piece.expert, piece.half * rows:][:rows]
-                slot.copy_(_read(reader, piece, quant, device, want))
-            state[name] = out
-    return state
+            else:
+                state[name] = _fill_experts(reader, pieces, torch.empty(ref.shape, dtype=want, device=device),
+                                            quant, device)
+    return state, pairs
+
+
+def _fill_experts(reader: TensorReader, pieces: list[_Piece], out: torch.Tensor, quant: BlockFP8 | None,
+                  device) -> torch.Tensor:
+    """A stacked expert tensor [E, rows, cols] filled from per-expert pieces (halves of gate_up_proj)."""
+    rows = out.shape[1] // 2
+    for piece in pieces:
+        slot = out[piece.expert] if piece.half is None else out[piece.expert, piece.half * rows:][:rows]
+        slot.copy_(_read(reader, piece, quant, device, out.dtype))
+    return out
+
+
+def _read_resident(reader: TensorReader, pieces: list[_Piece], ref: torch.Tensor, quant: BlockFP8 | None,
+                   device) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """One FP8-resident parameter as (float8 weight, float32 scale_inv, block): as stored where the
+    checkpoint is FP8 (per-expert pieces placed into the stacked tensor and its scale grid), quantized
+    in blocks of RESIDENT_BLOCK where it is not. Stacked gate and up projections whose rows are not
+    whole blocks cannot share one grid: their scales are then kept one row per weight row (block
+    (1, bn), exact, 4 / bn bytes per weight more)."""
+    if pieces[0].scale is None:  # a bf16 / float32 checkpoint: quantized here, one tensor at a time
+        if pieces[0].expert is None:
+            tensor = reader.read(pieces[0].entry, torch.float32, device)
+        else:
+            tensor = _fill_experts(reader, pieces, torch.empty(ref.shape, dtype=torch.float32, device=device),
+                                   None, device)
+        check_finite(tensor, pieces[0].entry.name, pieces[0].entry.file)
+        return (*quantize(tensor, RESIDENT_BLOCK), RESIDENT_BLOCK)
+    if pieces[0].expert is None:
+        return (reader.read(pieces[0].entry, device=device), reader.read(pieces[0].scale, torch.float32, device),
+                quant.block)
+    rows, (bm, bn) = ref.shape[1] // 2, quant.block
+    per_row = any(p.half is not None for p in pieces) and rows % bm
+    block = (1, bn) if per_row else quant.block
+    weight = torch.empty(ref.shape, dtype=torch.float8_e4m3fn, device=device)
+    scale = torch.empty(scale_grid(tuple(ref.shape), block), dtype=torch.float32, device=device)
+    for piece in pieces:
+        slot, grid = weight[piece.expert], scale[piece.expert]
+        stored = reader.read(piece.scale, torch.float32, device)
+        if per_row:
+            stored = stored.repeat_interleave(bm, dim=0)[:rows]
+        if piece.half is not None:
+            step = rows // block[0]
+            slot, grid = slot[piece.half * rows:][:rows], grid[piece.half * step:][:step]
+        slot.copy_(reader.read(piece.entry, device=device))
+        grid.copy_(stored)
+    return weight, scale, block
 
 
 def _read(reader: TensorReader, piece: _Piece, quant: BlockFP8 | None, device, dtype) -> torch.Tensor:
@@ -517,7 +564,7 @@ def architecture(raw: dict) -> Architecture:
     return ARCHITECTURES.get(raw.get("model_type", "deepseek_v3"), ARCHITECTURES["deepseek_v3"])
 
 
-def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> nn.Module:
+def load_model(path, device="cpu", dtype: torch.dtype | None = None, *, fp8_resident: bool = False) -> nn.Module:
     """Load a checkpoint directory written by daulat or by transformers' `save_pretrained`, or an
     open-weight release (bf16 or FP8 block-scaled, one file or sharded).
 
@@ -525,14 +572,21 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> nn.Modul
     then the tensors are read one at a time into a model built on the meta device. The model is
     returned in eval mode, in `dtype` (default float32), on `device`. A LoRA adapter directory is read
     onto its base with the adapters merged in.
+
+    fp8_resident: the linear layers of the main stack and the routed experts stay one byte per weight
+    with their block scales (daulat.quant.FP8Linear; frozen: for inference and adapters): an FP8
+    checkpoint's as stored, any other's quantized in 128 x 128 blocks as they are read.
     """
     if lora.is_adapter_dir(path):
-        return _load_adapter(path, device, dtype, merge=True).model
+        return _load_adapter(path, device, dtype, merge=True, fp8_resident=fp8_resident).model
     path = checkpoint_dir(path)
     raw = read_json(path / "config.json", expect=dict)
     config = parse_config(raw, path / "config.json")
     arch = architecture(raw)
     quant = parse_quantization(raw, path / "config.json")
+    if fp8_resident and not arch.reads_fp8:
+        raise DaulatError(f"{path / 'config.json'}: {raw['model_type']} cannot be held FP8-resident yet; "
+                          "load it in bfloat16 or float32")
     if quant is not None and not arch.reads_fp8:
         raise DaulatError(f"{path / 'config.json'}: {raw['model_type']} FP8/MXFP4 weights (quantization_config) "
                           "are not supported yet; load a bf16 or float32 checkpoint")
@@ -547,12 +601,31 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None) -> nn.Modul
         plan.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)
     _check_shapes(plan, expected, arch.layout.hf_name, source)
-    state = _stream(plan, expected, quant, device, dtype or torch.float32, arch.keep_fp32)
+    resident = _resident_names(model, plan, quant is not None, arch.keep_fp32) if fp8_resident else frozenset()
+    state, pairs = _stream(plan, expected, quant, device, dtype or torch.float32, arch.keep_fp32, resident)
+    make_resident(model, pairs, state, dtype or torch.float32)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     arch.buffers(model, device)  # non-persistent buffers were created on the meta device: make them real
     return model.eval()
+
+
+def _resident_names(model: nn.Module, plan: dict, quantized: bool, keep_fp32: tuple[str, ...]) -> frozenset[str]:
+    """The parameters an FP8-resident load keeps in one byte: the weights of the main stack's linear
+    layers (none the architecture keeps in float32) and its routed experts' stacks; of an FP8
+    checkpoint, those it stores in FP8."""
+    names = set()
+    for name, module in model.named_modules():
+        if not name.startswith("layers.") or any(k in f".{name}.weight" for k in keep_fp32):
+            continue
+        if isinstance(module, nn.Linear):
+            names.add(name + ".weight")
+        elif isinstance(module, MoE):
+            names.update(f"{name}.{leaf}" for leaf in ("gate_up_proj", "down_proj"))
+    if quantized:
+        names = {n for n in names if all(piece.scale is not None for piece in plan[n])}
+    return frozenset(names)
 
 
 def load_info(path) -> dict:
@@ -563,19 +636,20 @@ def load_info(path) -> dict:
 
 
 
-def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None, *,
-                    need_tokenizer: bool = False, merge_adapter: bool = True) -> Checkpoint:
+def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None, *, need_tokenizer: bool = False,
+                    merge_adapter: bool = True, fp8_resident: bool = False) -> Checkpoint:
     """The one loader every command uses: `model, tokenizer, info = load_checkpoint(path)`.
 
     need_tokenizer: a checkpoint without tokenizer.json is then an error (chat, serve, eval need one),
     raised before the weights are read.
     A LoRA adapter directory (daulat.lora) is read onto the base it names, its adapters merged into
     the weights, or with merge_adapter=False kept live (trainable, or switched off for a reference).
+    fp8_resident: the base's linear layers and experts stay FP8 (see load_model).
     """
     from daulat.tokenizer import load_tokenizer
 
     if lora.is_adapter_dir(path):
-        checkpoint = _load_adapter(path, device, dtype, merge=merge_adapter)
+        checkpoint = _load_adapter(path, device, dtype, merge=merge_adapter, fp8_resident=fp8_resident)
         if need_tokenizer and checkpoint.tokenizer is None:
             raise DaulatError(f"adapter {path} and its base have no tokenizer.json")
         return checkpoint
@@ -584,16 +658,17 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None, *,
     if need_tokenizer and not has_tokenizer:
         raise DaulatError(f"checkpoint {path} has no tokenizer.json")
     tokenizer = load_tokenizer(path) if has_tokenizer else None
-    model = load_model(path, device=device, dtype=dtype)
+    model = load_model(path, device=device, dtype=dtype, fp8_resident=fp8_resident)
     return Checkpoint(model, tokenizer, load_info(path))
 
 
-def _load_adapter(path, device, dtype, merge: bool) -> Checkpoint:
+def _load_adapter(path, device, dtype, merge: bool, fp8_resident: bool = False) -> Checkpoint:
     """An adapter directory on its base: the base is checked against the architecture the adapter was
     trained on before its weights are read, then loaded, then given the adapters."""
     base = lora.resolve_base(path)
     lora.check_base(path, base, load_config(base))
-    return lora.attach_adapter(load_checkpoint(base, device=device, dtype=dtype), path, base, merge=merge)
+    base_checkpoint = load_checkpoint(base, device=device, dtype=dtype, fp8_resident=fp8_resident)
+    return lora.attach_adapter(base_checkpoint, path, base, merge=merge)
 
 
 def load_train_state(path) -> dict:

@@ -50,6 +50,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from daulat import quant
 from daulat.errors import DaulatError
 from daulat.weights import (INFO_FILE, TRAIN_STATE_DIR, Checkpoint, fsync_dir, read_json, read_safetensors,
                             replace_dir, write_json)
@@ -64,6 +65,10 @@ TARGETABLE = ATTENTION_TARGETS + MLP_TARGETS
 EXPERT_PARAMETERS = {"gate_up_proj": "experts.base_layer", "down_proj": "experts"}
 
 
+# lora.base_dtype -> (the dtype the base is loaded in, whether its linears stay FP8-resident)
+BASE_DTYPES = {"float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False), "fp8": (torch.bfloat16, True)}
+
+
 @dataclass
 class LoraConfig:
     """The [lora] section. LoRA is off while `rank` is unset (full fine-tuning)."""
@@ -73,6 +78,10 @@ class LoraConfig:
     dropout: float = 0.0  # on the adapter's input only, while training
     targets: list[str] | None = None  # linear layers by name or dotted suffix; None: attention + dense/shared MLPs
     experts: bool = False  # also the routed experts (no dropout there: PEFT has none for them either)
+    # the frozen base as held while adapters train: "float32", "bfloat16", or "fp8": FP8-resident, its
+    # linear layers and experts one byte per weight with block scales (an FP8 checkpoint as published;
+    # any other quantized in 128 x 128 blocks at load), everything else in bfloat16
+    base_dtype: str = "float32"
 
     def __post_init__(self):
         if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0):
@@ -81,6 +90,8 @@ class LoraConfig:
             raise DaulatError(f"config lora.alpha = {self.alpha!r}: must be positive")
         if not 0 <= self.dropout < 1:
             raise DaulatError(f"config lora.dropout = {self.dropout!r}: must be in [0, 1)")
+        if self.base_dtype not in BASE_DTYPES:
+            raise DaulatError(f"config lora.base_dtype = {self.base_dtype!r}: expected one of {', '.join(BASE_DTYPES)}")
         if self.targets is not None:
             if not (self.targets or self.experts) or not all(isinstance(t, str) and t.strip(".") for t in self.targets):
                 raise DaulatError(f"config lora.targets = {self.targets!r}: must be a non-empty list of layer names")
@@ -96,12 +107,20 @@ class LoraConfig:
 
 class LoraLinear(nn.Linear):
     """An nn.Linear whose frozen `weight` / `bias` are the wrapped layer's own parameters, plus the
-    trainable low-rank update: forward(x [..., in]) -> [..., out]."""
+    trainable low-rank update: forward(x [..., in]) -> [..., out]. The wrapped layer may be an
+    FP8-resident one (daulat.quant.FP8Linear): its one-byte weight and block scales are then kept as
+    they are, and its product dequantizes slab by slab."""
 
-    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float):
+    def __init__(self, base: nn.Linear | quant.FP8Linear, rank: int, scaling: float, dropout: float):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # the same Parameters: names and storage unchanged
+        self.fp8 = isinstance(base, quant.FP8Linear)
+        if self.fp8:  # the same buffers, under the same names
+            for name in ("weight", "weight_scale_inv", "bias"):
+                self.register_buffer(name, getattr(base, name))
+            self.block, self.compute_dtype = base.block, base.compute_dtype
+        else:
+            self.weight, self.bias = base.weight, base.bias  # the same Parameters: names and storage unchanged
         device = base.weight.device
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=torch.float32)
@@ -112,7 +131,10 @@ class LoraLinear(nn.Linear):
         self.adapter_on = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        if self.fp8:
+            out = quant.fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.bias)
+        else:
+            out = F.linear(x, self.weight, self.bias)
         if not self.adapter_on:
             return out
         delta = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
@@ -121,10 +143,17 @@ class LoraLinear(nn.Linear):
     def effective_weight(self) -> torch.Tensor:
         """W + (alpha / rank) B A [out, in] in W's dtype (W alone while switched off): the matrix this layer
         applies, for the paths that multiply by it directly (MLA's absorbed decoding)."""
+        weight = self.base_weight()
         if not self.adapter_on:
-            return self.weight
+            return weight
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
-        return self.weight + delta.to(self.weight.dtype)
+        return weight + delta.to(weight.dtype)
+
+    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The frozen W [out, in] (an FP8 one dequantized, into the model's working dtype by default)."""
+        if self.fp8:
+            return quant.dequantize(self.weight, self.weight_scale_inv, self.block, dtype=dtype or self.compute_dtype)
+        return self.weight if dtype is None else self.weight.to(dtype)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -182,8 +211,8 @@ class _LoraState:
 def _target_linears(model: nn.Module, targets: list[str] | None) -> dict[str, nn.Linear]:
     """The linears of the main stack (never the MTP modules, the head or the router) named by `targets`
     (a leaf name or dotted suffix each); every target must match at least one."""
-    candidates = {name: m for name, m in model.named_modules()
-                  if isinstance(m, nn.Linear) and name.startswith("layers.") and name.rsplit(".", 1)[-1] in TARGETABLE}
+    candidates = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, quant.FP8Linear))
+                  and name.startswith("layers.") and name.rsplit(".", 1)[-1] in TARGETABLE}
     if targets is None:
         return candidates
     chosen = {}
@@ -205,6 +234,9 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     chosen = _target_linears(model, config.targets)
     if config.experts and not _main_moe_layers(model):
         raise DaulatError("config lora.experts = true: this model has no routed experts (no MoE layer)")
+    if config.experts and any(moe.gate_up_proj.dtype == torch.float8_e4m3fn for moe in _main_moe_layers(model).values()):
+        raise DaulatError("config lora.experts = true: the routed experts of this base are FP8-resident "
+                          "(lora.base_dtype = \"fp8\"); adapting them needs a bfloat16 or float32 base")
     for p in model.parameters():
         p.requires_grad_(False)
     for name, linear in chosen.items():
@@ -341,10 +373,15 @@ def merge_lora(model: nn.Module) -> nn.Module:
     nn.Linear layers back, in place: the result is an ordinary DeepseekV3 that `save_model` writes.
     Parameters stay frozen; the router's balancing speed is restored."""
     for name, layer in lora_layers(model).items():
-        if layer.adapter_on:
-            layer.weight.copy_((layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype))
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        plain.weight, plain.bias = layer.weight, layer.bias
+        if layer.fp8:  # the merged weight cannot stay one byte: it goes to the working dtype
+            merged = layer.base_weight(torch.float32) + (layer.delta_weight() if layer.adapter_on else 0)
+            plain.weight = nn.Parameter(merged.to(layer.compute_dtype), requires_grad=False)
+            plain.bias = None if layer.bias is None else nn.Parameter(layer.bias, requires_grad=False)
+        else:
+            if layer.adapter_on:
+                layer.weight.copy_((layer.weight.float() + layer.delta_weight()).to(layer.weight.dtype))
+            plain.weight, plain.bias = layer.weight, layer.bias
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, plain)
     for moe in _main_moe_layers(model).values():
@@ -359,7 +396,7 @@ def parameter_counts(model: nn.Module) -> dict:
     """{"parameters_trainable", "parameters_total", "trainable_fraction"} (shared parameters once)."""
     params = {id(p): p for p in model.parameters()}.values()
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    total = sum(p.numel() for p in params)
+    total = sum(p.numel() for p in params) + quant.resident_numel(model)
     return {"parameters_trainable": trainable, "parameters_total": total,
             "trainable_fraction": round(trainable / total, 6) if total else 0.0}
 

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import daulat.quant as quant
+
 
 @dataclass
 class ModelConfig:
@@ -329,6 +331,13 @@ def rope_rotation(cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> tor
     return torch.mm(table, _rope_basis(r, interleave, table.device, table.dtype)).view(-1, r, r)
 
 
+def applied_weight(layer: nn.Module) -> torch.Tensor:
+    """The matrix [out, in] a linear layer applies: its `weight`, or `effective_weight()` for a wrapper
+    whose matrix is not its weight alone (a live LoRA adapter, an FP8-resident layer)."""
+    effective = getattr(layer, "effective_weight", None)
+    return layer.weight if effective is None else effective()
+
+
 def fast_call(module: nn.Module):
     """A function equal to calling the module, for decoding, where on a CPU a step of a small model
     is mostly per-call overhead (a module call with its attribute look-ups costs about as much as the
@@ -498,11 +507,9 @@ class MLA(DecodeCalls, nn.Module):
         return calls.o_proj(out.reshape(*x.shape[:-1], H * self.v_dim))
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H, n, c] and W_UV [H, c, v]: views of kv_b_proj's weight, so they follow its in-place
-        updates; a wrapper whose matrix is not its `weight` alone (a live LoRA adapter) gives it as
-        `effective_weight()`."""
-        effective = getattr(self.kv_b_proj, "effective_weight", None)
-        w = (self.kv_b_proj.weight if effective is None else effective()).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        """W_UK [H, n, c] and W_UV [H, c, v]: views of kv_b_proj's applied matrix (its weight, so they
+        follow its in-place updates)."""
+        w = applied_weight(self.kv_b_proj).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope], w[:, self.nope :].transpose(1, 2)
 
     def make_decode_calls(self):
@@ -685,13 +692,13 @@ class MoE(DecodeCalls, nn.Module):
         # index_select rather than flat[idx]: its backward is an index_add, about half the cost on CPU
         # of the accumulating index_put that advanced indexing's backward runs
         xs = flat.index_select(0, token_of_slot)  # [N*K, D], grouped by expert
-        gate, up = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), counts).chunk(2, dim=-1)
+        gate, up = self._experts_mm(xs, "gate_up_proj", counts).chunk(2, dim=-1)
         if self.swiglu_limit is not None:
             gate, up = gate.clamp(max=self.swiglu_limit), up.clamp(-self.swiglu_limit, self.swiglu_limit)
         # the routing weight scales the [N*K, I] activation rather than the [N*K, D] output: the
         # down projection is linear, and usually I < D
         hidden = F.silu(gate) * up * weights.reshape(-1)[order, None].to(up.dtype)
-        ys = grouped_mm(hidden, self.down_proj.transpose(1, 2), counts)  # [N*K, D]
+        ys = self._experts_mm(hidden, "down_proj", counts)  # [N*K, D]
         # routed outputs are summed into the shared experts' output in place (autograd allows it:
         # a linear layer's backward does not need its own output)
         out = self.shared_experts(flat) if self.shared_experts is not None else torch.zeros_like(flat)
@@ -702,6 +709,20 @@ class MoE(DecodeCalls, nn.Module):
             if self.seq_aux_loss_alpha > 0:
                 self.aux_loss = self._sequence_balance_loss(scores, topk_idx, *x.shape[:2])
         return out.view(x.shape)
+
+    def _experts_mm(self, x: torch.Tensor, name: str, counts: torch.Tensor) -> torch.Tensor:
+        """x [N, in] sorted by expert through the stacked experts' `name` ([E, out, in]) -> [N, out]; an
+        FP8-resident stack (daulat.quant.make_resident) is dequantized expert by expert, slab by slab."""
+        w = getattr(self, name)
+        if w.dtype == torch.float8_e4m3fn:
+            return quant.fp8_grouped_mm(x, w, getattr(self, name + quant.SCALE_SUFFIX), counts, self.fp8_blocks[name])
+        return grouped_mm(x, w.transpose(1, 2), counts)
+
+    def _expert_linear(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
+        w = getattr(self, name)
+        if w.dtype == torch.float8_e4m3fn:
+            return quant.fp8_linear(x, w[e], getattr(self, name + quant.SCALE_SUFFIX)[e], self.fp8_blocks[name])
+        return F.linear(x, w[e])
 
     def _chosen_experts(self, flat, weights, topk_idx):
         """The routed experts for a few tokens (N * K < E: small decode batches on a CPU, where a
@@ -714,8 +735,8 @@ class MoE(DecodeCalls, nn.Module):
             x = flat if one else flat[token : token + 1]
             outs = []
             for e in experts:
-                gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-                outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+                gate, up = self._expert_linear(x, "gate_up_proj", e).chunk(2, dim=-1)
+                outs.append(self._expert_linear(F.silu(gate) * up, "down_proj", e))
             rows.append(torch.mm(weights if one else weights[token : token + 1], torch.cat(outs)))  # weighted sum of the K
         return rows[0] if one else torch.cat(rows)
 
@@ -985,7 +1006,7 @@ class DeepseekV3(DecodeCalls, nn.Module):
         """Total parameters, or those used per token (shared + top-k routed experts) when active=True.
         MTP modules are not counted: they are a training aid, left out of exports."""
         params = {id(p): p for name, p in self.named_parameters() if not name.startswith("mtp.")}
-        total = sum(p.numel() for p in params.values())
+        total = sum(p.numel() for p in params.values()) + quant.resident_numel(self, skip="mtp.")
         if not embeddings:
             total -= self.embed_tokens.weight.numel()
             if not self.config.tie_word_embeddings:

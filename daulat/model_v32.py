@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from daulat.model import MLA, Block, DeepseekV3, LatentCache, ModelConfig, apply_rope
+from daulat.model import MLA, Block, DeepseekV3, LatentCache, ModelConfig, applied_weight, apply_rope
 from daulat.model import kv_cache_bytes_per_token as v3_kv_cache_bytes_per_token
 
 # tensors kept in float32 at any load dtype: the router's correction bias and the indexer's head weights
@@ -197,7 +197,7 @@ class SparseMLA(MLA):
         B, T, _ = x.shape
         S = kv_latent.shape[1]
         K = S if self.indexer_mode == "warmup" and training_indexer else self.indexer.topk  # warm-up: dense
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w = applied_weight(self.kv_b_proj).view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
         q_latent = torch.einsum("bthn,hnc->bthc", q_nope, w[:, : self.nope])  # [B, T, H, c]
         per_query = S * self.indexer.n_heads + K * (self.kv_lora_rank + self.rope + self.n_heads)
         chunk = max(1, CHUNK_NUMBERS // (B * per_query))

@@ -25,6 +25,7 @@ from daulat.errors import DaulatError
 
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 SCALE_SUFFIX = "_scale_inv"  # "x.weight" -> "x.weight_scale_inv"
+RESIDENT_BLOCK = (128, 128)  # the blocks an FP8-resident load quantizes a bf16 / float32 checkpoint in
 SUPPORTED = "quant_method 'fp8' with fmt 'e4m3' and a 2-number weight_block_size (DeepSeek-V3/R1, Kimi-K2)"
 
 
@@ -120,6 +121,65 @@ def quantize(weight: torch.Tensor, block: tuple[int, int] = (128, 128),
     return q.contiguous(), scale.float().contiguous()
 
 
+def _dequant_rows(q: torch.Tensor, scale_inv: torch.Tensor, r0: int, r1: int, block: tuple[int, int],
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Rows r0:r1 of the weight dequantized into `dtype` (r0 a multiple of the block rows): one product
+    with the scales expanded over the slab, computed in float32 as `dequantize` does."""
+    bm, bn = block
+    cols = q.shape[-1]
+    s = scale_inv[r0 // bm:(r1 + bm - 1) // bm].float()
+    s = s.repeat_interleave(bm, dim=0)[: r1 - r0].repeat_interleave(bn, dim=1)[:, :cols]
+    return (q[r0:r1].float() * s).to(dtype)
+
+
+def _slabs(rows: int, slab_rows: int):
+    return [(r0, min(rows, r0 + slab_rows)) for r0 in range(0, rows, slab_rows)]
+
+
+class _FP8Product(torch.autograd.Function):
+    """y = x @ W.T for W = q * s held one byte per value: the forward and the backward each rebuild W
+    one slab of block rows at a time, so that no high-precision copy of W outlives its slab and
+    autograd keeps only the one-byte weight (the input's gradient needs W, never x)."""
+
+    @staticmethod
+    def forward(ctx, x, q, scale_inv, block, slab_rows):
+        ctx.save_for_backward(q, scale_inv)
+        ctx.block, ctx.slab_rows = block, slab_rows
+        return torch.cat([x @ _dequant_rows(q, scale_inv, r0, r1, block, x.dtype).T
+                          for r0, r1 in _slabs(q.shape[0], slab_rows)], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, scale_inv = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            for r0, r1 in _slabs(q.shape[0], ctx.slab_rows):
+                part = grad[..., r0:r1] @ _dequant_rows(q, scale_inv, r0, r1, ctx.block, grad.dtype)
+                grad_x = part if grad_x is None else grad_x.add_(part)
+        return grad_x, None, None, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+               bias: torch.Tensor | None = None, slab_rows: int = 1024) -> torch.Tensor:
+    """F.linear(x, dequantize(weight, scale_inv)) for a float8 weight [out, in], in x's dtype (the
+    autocast dtype under autocast), without ever holding the dequantized weight whole."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    slab_rows = max(block[0], slab_rows // block[0] * block[0])
+    y = _FP8Product.apply(x, weight, scale_inv, block, slab_rows)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def fp8_grouped_mm(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, counts: torch.Tensor,
+                   block: tuple[int, int]) -> torch.Tensor:
+    """The routed experts' product on FP8-resident stacked weights: x [N, in] with rows sorted by expert,
+    weight [E, out, in] float8 with scale_inv [E, ceil(out/bm), ceil(in/bn)], counts [E] -> [N, out].
+    Only the experts that received rows are dequantized, each one slab at a time."""
+    chunks = x.split(counts.tolist())
+    outs = [fp8_linear(chunk, weight[e], scale_inv[e], block) for e, chunk in enumerate(chunks) if chunk.shape[0]]
+    return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
+
+
 class FP8Linear(torch.nn.Module):
     """A frozen linear layer held FP8-resident: the weight stays one byte per parameter
     (float8_e4m3fn [out, in]) with its float32 block scales, and the product is computed one slab of
@@ -127,8 +187,10 @@ class FP8Linear(torch.nn.Module):
 
         y[..., rows] = x @ dequantize(q[rows], s[rows / bm]).T       (+ bias)
 
-    so at most `slab_rows` rows of the weight ever exist in high precision. For inference and for
-    training adapters on top (nothing here has a gradient; the input does).
+    so at most `slab_rows` rows of the weight ever exist in high precision, in the forward and in the
+    backward alike (quant.fp8_linear). For inference and for training adapters on top (nothing here
+    has a gradient; the input does). Its state dict is the published layout: `weight` and
+    `weight_scale_inv`.
     """
 
     def __init__(self, weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
@@ -138,6 +200,8 @@ class FP8Linear(torch.nn.Module):
             raise DaulatError(f"FP8Linear needs a float8_e4m3fn weight and a {scale_grid(tuple(weight.shape), block)} "
                               f"scale grid, got {weight.dtype} and {tuple(scale_inv.shape)}")
         self.block, self.slab_rows = block, max(block[0], slab_rows // block[0] * block[0])
+        self.compute_dtype = torch.float32  # what effective_weight() gives; make_resident sets the model's
+        self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale_inv", scale_inv.float())
         self.register_buffer("bias", bias)
@@ -149,13 +213,46 @@ class FP8Linear(torch.nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(q, s, block, bias)
 
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The whole weight [out, in] in `dtype` (merging an adapter into it, MLA's absorbed decoding)."""
+        return dequantize(self.weight, self.weight_scale_inv, self.block, dtype=dtype)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The matrix this layer applies, whole, in its model's working dtype (for MLA's absorbed decoding)."""
+        return self.dequantized(self.compute_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bm = self.block[0]
-        outs = []
-        for r0 in range(0, self.weight.shape[0], self.slab_rows):
-            r1 = min(self.weight.shape[0], r0 + self.slab_rows)
-            w = dequantize(self.weight[r0:r1], self.weight_scale_inv[r0 // bm:(r1 + bm - 1) // bm], self.block,
-                           dtype=x.dtype)
-            outs.append(x @ w.T)
-        y = torch.cat(outs, dim=-1)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        return fp8_linear(x, self.weight, self.weight_scale_inv, self.block, self.bias, self.slab_rows)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 blocks={self.block}"
+
+
+def make_resident(model: torch.nn.Module, tensors: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]],
+                  state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Put FP8-resident weights into a model built on the meta device, in place: each name of `tensors`
+    ("layers.0.self_attn.q_proj.weight": (q, scale_inv, block)) that is an nn.Linear's weight turns that
+    layer into an FP8Linear (its bias taken out of `state`); any other (the routed experts' stacked
+    gate_up_proj / down_proj) becomes a float8 buffer beside a `<name>_scale_inv` buffer, its block
+    size in its module's `fp8_blocks`, which the module's forward reads (daulat.model.MoE). `dtype` is the working dtype of the
+    rest of the model, the one an FP8Linear gives its whole weight in (`effective_weight`)."""
+    for name, (q, scale_inv, block) in tensors.items():
+        parent, _, leaf = name.rpartition(".")
+        module = model.get_submodule(parent)
+        if isinstance(module, torch.nn.Linear) and leaf == "weight":
+            owner, _, attr = parent.rpartition(".")
+            layer = FP8Linear(q, scale_inv, block, state.pop(parent + ".bias", None))
+            layer.compute_dtype = dtype
+            setattr(model.get_submodule(owner), attr, layer)
+        else:
+            delattr(module, leaf)
+            module.register_buffer(leaf, q)
+            module.register_buffer(leaf + SCALE_SUFFIX, scale_inv)
+            module.fp8_blocks = {**getattr(module, "fp8_blocks", {}), leaf: block}
+
+
+def resident_numel(model: torch.nn.Module, skip: str | None = None) -> int:
+    """The parameters a model holds FP8-resident (float8 buffers: frozen weights, not nn.Parameters),
+    those under a name starting with `skip` left out."""
+    return sum(b.numel() for name, b in model.named_buffers()
+               if b.dtype == torch.float8_e4m3fn and not (skip and name.startswith(skip)))

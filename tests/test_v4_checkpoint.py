@@ -108,6 +108,9 @@ def test_fp8_v4_weights_are_refused_in_one_line(tmp_path):
     with pytest.raises(DaulatError, match="deepseek_v4 FP8/MXFP4 weights .* not supported yet") as e:
         load_model(path)
     assert "\n" not in str(e.value)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DaulatError, match="deepseek_v4 cannot be held FP8-resident yet"):
+        load_model(path, fp8_resident=True)
 
 
 def test_bf16_load_keeps_v4s_float32_tensors_as_a_cast_does(tmp_path):

@@ -47,16 +47,20 @@ def add_common_arguments(parser, default_preset: str | None = "tiny", lora: bool
 
 
 # the LoRA flags of the stages that adapt a checkpoint (sft, grpo, distill), over their [lora] section
-LORA_FLAGS = {"lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_targets": "lora.targets"}
+LORA_FLAGS = {"lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "lora_targets": "lora.targets",
+              "lora_base_dtype": "lora.base_dtype"}
 
 
 def add_lora_arguments(parser) -> None:
-    """--lora-rank, --lora-alpha, --lora-targets: the [lora] section (daulat.lora.LoraConfig) as flags."""
+    """--lora-rank, --lora-alpha, --lora-targets, --lora-base-dtype: the [lora] section (daulat.lora.LoraConfig) as flags."""
     parser.add_argument("--lora-rank", type=int, metavar="R", help="train LoRA adapters of rank R on the frozen "
                         "checkpoint instead of all its weights (lora.rank); OUT/final is then a PEFT adapter directory")
     parser.add_argument("--lora-alpha", type=float, metavar="A", help="scale the update by A / R (lora.alpha; default 2R)")
     parser.add_argument("--lora-targets", type=_names, metavar="NAME,...",
                         help="layers to adapt, e.g. q_proj,o_proj (lora.targets; default: attention and dense/shared MLPs)")
+    parser.add_argument("--lora-base-dtype", choices=["float32", "bfloat16", "fp8"],
+                        help="hold the frozen base in this dtype (lora.base_dtype; default float32); fp8: its linear "
+                        "layers and experts stay one byte per weight (an FP8 checkpoint as published)")
 
 
 def _names(value: str) -> list[str]:

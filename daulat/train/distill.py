@@ -259,11 +259,9 @@ def _student(run: StageRun, teacher, student, preset, tokenizer):
 
     from daulat.architectures import build_model
     from daulat.tokenizer import load_tokenizer
-    from daulat.train.stage import load_trainable
 
     if student is not None:
-        model, tok, parent = load_trainable(student)
-        run.adapt(model, student)
+        model, tok, parent = run.load_trainable(student)
         return model, tok, parent or None, str(student)
     if getattr(run.config.get("lora"), "enabled", False):
         raise DaulatError("lora.rank is set but the student is fresh: LoRA adapts a checkpoint (give --student CKPT)")

@@ -194,7 +194,6 @@ def grpo(config: dict, init, out, resume: bool = False, verbose: bool = True) ->
     import random
 
     from daulat.eval import load_task
-    from daulat.train.stage import load_trainable
 
     train_cfg, cfg = config["train"], config["grpo"]
     run = StageRun(STAGE, config, out, resume=resume, verbose=verbose,
@@ -207,8 +206,7 @@ def grpo(config: dict, init, out, resume: bool = False, verbose: bool = True) ->
     task = load_task(cfg.task)
     task.sample(random.Random(0), cfg.difficulty)  # a bad difficulty fails here, not mid-run
     reward_fn = load_reward(cfg.reward, cfg.format_reward)
-    model, tokenizer, parent = load_trainable(init)
-    run.adapt(model, init)
+    model, tokenizer, parent = run.load_trainable(init)
     run.check_context(cfg.max_prompt_tokens + cfg.sampling.max_tokens, model.config.max_position_embeddings,
                       what="grpo.max_prompt_tokens + grpo.sampling.max_tokens")
     source = RolloutSource(model, tokenizer, task, cfg, train_cfg, reward_fn, reference=_reference(cfg, init, model),

@@ -93,14 +93,12 @@ def _conversations(cfg: SFTConfig) -> tuple[list, dict]:
 
 def sft(config: dict, init, out, resume: bool = False, verbose: bool = True) -> dict:
     """Fine-tune the checkpoint `init` on config["sft"]'s data; returns the loop's summary."""
-    from daulat.train.stage import load_trainable
 
     train_cfg, cfg = config["train"], config["sft"]
     run = StageRun(STAGE, config, out, resume=resume, verbose=verbose)
 
     # Check every input before writing anything.
-    model, tokenizer, parent = load_trainable(init)
-    run.adapt(model, init)
+    model, tokenizer, parent = run.load_trainable(init)
     run.check_context(train_cfg.seq_len, model.config.max_position_embeddings)
     conversations, data_info = _conversations(cfg)
     rows = conversation_rows(conversations, tokenizer, train_cfg.seq_len, cfg.pack, cfg.val_fraction)

@@ -105,17 +105,22 @@ class StageRun:
         if needed > limit:
             raise DaulatError(f"{what} = {needed} exceeds {whose} ({limit})")
 
-    def adapt(self, model, base) -> None:
-        """The [lora] section applied to the model this run trains, right after loading it (see
-        daulat.lora.prepare: new adapters on the frozen checkpoint `base`, or the adapters of an adapter
-        directory trained on); the record then gains its "lora" entry. New adapters are initialised
-        from train.seed, so that two runs of one config start alike."""
+    def load_trainable(self, path):
+        """(model, tokenizer, record) of the checkpoint this run starts from, with the [lora] section
+        applied (see daulat.lora.prepare: new adapters on the frozen checkpoint `path`, held as
+        lora.base_dtype says, or the adapters of an adapter directory trained on); the record then
+        gains its "lora" entry. New adapters are initialised from train.seed, so that two runs of one
+        config start alike."""
         import torch
 
         from daulat import lora
 
+        config = self.config.get("lora")
+        dtype, fp8_resident = lora.BASE_DTYPES[config.base_dtype] if config is not None and config.enabled else (None, False)
+        model, tokenizer, info = load_trainable(path, dtype=dtype, fp8_resident=fp8_resident)
         torch.manual_seed(self.train_cfg.seed)
-        self.lora = lora.prepare(model, self.config.get("lora"), base)
+        self.lora = lora.prepare(model, config, path)
+        return model, tokenizer, info
 
     def prepare_output(self) -> Path:
         """Create (or check) OUT and find the checkpoint to resume from; call once the inputs are good,
@@ -161,12 +166,12 @@ class StageRun:
         return summary
 
 
-def load_trainable(path):
+def load_trainable(path, dtype=None, fp8_resident: bool = False):
     """(model, tokenizer, record) of the checkpoint a stage starts from; it must have a tokenizer. An
     adapter directory is loaded onto its base unmerged, so that its adapters go on training."""
     from daulat.checkpoint import load_checkpoint
 
-    model, tokenizer, info = load_checkpoint(path, merge_adapter=False)
+    model, tokenizer, info = load_checkpoint(path, dtype=dtype, merge_adapter=False, fp8_resident=fp8_resident)
     if tokenizer is None:
         raise DaulatError(f"checkpoint {path} has no tokenizer (tokenizer.json): a stage needs one to read its data")
     return model, tokenizer, info
