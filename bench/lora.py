@@ -9,8 +9,14 @@ peak memory is its own: the peak resident set (VmHWM) is reset after loading and
 steps, so it measures the training step (the load's peak is reported beside it). Throughput is
 tokens / median step time after untimed warm-up steps.
 
-    python bench/lora.py                        # ~370M-parameter base, CPU, float32, one thread
+    python bench/lora.py                        # ~420M-parameter base, CPU, float32, one thread
     python bench/lora.py --clock cpu            # a shared CPU: count only each process's CPU time
+    python bench/lora.py --compare fp8          # daulat on an FP8-resident base against a bf16 base
+
+With --compare fp8 both sides are daulat, on the same random base: one loads it in bfloat16, the other
+loads the FP8 export of it (DeepSeek's 128 x 128 block layout) FP8-resident; both compute in bfloat16.
+Memory is reported as the peak resident set in the step and as its growth over the process's
+resident set after its imports (the model, the adapters' state and the step's activations).
 
 Prints a summary, then one JSON line last.
 """
@@ -49,7 +55,12 @@ def parse_args(argv=None):
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="wall: elapsed time; cpu: the process's CPU time (one thread on a shared machine)")
     p.add_argument("--base", help="an existing base checkpoint (default: a random one in a temporary directory)")
+    p.add_argument("--experts", type=int, default=BASE_CONFIG["n_routed_experts"],
+                   help="routed experts per MoE layer of the random base (default: %(default)s, 420.7M parameters)")
+    p.add_argument("--compare", default="peft", choices=["peft", "fp8"],
+                   help="peft: daulat against transformers + PEFT (float32); fp8: an FP8-resident base against bf16")
     p.add_argument("--side", choices=["daulat", "peft"], help=argparse.SUPPRESS)  # a subprocess's own side
+    p.add_argument("--base-dtype", default="float32", help=argparse.SUPPRESS)  # the daulat side's lora.base_dtype
     p.add_argument("--adapter-config", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -90,8 +101,9 @@ def _daulat_side(args):
     from daulat import lora
     from daulat.checkpoint import load_checkpoint
 
-    model = load_checkpoint(args.base).model
-    lora.prepare(model, lora.LoraConfig(rank=args.rank, alpha=args.alpha), args.base)
+    dtype, fp8_resident = lora.BASE_DTYPES[args.base_dtype]
+    model = load_checkpoint(args.base, dtype=dtype, fp8_resident=fp8_resident).model
+    lora.prepare(model, lora.LoraConfig(rank=args.rank, alpha=args.alpha, base_dtype=args.base_dtype), args.base)
     model.train()
     loss_fn = lambda ids: model.training_loss(ids[:, :-1], ids[:, 1:])[0]  # noqa: E731
     return model, loss_fn, lora.parameter_counts(model)
@@ -118,6 +130,7 @@ def _peft_side(args):
 def run_side(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    imported_kib = _status_kib("VmRSS")  # torch and the side's libraries, before the model
     model, loss_fn, counts = (_daulat_side if args.side == "daulat" else _peft_side)(args)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -145,6 +158,8 @@ def run_side(args) -> dict:
     return {"side": args.side, "tokens_per_s": round(args.batch_size * args.seq_len / step_s, 1),
             "step_s": round(step_s, 4), "peak_rss_step_mib": round(_status_kib("VmHWM") / 1024, 1),
             "peak_above_loaded_mib": round((_status_kib("VmHWM") - baseline_kib) / 1024, 1),
+            "peak_above_imports_mib": round((_status_kib("VmHWM") - imported_kib) / 1024, 1),
+            "loaded_above_imports_mib": round((baseline_kib - imported_kib) / 1024, 1),
             "peak_is_step_only": reset, "load_peak_rss_mib": round(load_peak_kib / 1024, 1),
             "losses": losses, **counts}
 
@@ -154,12 +169,12 @@ def run_side(args) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def make_base(path: Path) -> int:
+def make_base(path: Path, experts: int = BASE_CONFIG["n_routed_experts"]) -> int:
     from daulat.checkpoint import save_model
     from daulat.model import DeepseekV3, ModelConfig
 
     torch.manual_seed(0)
-    model = DeepseekV3(ModelConfig(**BASE_CONFIG))
+    model = DeepseekV3(ModelConfig(**{**BASE_CONFIG, "n_routed_experts": experts}))
     save_model(model, path)
     return model.num_parameters()
 
@@ -177,8 +192,9 @@ def write_adapter_config(base: Path, out: Path, args) -> Path:
     return out / "adapter_config.json"
 
 
-def side(args, name: str, config_file: Path) -> dict:
-    argv = [sys.executable, __file__, "--side", name, "--base", str(args.base), "--adapter-config", str(config_file),
+def side(args, name: str, config_file: Path, base: Path | None = None, base_dtype: str = "float32") -> dict:
+    argv = [sys.executable, __file__, "--side", name, "--base", str(base or args.base), "--adapter-config", str(config_file),
+            "--base-dtype", base_dtype,
             "--rank", str(args.rank), "--alpha", str(args.alpha), "--batch-size", str(args.batch_size),
             "--seq-len", str(args.seq_len), "--warmup", str(args.warmup), "--steps", str(args.steps),
             "--threads", str(args.threads), "--clock", args.clock]
@@ -191,7 +207,7 @@ def side(args, name: str, config_file: Path) -> dict:
 def compare(args, tmp: Path) -> dict:
     if args.base is None:
         args.base = tmp / "base"
-        params = make_base(args.base)
+        params = make_base(args.base, args.experts)
     else:
         from daulat.checkpoint import load_config
         from daulat.model import DeepseekV3
@@ -199,6 +215,8 @@ def compare(args, tmp: Path) -> dict:
         with torch.device("meta"):
             params = DeepseekV3(load_config(args.base)).num_parameters()
     config_file = write_adapter_config(Path(args.base), tmp, args)
+    if args.compare == "fp8":
+        return compare_fp8(args, tmp, config_file, params)
     ours, theirs = side(args, "daulat", config_file), side(args, "peft", config_file)
     import peft
     import transformers
@@ -214,6 +232,35 @@ def compare(args, tmp: Path) -> dict:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}}
 
 
+def compare_fp8(args, tmp: Path, config_file: Path, params: int) -> dict:
+    """daulat's LoRA step on the base loaded in bf16 and on its FP8 export held FP8-resident."""
+    from daulat.cli import main as daulat
+
+    fp8 = tmp / "base-fp8"
+    if daulat(["export", str(args.base), "--format", "hf", "--dtype", "fp8", "--out", str(fp8)]) != 0:
+        sys.exit("bench/lora.py: exporting the base to FP8 failed")
+    bf16, resident = side(args, "daulat", config_file, base_dtype="bfloat16"), side(args, "daulat", config_file, fp8, "fp8")
+    return {"bench": "lora_fp8_resident", "base_parameters": params, "rank": args.rank, "alpha": args.alpha,
+            "batch_size": args.batch_size, "seq_len": args.seq_len, "threads": args.threads, "clock": args.clock,
+            "bf16": bf16, "fp8": resident,
+            "speed_ratio": round(resident["tokens_per_s"] / bf16["tokens_per_s"], 3),
+            "memory_ratio": round(resident["peak_rss_step_mib"] / bf16["peak_rss_step_mib"], 3),
+            "memory_ratio_above_imports": round(resident["peak_above_imports_mib"] / bf16["peak_above_imports_mib"], 3),
+            "goal": {"memory_ratio": "<= 0.6"},
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "versions": {"torch": torch.__version__}}
+
+
+def report_fp8(result: dict) -> None:
+    for name in ("bf16", "fp8"):
+        r = result[name]
+        print(f"{name:5s} base {r['tokens_per_s']:8.1f} tok/s  step {r['step_s']:.3f} s  peak RSS in the step "
+              f"{r['peak_rss_step_mib']:.0f} MiB ({r['peak_above_imports_mib']:.0f} above the imports, of which the "
+              f"loaded model {r['loaded_above_imports_mib']:.0f})  losses {r['losses']}")
+    print(f"memory {result['memory_ratio']}x in all, {result['memory_ratio_above_imports']}x above the imports "
+          f"(goal <= 0.6); speed {result['speed_ratio']}x")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.side:
@@ -221,6 +268,10 @@ def main(argv=None) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         result = compare(args, Path(tmp))
+    if args.compare == "fp8":
+        report_fp8(result)
+        print(json.dumps(result))
+        return
     for name in ("daulat", "peft"):
         r = result[name]
         print(f"{name:7s} {r['tokens_per_s']:8.1f} tok/s  step {r['step_s']:.3f} s  peak RSS in the step "

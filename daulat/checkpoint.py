@@ -44,8 +44,8 @@ import daulat.model_v4 as model_v4
 from daulat.architectures import MODEL_TYPES
 from daulat.errors import DaulatError
 from daulat.model import DeepseekV3, ModelConfig, MoE, rope_frequencies
-from daulat.quant import (RESIDENT_BLOCK, SCALE_SUFFIX, BlockFP8, dequantize, make_resident, parse_quantization,
-                          quantize, scale_grid)
+from daulat.quant import (RESIDENT_BLOCK, SCALE_SUFFIX, BlockFP8, dequantize, has_nan_bytes, make_resident,
+                          parse_quantization, quantize, scale_grid)
 from daulat.weights import (FP8_DTYPE, INDEX_FILE, INFO_FILE, INTEGER_DTYPES, MODEL_FILE, SCALE_DTYPES,
                             TRAIN_STATE_DIR, Checkpoint, Entry, TensorReader, check_dtype, check_finite,
                             checkpoint_dir, disk_error, fsync_dir, read_json, read_safetensors, replace_dir, scan,
@@ -455,8 +455,8 @@ def _read_resident(reader: TensorReader, pieces: list[_Piece], ref: torch.Tensor
         check_finite(tensor, pieces[0].entry.name, pieces[0].entry.file)
         return (*quantize(tensor, RESIDENT_BLOCK), RESIDENT_BLOCK)
     if pieces[0].expert is None:
-        return (reader.read(pieces[0].entry, device=device), reader.read(pieces[0].scale, torch.float32, device),
-                quant.block)
+        weight = _read_fp8(reader, pieces[0], device)
+        return weight, reader.read(pieces[0].scale, torch.float32, device), quant.block
     rows, (bm, bn) = ref.shape[1] // 2, quant.block
     per_row = any(p.half is not None for p in pieces) and rows % bm
     block = (1, bn) if per_row else quant.block
@@ -470,9 +470,17 @@ def _read_resident(reader: TensorReader, pieces: list[_Piece], ref: torch.Tensor
         if piece.half is not None:
             step = rows // block[0]
             slot, grid = slot[piece.half * rows:][:rows], grid[piece.half * step:][:step]
-        slot.copy_(reader.read(piece.entry, device=device))
+        slot.copy_(_read_fp8(reader, piece, device))
         grid.copy_(stored)
     return weight, scale, block
+
+
+def _read_fp8(reader: TensorReader, piece: _Piece, device) -> torch.Tensor:
+    """A float8 weight as stored, refused if it holds a NaN (an FP8-resident product would not see it)."""
+    weight = reader.read(piece.entry, device=device)
+    if has_nan_bytes(weight):
+        raise DaulatError(f"{piece.entry.file}: tensor {piece.entry.name!r} holds NaN")
+    return weight
 
 
 def _read(reader: TensorReader, piece: _Piece, quant: BlockFP8 | None, device, dtype) -> torch.Tensor:

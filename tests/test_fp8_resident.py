@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from test_checkpoint_fp8 import _model, _release
 from test_lora_stages import PROMPT, STEPS, file_hashes  # noqa: F401  (its fixture `base` too)
 from test_lora_stages import base  # noqa: F401
@@ -16,7 +17,7 @@ from daulat import cli, lora
 from daulat.checkpoint import load_checkpoint, load_info, load_model, save_model
 from daulat.errors import DaulatError
 from daulat.model import LatentCache, MoE
-from daulat.quant import BlockFP8, FP8Linear, dequantize
+from daulat.quant import BlockFP8, FP8Linear, dequantize, e4m3_over_256, has_nan_bytes
 
 CASES = {  # block, scale format, the experts' intermediate size, shards
     "128-blocks-ragged": ((128, 128), None, 40, 1),  # every block ragged; gate/up halves not whole blocks
@@ -34,6 +35,26 @@ def _pair(tmp_path, case, **overrides):
 
 def _ids(batch=2, length=12, seed=0):
     return torch.randint(0, 160, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_the_fast_float8_conversion_is_exact_for_every_finite_byte():
+    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    want, got = every.float(), e4m3_over_256(every) * 256
+    finite = ~want.isnan()
+    assert finite.sum() == 254 and torch.equal(got[finite], want[finite])
+    assert has_nan_bytes(every) and not has_nan_bytes(every[finite])
+
+
+def test_a_nan_in_an_fp8_weight_is_refused_when_held_resident(tmp_path):
+    path = tmp_path / "nan"
+    _release(_model(), path)
+    shard = next(path.glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = next(n for n, t in tensors.items() if t.dtype == torch.float8_e4m3fn)
+    tensors[name].view(torch.uint8)[0, 0] = 0x7F
+    save_file(tensors, shard)
+    with pytest.raises(DaulatError, match=f"{name}.*holds NaN"):
+        load_model(path, fp8_resident=True)
 
 
 @pytest.mark.parametrize("case", list(CASES))
