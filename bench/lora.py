@@ -100,8 +100,9 @@ def _release_free_heap() -> None:
 def _daulat_side(args):
     from daulat import lora
     from daulat.checkpoint import load_checkpoint
+    from daulat.precision import hold
 
-    dtype, fp8_resident = lora.BASE_DTYPES[args.base_dtype]
+    dtype, fp8_resident = hold(args.base_dtype)
     model = load_checkpoint(args.base, dtype=dtype, fp8_resident=fp8_resident).model
     lora.prepare(model, lora.LoraConfig(rank=args.rank, alpha=args.alpha, base_dtype=args.base_dtype), args.base)
     model.train()

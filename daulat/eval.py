@@ -20,6 +20,7 @@ import time
 import torch
 
 from daulat.errors import DaulatError
+from daulat.precision import HOLD_DTYPES, HOLD_HELP, hold
 from daulat.threads import set_threads, threads_argument
 
 
@@ -184,6 +185,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-ppl-tokens", type=int, default=200_000, help="perplexity over at most this many tokens")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
+    parser.add_argument("--dtype", choices=list(HOLD_DTYPES), help=HOLD_HELP)
     parser.add_argument("--threads", type=threads_argument, default="auto", metavar="N|auto",
                         help="torch CPU threads (default: auto, the cores not busy; see daulat.threads)")
 
@@ -197,7 +199,9 @@ def run(args) -> int:
         raise DaulatError("--samples must be >= 0; --problems, --max-tokens and --seq-len >= 1")
     task = load_task(args.task) if args.task else None
     set_threads(args.threads)
-    model, tokenizer, _ = load_checkpoint(args.checkpoint, device=args.device, need_tokenizer=True)
+    dtype, fp8_resident = hold(args.dtype)
+    model, tokenizer, _ = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype, need_tokenizer=True,
+                                          fp8_resident=fp8_resident)
     if args.samples:
         from daulat.infer import SamplingParams
 

@@ -65,8 +65,7 @@ TARGETABLE = ATTENTION_TARGETS + MLP_TARGETS
 EXPERT_PARAMETERS = {"gate_up_proj": "experts.base_layer", "down_proj": "experts"}
 
 
-# lora.base_dtype -> (the dtype the base is loaded in, whether its linears stay FP8-resident)
-BASE_DTYPES = {"float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False), "fp8": (torch.bfloat16, True)}
+BASE_DTYPES = ("float32", "bfloat16", "fp8")  # lora.base_dtype: how the frozen base is held (daulat.precision)
 
 
 @dataclass

@@ -156,6 +156,20 @@ def fp8_base(base):  # noqa: F811
     return out
 
 
+def test_the_engine_and_chat_serve_an_fp8_checkpoint_held_resident(base, fp8_base, capsys):  # noqa: F811
+    from daulat.infer.engine import Engine, SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [PROMPT, "Toss two coins, then say which came up."]
+    answers = []
+    for resident in (False, True):  # float32 either way: the same weights, the same tokens
+        model, tokenizer, _ = load_checkpoint(fp8_base, fp8_resident=resident)
+        answers.append([r.token_ids for r in Engine(model, tokenizer).generate(prompts, greedy)])
+    assert answers[0] == answers[1] and all(len(a) == 8 for a in answers[0])
+    assert cli.main(["chat", str(fp8_base), "-p", PROMPT, "--dtype", "fp8", "--max-tokens", "4", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
 def test_lora_sft_on_an_fp8_resident_base(base, fp8_base, tmp_path):  # noqa: F811
     before = file_hashes(fp8_base)
     argv = ["sft", "--init", str(fp8_base), "--data", str(base / "chats.jsonl"), "--out", str(tmp_path / "sft"),

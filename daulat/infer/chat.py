@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from daulat.precision import HOLD_DTYPES, HOLD_HELP, hold
 from daulat.threads import set_threads, threads_argument
 
 HELP = "/clear starts a new conversation, /quit (or Ctrl-D) exits"
@@ -26,7 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="most new tokens per reply (default: %(default)s)")
     p.add_argument("--seed", type=int, help="seed for reproducible replies (default: random)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights' dtype (default: float32)")
+    p.add_argument("--dtype", choices=list(HOLD_DTYPES), help=HOLD_HELP)
     p.add_argument("--threads", type=threads_argument, default="auto", metavar="N|auto",
                    help="torch CPU threads (default: auto, the cores not busy; see daulat.threads)")
 
@@ -87,8 +88,9 @@ def run(args) -> int:
     set_threads(args.threads)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed)
-    model, tokenizer, _ = load_checkpoint(args.checkpoint, device=args.device, need_tokenizer=True,
-                                          dtype=getattr(torch, args.dtype) if args.dtype else None)
+    dtype, fp8_resident = hold(args.dtype)
+    model, tokenizer, _ = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype, need_tokenizer=True,
+                                          fp8_resident=fp8_resident)
     chat = Chat(Engine(model, tokenizer, max_num_seqs=1), params, args.system)
 
     if args.prompt is not None:

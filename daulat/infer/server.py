@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from daulat.errors import DaulatError
+from daulat.precision import HOLD_DTYPES, HOLD_HELP, hold
 from daulat.threads import set_threads, threads_argument
 from daulat.infer.api import (APIError, Echo, Limits, ServerState, TokenText, admit, bad_value, chat_logprobs,
                               check_sequences, completion_logprobs, echo_only, echo_prompt, error_response, flag,
@@ -397,7 +398,7 @@ def add_arguments(p) -> None:
                         "localhost names and the bound address are answered, against DNS rebinding)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body, else 413 (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights' dtype (default: float32)")
+    p.add_argument("--dtype", choices=list(HOLD_DTYPES), help=HOLD_HELP)
     p.add_argument("--threads", type=threads_argument, default="auto", metavar="N|auto",
                    help="torch CPU threads (default: auto, the cores not busy; see daulat.threads)")
     p.add_argument("--seed", type=int, help="seed for requests that bring none (default: random)")
@@ -432,7 +433,7 @@ def run(args) -> int:
     tokenizer = load_tokenizer(checkpoint)
     check_arguments(args)
     set_threads(args.threads)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    dtype, fp8_resident = hold(args.dtype)
     limits = Limits(max_model_len=args.max_model_len or config.max_position_embeddings, max_tokens=args.max_tokens,
                     max_num_seqs=args.max_num_seqs, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                     max_seqs_per_request=args.max_seqs_per_request)
@@ -452,7 +453,8 @@ def run(args) -> int:
         from daulat.checkpoint import load_checkpoint
         from daulat.infer.engine import Engine
 
-        model = load_checkpoint(checkpoint, device=args.device, dtype=dtype, need_tokenizer=True).model
+        model = load_checkpoint(checkpoint, device=args.device, dtype=dtype, need_tokenizer=True,
+                                fp8_resident=fp8_resident).model
         return Engine(model, tokenizer, max_num_seqs=limits.max_num_seqs, max_model_len=limits.max_model_len,
                       seed=args.seed)
 

@@ -114,9 +114,10 @@ class StageRun:
         import torch
 
         from daulat import lora
+        from daulat.precision import hold
 
         config = self.config.get("lora")
-        dtype, fp8_resident = lora.BASE_DTYPES[config.base_dtype] if config is not None and config.enabled else (None, False)
+        dtype, fp8_resident = hold(config.base_dtype if config is not None and config.enabled else None)
         model, tokenizer, info = load_trainable(path, dtype=dtype, fp8_resident=fp8_resident)
         torch.manual_seed(self.train_cfg.seed)
         self.lora = lora.prepare(model, config, path)
