@@ -1014,7 +1014,8 @@ class DeepseekV3(DecodeCalls, nn.Module):
         if active:
             for moe in (layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)):
                 unused = moe.n_experts - moe.top_k
-                total -= unused * (moe.gate_up_proj[0].numel() + moe.down_proj[0].numel())
+                # from the shapes: indexing an FSDP-sharded (DTensor) stack would be a collective
+                total -= unused * (math.prod(moe.gate_up_proj.shape[1:]) + math.prod(moe.down_proj.shape[1:]))
         return total
 
 

@@ -73,3 +73,56 @@ def test_two_fsdp2_ranks_on_gloo_match_one_process(tmp_path):
     loss = lambda rs: [(r["step"], r.get("loss"), r.get("val_loss")) for r in rs]  # noqa: E731
     assert loss(records(tmp_path / "two")) == loss(two)
     assert (tmp_path / "two" / "final" / "model.safetensors").read_bytes() == weights
+
+
+def test_lora_sft_under_torchrun_matches_one_process_and_resumes_bitwise(tmp_path):
+    """LoRA under FSDP2: the frozen base sharded with the adapters, the same losses and adapters as one
+    process, a PEFT adapter directory written from the shards, and a resume that continues bitwise."""
+    import dataclasses
+
+    import torch
+
+    from daulat import lora
+    from daulat.checkpoint import load_checkpoint, save_model
+    from daulat.config import read_preset
+    from daulat.model import DeepseekV3, ModelConfig
+
+    prompt = "Toss a coin."
+    tokenizer = train_tokenizer([f"{prompt} Answer: heads", f"{prompt} Answer: tails"] * 50, 300)
+    config = dataclasses.replace(ModelConfig(**read_preset("micro")["model"]), vocab_size=tokenizer.vocab_size)
+    torch.manual_seed(0)
+    save_model(DeepseekV3(config), tmp_path / "base", tokenizer=tokenizer)
+    with open(tmp_path / "chats.jsonl", "w") as f:
+        for i in range(32):
+            messages = [{"role": "user", "content": prompt + " " * (i % 3)},
+                        {"role": "assistant", "content": f"Answer: {('tails', 'heads')[i % 2]}"}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    common = ["sft", "--init", str(tmp_path / "base"), "--data", str(tmp_path / "chats.jsonl"), "--lora-rank", "4",
+              "--preset", "micro", "--steps", "4", "train.batch_size=8", "train.log_every=1", "train.eval_batches=0",
+              "train.lr=1e-2", "train.device=cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+
+    def run(out, *extra, ranks=1):
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
+        done = subprocess.run([sys.executable, *launch, "-m", "daulat.cli", *common, "--out", str(tmp_path / out), *extra],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run("one")
+    run("two", "train.grad_accum=2", "--save-every", "2", ranks=2)
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two)) <= 1e-4
+    adapters = [lora.adapter_state_dict(load_checkpoint(tmp_path / d / "final", merge_adapter=False).model)
+                for d in ("one", "two")]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert max((adapters[0][k] - adapters[1][k]).abs().max().item() for k in adapters[0]) <= 1e-4
+    assert lora.is_adapter_dir(tmp_path / "two" / "final")
+
+    written = (tmp_path / "two" / "final" / "adapter_model.safetensors").read_bytes()
+    for later in ("step-000004", "final"):
+        shutil.rmtree(tmp_path / "two" / later)
+    run("two", "train.grad_accum=2", "--save-every", "2", "--resume", ranks=2)
+    assert [(r["step"], r["loss"]) for r in records(tmp_path / "two")] == [(r["step"], r["loss"]) for r in two]
+    assert (tmp_path / "two" / "final" / "adapter_model.safetensors").read_bytes() == written
