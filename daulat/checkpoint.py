@@ -587,6 +587,33 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, *, fp8_resi
     """
     if lora.is_adapter_dir(path):
         return _load_adapter(path, device, dtype, merge=True, fp8_resident=fp8_resident).model
+    headers = read_headers(path, fp8_resident)
+    model, plan, expected, arch, quant = headers.model, headers.plan, headers.expected, headers.arch, headers.quant
+    resident = _resident_names(model, plan, quant is not None, arch.keep_fp32) if fp8_resident else frozenset()
+    state, pairs = _stream(plan, expected, quant, device, dtype or torch.float32, arch.keep_fp32, resident)
+    make_resident(model, pairs, state, dtype or torch.float32)
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    arch.buffers(model, device)  # non-persistent buffers were created on the meta device: make them real
+    return model.eval()
+
+
+class Headers(NamedTuple):
+    """A checkpoint checked without reading a weight: its model on the meta device, the tensors that
+    fill each parameter, the parameters expected, its Architecture and quantization."""
+
+    model: nn.Module
+    plan: dict
+    expected: dict[str, torch.Tensor]
+    arch: "Architecture"
+    quant: BlockFP8 | None
+
+
+def read_headers(path, fp8_resident: bool = False) -> Headers:
+    """config.json and every tensor header of a checkpoint directory checked against each other (names,
+    shapes, dtypes, layer and expert counts, FP8 scales) and a model built on the meta device; no
+    weight is read, so this costs the same for a 700 GB release as for a small one (`daulat inspect`)."""
     path = checkpoint_dir(path)
     raw = read_json(path / "config.json", expect=dict)
     config = parse_config(raw, path / "config.json")
@@ -609,14 +636,7 @@ def load_model(path, device="cpu", dtype: torch.dtype | None = None, *, fp8_resi
         plan.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)
     _check_shapes(plan, expected, arch.layout.hf_name, source)
-    resident = _resident_names(model, plan, quant is not None, arch.keep_fp32) if fp8_resident else frozenset()
-    state, pairs = _stream(plan, expected, quant, device, dtype or torch.float32, arch.keep_fp32, resident)
-    make_resident(model, pairs, state, dtype or torch.float32)
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    arch.buffers(model, device)  # non-persistent buffers were created on the meta device: make them real
-    return model.eval()
+    return Headers(model, plan, expected, arch, quant)
 
 
 def _resident_names(model: nn.Module, plan: dict, quantized: bool, keep_fp32: tuple[str, ...]) -> frozenset[str]:

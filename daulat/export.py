@@ -560,6 +560,8 @@ def fp8_weights(tensors: dict, spec=None) -> tuple[dict, dict]:
 def vllm_fit(config) -> str:
     """Whether vLLM's MLA kernels take this checkpoint's shapes (kv_lora_rank + qk_rope_head_dim is the
     latent head size they are compiled for: 320, 512 or 576 on GPU, only 576 in the CPU build)."""
+    if not hasattr(config, "kv_lora_rank"):
+        return f"not checked for {config.model_type} (daulat knows only vLLM's MLA kernel sizes)"
     latent = config.kv_lora_rank + config.qk_rope_head_dim
     if latent == 576:
         return f"fits vLLM's MLA kernels on GPU and CPU (kv_lora_rank + qk_rope_head_dim = {latent})"

@@ -218,7 +218,7 @@ def test_broken_fp8_checkpoints_are_one_line_errors(case, words, tmp_path, capsy
         "nan_scale": (lambda t: t[W + "_scale_inv"].__setitem__((0, 0), float("nan")), None),
     }[case]
     path = _corrupt(tmp_path, *edits)
-    assert main(["inspect", str(path)]) == 2
+    assert main(["inspect", "--verify", str(path)]) == 2  # --verify: the values too (a NaN scale)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     for word in words:

@@ -153,7 +153,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(ckpt, value, daulat):
         tensors[name][3, 1] = value
 
     _edit_weights(ckpt, poison)
-    for argv in (["inspect", str(ckpt)], ["chat", str(ckpt), "-p", "hi", "--max-tokens", "2"]):
+    for argv in (["inspect", "--verify", str(ckpt)], ["chat", str(ckpt), "-p", "hi", "--max-tokens", "2"]):
         _one_line(daulat(*argv), name, "NaN or Inf")
 
 

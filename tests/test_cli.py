@@ -39,6 +39,40 @@ def test_init_then_inspect_prints_counts_and_cache(tmp_path, capsys):
     assert facts["kv_cache_bytes_per_token_bf16"]["full_per_head_kv"] == 2 * 2 * 40 * 2
 
 
+def test_inspect_reads_only_headers_unless_asked_to_verify(tmp_path, capsys):
+    """A 700 GB release is described from config.json and the tensor headers; --verify reads the values."""
+    import struct
+
+    assert main(["init", "--preset", "micro", "--out", str(tmp_path / "m")]) == 0
+    weights = tmp_path / "m" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    start = 8 + struct.unpack("<Q", data[:8])[0]  # the tensors' bytes begin after the JSON header
+    data[start:] = b"\xff" * (len(data) - start)  # every float32 value a NaN; the header untouched
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "m")]) == 0 and "active per token" in capsys.readouterr().out
+    assert main(["inspect", "--verify", str(tmp_path / "m")]) == 2
+    assert "NaN or Inf" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["tiny-v32", "tiny-v4"])
+def test_inspect_describes_v32_and_v4_checkpoints(preset, tmp_path, capsys):
+    import json
+
+    assert main(["init", "--preset", preset, "--out", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "m"), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    kv = facts["kv_cache_bytes_per_token_bf16"]
+    assert facts["parameters_active_per_token"] < facts["parameters_total"]
+    if preset == "tiny-v4":  # 2 CSA layers (48 + 32) / 4 and 1 HCA layer 48 / 16 numbers per token, bf16
+        assert "DeepseekV4" in facts["architecture"] and kv["compressed"] == (2 * 80 / 4 + 48 / 16) * 2
+        assert kv["full_per_head_kv"] == 4 * 2 * 4 * 48 * 2 and "not checked" in facts["vllm"]
+    else:
+        assert "DeepseekV32" in facts["architecture"] and kv["indexer_keys"] > 0
+    assert main(["inspect", str(tmp_path / "m")]) == 0 and "KV cache per token" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("argv,words", [
     (["inspect", "/no/such/dir"], "does not exist"),
