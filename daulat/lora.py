@@ -25,7 +25,12 @@ card. Like a checkpoint it is written to a temporary directory and renamed into 
 files are only ever read.
 
 Default targets: the attention projections (q_proj, or q_a_proj and q_b_proj; kv_a_proj_with_mqa,
-kv_b_proj, o_proj) and the dense and shared-expert SwiGLU MLPs (gate_proj, up_proj, down_proj).
+kv_b_proj, o_proj; DeepSeek-V4's kv_proj, o_a_proj, o_b_proj) and the dense and shared-expert SwiGLU
+MLPs (gate_proj, up_proj, down_proj): the linears directly in a layer's `self_attn`, `mlp` or
+`mlp.shared_experts`, so never V3.2's indexer nor V4's compressors and indexers (whose kv_proj,
+gate_proj and q_b_proj are not attention projections or MLPs). For all of these daulat's module names
+are transformers' (as `DeepseekV4ForCausalLM` holds them in memory too), so adapter tensors need no
+renaming either way.
 `experts = true` also adapts the routed experts (the stacked `gate_up_proj` [E, 2I, D] and `down_proj`
 [E, D, I] of every MoE layer), each expert its own rank-r pair, in the layout PEFT uses for
 transformers 5's fused experts (see ExpertLora); like PEFT, daulat then forms W + dW for all experts
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -56,10 +62,19 @@ from daulat.weights import (INFO_FILE, TRAIN_STATE_DIR, Checkpoint, fsync_dir, r
                             replace_dir, write_json)
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model.model."  # PeftModel > LoraModel > DeepseekV3ForCausalLM.model
-ATTENTION_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+PEFT_PREFIX = "base_model.model.model."  # PeftModel > LoraModel > DeepseekV3ForCausalLM.model (V4 alike)
+ATTENTION_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+                     "kv_proj", "o_a_proj", "o_b_proj")  # the last three: DeepSeek-V4's
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 TARGETABLE = ATTENTION_TARGETS + MLP_TARGETS
+# a targetable linear sits directly in a layer's attention, dense MLP or shared expert
+TARGET_NAME = re.compile(rf"^layers\.\d+\.(?:self_attn\.(?:{'|'.join(ATTENTION_TARGETS)})"
+                         rf"|mlp\.(?:shared_experts\.)?(?:{'|'.join(MLP_TARGETS)}))$")
+# the layers PEFT must adapt through their weight (target_parameters), not as modules: the MLPs (see
+# _peft_targets) and V4's o_a_proj, a grouped linear (transformers' DeepseekV4GroupedLinear) whose
+# forward multiplies by its weight group by group, so an adapter added to its output would not fit
+# (daulat applies it through its weight too, W + B A, so with no dropout, as PEFT's parameter targets)
+PARAMETER_TARGETS = MLP_TARGETS + ("o_a_proj",)
 # the routed experts' stacked parameters -> the PEFT module that adapts them (transformers 5 holds them
 # fused in `mlp.experts`; PEFT nests its two wrappers there, gate_up_proj's inside down_proj's)
 EXPERT_PARAMETERS = {"gate_up_proj": "experts.base_layer", "down_proj": "experts"}
@@ -208,10 +223,10 @@ class _LoraState:
 
 
 def _target_linears(model: nn.Module, targets: list[str] | None) -> dict[str, nn.Linear]:
-    """The linears of the main stack (never the MTP modules, the head or the router) named by `targets`
-    (a leaf name or dotted suffix each); every target must match at least one."""
-    candidates = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, quant.FP8Linear))
-                  and name.startswith("layers.") and name.rsplit(".", 1)[-1] in TARGETABLE}
+    """The linears of the main stack (never the MTP modules, the head, the router, an indexer or a
+    compressor: see TARGET_NAME) named by `targets` (a leaf name or dotted suffix each); every target
+    must match at least one."""
+    candidates = {name: m for name, m in _stack_linears(model).items() if TARGET_NAME.match(name)}
     if targets is None:
         return candidates
     chosen = {}
@@ -222,6 +237,12 @@ def _target_linears(model: nn.Module, targets: list[str] | None) -> dict[str, nn
                               f"(targetable: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in candidates}))})")
         chosen.update(hits)
     return dict(sorted(chosen.items(), key=lambda kv: list(candidates).index(kv[0])))
+
+
+def _stack_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer of the main stack (`layers.*`), targetable or not."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, quant.FP8Linear)) and name.startswith("layers.")}
 
 
 def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
@@ -417,30 +438,43 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+# PEFT's two lists: target_parameters or not -> the suffix lengths tried (in dotted components), shortest first
+_PEFT_SUFFIXES = {False: (1, 2), True: (2,)}
+
+
 def _peft_targets(model: nn.Module) -> tuple[list[str], list[str]]:
     """(target_modules, target_parameters) that make PEFT adapt exactly the layers daulat adapted.
 
     Attention projections go in target_modules. The dense and shared-expert MLPs must go in
     target_parameters ("mlp.gate_proj.weight", "shared_experts.down_proj.weight"): for deepseek_v3 PEFT
     reads a target_modules entry gate_proj / up_proj / down_proj as the fused routed experts of
-    transformers 5 (its v4-to-v5 MoE conversion) and would leave those MLPs unadapted. Each list uses
-    suffixes when they select no layer daulat left alone, else full names."""
-    adapted = model.lora.modules
-    candidates = _target_linears(model, None)
-    groups: dict[bool, dict[str, list[str]]] = {False: {}, True: {}}  # is_mlp -> suffix -> layers
-    for name in adapted:
-        is_mlp = name.rsplit(".", 1)[-1] in MLP_TARGETS
-        suffix = ".".join(name.split(".")[-2:]) + ".weight" if is_mlp else name.rsplit(".", 1)[-1]
-        groups[is_mlp].setdefault(suffix, []).append(name)
+    transformers 5 (its v4-to-v5 MoE conversion) and would leave those MLPs unadapted; so does V4's
+    grouped o_a_proj (see PARAMETER_TARGETS). Each list uses the shortest suffixes that select no
+    layer daulat left alone (a leaf name; else e.g. "self_attn.kv_proj", which V4's compressor's
+    kv_proj does not end with), else full names."""
+    linears = _stack_linears(model)
     lists = []
-    for is_mlp, by_suffix in groups.items():
-        tail = ".weight" if is_mlp else ""
-        selected = {n for n in candidates for s in by_suffix if (n + tail).endswith("." + s)}
-        everywhere = selected == {n for names in by_suffix.values() for n in names}
-        lists.append(sorted(by_suffix) if everywhere else [f"model.{n}{tail}" for names in by_suffix.values() for n in names])
+    for as_parameter, depths in _PEFT_SUFFIXES.items():
+        names = [n for n in model.lora.modules if (n.rsplit(".", 1)[-1] in PARAMETER_TARGETS) == as_parameter]
+        lists.append(_selecting(names, linears, depths, ".weight" if as_parameter else ""))
     if model.lora.config.experts:
         lists[1] += [f"mlp.experts.{name}" for name in EXPERT_PARAMETERS]
     return lists[0], lists[1]
+
+
+def _selecting(names: list[str], linears, depths: tuple[int, ...], tail: str) -> list[str]:
+    """PEFT entries (each a layer's name + tail, or a dotted suffix of one) that match exactly `names`
+    among `linears`: the suffixes of the first length in `depths` that does, else the full names,
+    grouped by their shortest suffix."""
+    def suffix(name: str, depth: int) -> str:
+        return ".".join(name.split(".")[-depth:]) + tail
+
+    for depth in depths:
+        suffixes = {suffix(n, depth) for n in names}
+        if {n for n in linears if any((n + tail).endswith("." + s) for s in suffixes)} == set(names):
+            return sorted(suffixes)
+    order = list(dict.fromkeys(suffix(n, depths[0]) for n in names))
+    return [f"model.{n}{tail}" for n in sorted(names, key=lambda n: order.index(suffix(n, depths[0])))]
 
 
 def adapter_config(model: nn.Module, base: str) -> dict:

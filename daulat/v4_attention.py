@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from daulat.model import RMSNorm, apply_rope
+from daulat.model import RMSNorm, applied_weight, apply_rope
 
 
 def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -260,7 +260,8 @@ class V4Attention(nn.Module):
             self.indexer_loss = self._indexer_kl(x, q_residual, rope, selected, probs[-1])
         out = rope_tail(out, cos[:, None], -sin[:, None])  # undo the keys' rotation at the query's position
         grouped = out.reshape(B, T, self.o_groups, -1)  # [B, T, g, H*d/g]
-        weight = self.o_a_proj.weight.view(self.o_groups, -1, grouped.shape[-1])  # [g, o_lora_rank, H*d/g]
+        # [g, o_lora_rank, H*d/g]: the matrix o_a_proj applies (with a live LoRA adapter, W + B A)
+        weight = applied_weight(self.o_a_proj).view(self.o_groups, -1, grouped.shape[-1])
         return self.o_b_proj(torch.einsum("btgi,gri->btgr", grouped, weight).flatten(2))
 
     def _selected(self, x, q_residual, q, entries, rope, positions, cache):
