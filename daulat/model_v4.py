@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from daulat.model import MLP, DeepseekV3, MoE, RMSNorm, linear_cross_entropy, rope_frequencies
-from daulat.v4_attention import LayerCache, Rotary, V4Attention, unit_rms
+from daulat.v4_attention import LayerCache, Rotary, V4Attention, split_states, stack_states, unit_rms
 
 LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 # tensors that stay float32 whatever dtype the model is cast to (transformers keeps them so too): the
@@ -451,7 +451,8 @@ class DeepseekV4(nn.Module):
         Without a cache the tokens are a whole sequence from position 0. With one (see make_cache),
         positions [B, T] are required and must continue each row's sequence: batch row b, cache row
         r = cache.rows[b], at cache.lengths[r] + 0..T-1. Rows sit at their own positions (the
-        engine's slots); each runs through the layers on its own, with its own windows and entries.
+        engine's slots), each with its own windows and entries; the rows at one position run through
+        the layers as one batch (their states stacked for the call, then split back into views).
         """
         T = input_ids.shape[1]
         steps = torch.arange(T, device=input_ids.device)
@@ -460,14 +461,25 @@ class DeepseekV4(nn.Module):
                 raise ValueError(f"DeepSeek-V4 positions must be 0..{T - 1} without a cache")
             return self._trunk(input_ids)
         rows = range(input_ids.shape[0]) if cache.rows is None else [int(r) for r in cache.rows]
-        hidden = []
+        groups: dict[int, list[int]] = {}  # rows at one length run as one batch, their states stacked
         for b, row in enumerate(rows):
             start = cache.lengths[row]
             if positions is None or not bool((positions[b] == start + steps).all()):
                 raise ValueError(f"DeepSeek-V4 positions must be {start}..{start + T - 1} for cache row {row} "
                                  "(each row's cache is filled in order)")
-            hidden.append(self._trunk(input_ids[b : b + 1], cache.slots[row], start))
-            cache.lengths[row] += T
+            groups.setdefault(start, []).append(b)
+        hidden: list = [None] * len(rows)
+        for start, members in groups.items():
+            slots = [cache.slots[rows[b]] for b in members]
+            states = slots[0] if len(members) == 1 else [stack_states(list(layer)) for layer in zip(*slots)]
+            out = self._trunk(input_ids[members], states, start)
+            if len(members) > 1:  # each row keeps its views of the stacked tensors
+                split = [split_states(layer, [1] * len(members)) for layer in states]
+                for j, b in enumerate(members):
+                    cache.slots[rows[b]] = [layer[j] for layer in split]
+            for j, b in enumerate(members):
+                hidden[b] = out[j : j + 1]
+                cache.lengths[rows[b]] += T
         return torch.cat(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

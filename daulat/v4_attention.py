@@ -21,7 +21,7 @@ entries, k selected entries, m compression rate, g output groups, h_I / c_I inde
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +150,32 @@ class LayerCache:
     def tensors(self) -> list[torch.Tensor]:
         window = [] if self.window is None else [self.window]
         return window + self.compressor.tensors() + self.indexer.tensors()
+
+
+def stack_states(states: list):
+    """The decode states of several rows at one length (LayerCaches, or their parts: each row's tensors
+    [1 or more, ...] of equal shapes past the batch dimension) as one state over all their rows, so
+    that the rows decode together in one batch (DeepseekV4.hidden_states)."""
+    first = states[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(states)
+    if first is None:
+        return None
+    if isinstance(first, tuple):
+        return tuple(stack_states(list(parts)) for parts in zip(*states))
+    return type(first)(**{f.name: stack_states([getattr(s, f.name) for s in states]) for f in fields(first)})
+
+
+def split_states(state, sizes: list[int]) -> list:
+    """stack_states undone: one state per group of `sizes` rows (views of the stacked tensors)."""
+    if isinstance(state, torch.Tensor):
+        return list(state.split(sizes))
+    if state is None:
+        return [None] * len(sizes)
+    if isinstance(state, tuple):
+        return [tuple(parts) for parts in zip(*(split_states(part, sizes) for part in state))]
+    parts = {f.name: split_states(getattr(state, f.name), sizes) for f in fields(state)}
+    return [type(state)(**{name: values[i] for name, values in parts.items()}) for i in range(len(sizes))]
 
 
 class Indexer(Compressor):
