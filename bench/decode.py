@@ -29,13 +29,13 @@ import torch
 def make_checkpoint(preset: str, directory: Path, overrides: dict | None = None) -> Path:
     import dataclasses
 
+    from daulat.architectures import ModelSection, build_model
     from daulat.checkpoint import save_model
     from daulat.config import load_config
-    from daulat.model import DeepseekV3, ModelConfig
 
     torch.manual_seed(0)
-    config = load_config({"model": ModelConfig}, preset=preset)["model"]
-    save_model(DeepseekV3(dataclasses.replace(config, **(overrides or {}))), directory)
+    config = load_config({"model": ModelSection}, preset=preset)["model"]  # any architecture (tiny-v4...)
+    save_model(build_model(dataclasses.replace(config, **(overrides or {}))), directory)
     return directory
 
 
