@@ -15,7 +15,7 @@ from daulat.model_v32 import DeepseekV32, DeepseekV32Config
 
 
 @pytest.mark.parametrize("preset, cls", [("tiny", ModelConfig), ("tiny-v32", DeepseekV32Config),
-                                         ("tiny-v4", ModelConfigV4)])
+                                         ("tiny-v4", ModelConfigV4), ("small-gpu-v4", ModelConfigV4)])
 def test_a_preset_names_its_architecture_and_the_printed_config_reads_back_the_same(preset, cls):
     config = load_config({"model": ModelSection}, preset=preset)
     assert type(config["model"]) is cls
@@ -28,6 +28,8 @@ def test_a_preset_names_its_architecture_and_the_printed_config_reads_back_the_s
 def test_an_architecture_preset_inherits_the_base_tables_it_does_not_write():
     tiny, v4 = read_preset("tiny"), read_preset("tiny-v4")
     assert v4["train"] == tiny["train"] and v4["data"] == tiny["data"] and v4["grpo"] == tiny["grpo"]
+    gpu, gpu_v4 = read_preset("small-gpu"), read_preset("small-gpu-v4")
+    assert gpu_v4["train"] == gpu["train"] and gpu_v4["model"]["model_type"] == "deepseek_v4"
     assert v4["speedrun"]["grpo_steps"] < tiny["speedrun"]["grpo_steps"]  # its own table, whole
     assert "intermediate_size" in tiny["model"] and "intermediate_size" not in v4["model"]  # replaced whole
     assert "base" not in v4
