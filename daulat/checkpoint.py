@@ -17,8 +17,8 @@ file so that transformers and exports never see them. An architecture brings its
 
 Reading treats a directory as untrusted input (daulat/weights.py): config.json and the tensor
 headers are checked against each other (names, shapes, dtypes, layer and expert counts) before
-anything is allocated, then tensors are read one at a time, FP8 block-scaled weights dequantized
-(daulat/quant.py), into a model built on the meta device.
+anything is allocated, then tensors are read one at a time, FP8 block-scaled weights (and DeepSeek-V4's
+MXFP4 experts) dequantized (daulat/quant.py), into a model built on the meta device.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ import daulat.model_v4 as model_v4
 from daulat.architectures import MODEL_TYPES
 from daulat.errors import DaulatError
 from daulat.model import DeepseekV3, ModelConfig, MoE, rope_frequencies
-from daulat.quant import (RESIDENT_BLOCK, SCALE_SUFFIX, BlockFP8, dequantize, has_nan_bytes, make_resident,
-                          parse_quantization, quantize, scale_grid)
-from daulat.weights import (FP8_DTYPE, INDEX_FILE, INFO_FILE, INTEGER_DTYPES, MODEL_FILE, SCALE_DTYPES,
+from daulat.quant import (RESIDENT_BLOCK, SCALE_SUFFIX, BlockFP8, dequantize, dequantize_mxfp4, has_nan_bytes,
+                          make_resident, mxfp4_grid, parse_quantization, quantize, scale_grid)
+from daulat.weights import (FP4_DTYPE, FP8_DTYPE, INDEX_FILE, INFO_FILE, INTEGER_DTYPES, MODEL_FILE, SCALE_DTYPES,
                             TRAIN_STATE_DIR, Checkpoint, Entry, TensorReader, check_dtype, check_finite,
                             checkpoint_dir, disk_error, fsync_dir, read_json, read_safetensors, replace_dir, scan,
                             write_json)
@@ -342,38 +342,47 @@ def _plan(entries: dict[str, Entry], config, quant: BlockFP8 | None, layout: Lay
     """The checkpoint's tensors grouped by the daulat parameter they fill, FP8 scales paired with weights."""
     plan: dict[str, list[_Piece]] = {}
     for key, entry in entries.items():
-        if key.endswith((SCALE_SUFFIX, "rotary_emb.inv_freq", "rotary_emb.original_inv_freq")):
+        if layout.weight_of(key) is not None or key.endswith(("rotary_emb.inv_freq", "rotary_emb.original_inv_freq")):
             continue
         target = layout.target(key, config.num_hidden_layers)
         if target is None:
             raise DaulatError(f"{source}: unexpected tensor {key!r}")
         name, expert, half = target
         if name:  # "": a tensor the model reads past
-            plan.setdefault(name, []).append(_Piece(entry, _scale_of(entry, entries, quant), expert, half))
+            plan.setdefault(name, []).append(_Piece(entry, _scale_of(entry, entries, quant, layout), expert, half))
     for key, entry in entries.items():
-        weight = key.removesuffix(SCALE_SUFFIX)
-        if key.endswith(SCALE_SUFFIX) and weight not in entries:
+        weight = layout.weight_of(key)
+        if weight is not None and weight not in entries:
             raise DaulatError(f"{entry.file}: scale {key!r} has no weight {weight!r}")
     return plan
 
 
-def _scale_of(entry: Entry, entries: dict[str, Entry], quant: BlockFP8 | None) -> Entry | None:
-    """The block scale of a float8 weight, checked against the weight's shape and the block size."""
-    scale = entries.get(entry.name + SCALE_SUFFIX)
+def _scale_of(entry: Entry, entries: dict[str, Entry], quant: BlockFP8 | None, layout: Layout) -> Entry | None:
+    """The block scale of a float8 (or packed FP4) weight, checked against the weight's shape and the
+    block size (MXFP4: one scale per 32 values of a row)."""
+    scale_name = layout.scale_key(entry.name)
+    scale = entries.get(scale_name)
     if entry.dtype in INTEGER_DTYPES and scale is None:
         return None  # an index table (V4's tid2eid), or a wrong dtype: _check_shapes asks which
-    check_dtype(entry, scaled=scale is not None and quant is not None)
+    packed = entry.dtype == FP4_DTYPE
+    if packed and scale is not None and quant is not None and quant.expert_dtype != "fp4":
+        raise DaulatError(f"{entry.file}: tensor {entry.name!r} is packed FP4 (I8), but config.json's "
+                          f"expert_dtype is {quant.expert_dtype!r}, not 'fp4'")
+    check_dtype(entry, scaled=scale is not None and quant is not None, scale_name=scale_name,
+                packed=quant is not None and quant.expert_dtype == "fp4")
     if scale is None:
         return None
-    if entry.dtype != FP8_DTYPE:
+    if entry.dtype != FP8_DTYPE and not packed:
         raise DaulatError(f"{scale.file}: scale {scale.name!r} belongs to {entry.name!r}, which is "
                           f"{entry.dtype}, not float8")
     if scale.dtype not in SCALE_DTYPES:
         raise DaulatError(f"{scale.file}: scale {scale.name!r} has dtype {scale.dtype}: expected F32 or F8_E8M0")
-    grid = scale_grid(entry.shape, quant.block)
+    grid = mxfp4_grid(entry.shape) if packed else scale_grid(entry.shape, quant.block)
     if scale.shape != grid:
+        blocks = "two FP4 values a byte, one scale per 32 values" if packed else \
+            f"blocks of {quant.block[0]}x{quant.block[1]}"
         raise DaulatError(f"{scale.file}: scale {scale.name!r} has shape {scale.shape}; weight {entry.shape} in "
-                          f"blocks of {quant.block[0]}x{quant.block[1]} needs {grid}")
+                          f"{blocks} needs {grid}")
     return scale
 
 
@@ -395,15 +404,27 @@ def _check_shapes(plan: dict, expected: dict[str, torch.Tensor], hf_name: Callab
                 raise DaulatError(f"{source}: missing the gate or up projection of an expert for {hf_name(name)!r}")
         for piece in pieces:
             entry = piece.entry
-            if entry.shape != want:
-                raise DaulatError(f"{source}: tensor {entry.name!r} has shape {entry.shape}, "
-                                  f"config.json implies {want}")
+            if entry.shape != _stored_shape(want, piece):
+                raise DaulatError(f"{source}: tensor {entry.name!r} has shape {entry.shape}, config.json implies "
+                                  f"{_stored_shape(want, piece)}" + (" (packed two FP4 values a byte)"
+                                                                     if _is_packed(piece) else ""))
             if ref.is_floating_point() == (entry.dtype in INTEGER_DTYPES):
                 need = "weights must be floating point" if ref.is_floating_point() else "expected an integer table"
                 raise DaulatError(f"{entry.file}: tensor {entry.name!r} has dtype {entry.dtype}: {need}")
     extra = sorted(set(plan) - set(expected))
     if extra:
         raise DaulatError(f"{source}: unexpected tensor {plan[extra[0]][0].entry.name!r} for this config.json")
+
+
+def _is_packed(piece: _Piece) -> bool:
+    return piece.scale is not None and piece.entry.dtype == FP4_DTYPE
+
+
+def _stored_shape(shape: tuple[int, ...], piece: _Piece) -> tuple[int, ...]:
+    """The shape a piece of a parameter of `shape` has on disk: packed FP4 holds two columns a byte."""
+    if not _is_packed(piece) or not shape:
+        return shape
+    return (*shape[:-1], shape[-1] // 2) if shape[-1] % 2 == 0 else (*shape[:-1], shape[-1] / 2)
 
 
 def _stream(plan: dict, expected: dict[str, torch.Tensor], quant: BlockFP8 | None, device,
@@ -489,7 +510,10 @@ def _read(reader: TensorReader, piece: _Piece, quant: BlockFP8 | None, device, d
         tensor = reader.read(piece.entry, dtype, device)
     else:  # the one-byte weight and its scales first, then the product in the working dtype
         weight, scale = reader.read(piece.entry, device=device), reader.read(piece.scale, device=device)
-        tensor = dequantize(weight, scale, quant.block, dtype=dtype)
+        if _is_packed(piece):
+            tensor = dequantize_mxfp4(weight, scale, dtype=dtype)
+        else:
+            tensor = dequantize(weight, scale, quant.block, dtype=dtype)
     check_finite(tensor, piece.entry.name, piece.entry.file)
     return tensor
 
@@ -525,6 +549,26 @@ def _v4_target(key: str, num_layers: int) -> tuple[str, int | None, int | None]:
     return model_v4.checkpoint_target_v4(key)
 
 
+def _v3_scale_key(weight: str) -> str:
+    return weight + SCALE_SUFFIX  # "x.weight" -> "x.weight_scale_inv"
+
+
+def _v3_weight_of(key: str) -> str | None:
+    return key.removesuffix(SCALE_SUFFIX) if key.endswith(SCALE_SUFFIX) else None
+
+
+def _v4_scale_key(weight: str) -> str:
+    return weight.removesuffix(".weight") + ".scale"  # "attn.wq_a.weight" -> "attn.wq_a.scale"
+
+
+def _v4_weight_of(key: str) -> str | None:
+    """The weight a V4 key scales ("x.scale" -> "x.weight"); None for any other key, the hyper-connections'
+    own `attn_hc.scale` / `ffn_hc.scale` parameters (transformers' spelling) included."""
+    if not key.endswith(".scale") or key.endswith("_hc.scale"):
+        return None
+    return key.removesuffix(".scale") + ".weight"
+
+
 class Layout(NamedTuple):
     """How an architecture's tensors are named on disk, and where each lands in daulat's state dict."""
 
@@ -533,17 +577,21 @@ class Layout(NamedTuple):
     hf_name: Callable  # daulat name -> the checkpoint key it is read from (the first expert's, if stacked)
     layer: re.Pattern  # a key inside a layer; group 1: the layer index
     expert: re.Pattern  # one routed expert's key; groups: layer, expert, which projection
+    scale_key: Callable = _v3_scale_key  # a quantized weight's key -> its scale's
+    weight_of: Callable = _v3_weight_of  # a key -> the weight it is the scale of; None: not a scale
 
 
 V3_LAYOUT = Layout(to_hf_state_dict, _target, _hf_name, _LAYER, _EXPERT)
-V4_LAYOUT = Layout(_v4_to_hf, _v4_target, model_v4.checkpoint_key_v4, model_v4.LAYER_KEY, model_v4.EXPERT_KEY)
+V4_LAYOUT = Layout(_v4_to_hf, _v4_target, model_v4.checkpoint_key_v4, model_v4.LAYER_KEY, model_v4.EXPERT_KEY,
+                   _v4_scale_key, _v4_weight_of)
 
 
 class Architecture(NamedTuple):
     """How to read and write one `model_type`: its config class (`from_hf_dict` parses config.json), the
     model built from that config, the parameters kept in float32 at any load dtype (name fragments,
     matched within "." + name), its checkpoint names, how the buffers no checkpoint holds are made on a
-    model loaded onto the meta device, and whether FP8 block-scaled weights are read.
+    model loaded onto the meta device, whether FP8 block-scaled weights are read (and MXFP4 experts, where
+    config.json says expert_dtype "fp4"), and whether they can be held FP8-resident.
     The tensor names a model accepts are its own state dict's, so an architecture's extra tensors (the
     V3.2 indexer's) pass the header and shape checks without being listed here."""
 
@@ -553,16 +601,19 @@ class Architecture(NamedTuple):
     layout: Layout = V3_LAYOUT
     buffers: Callable[[nn.Module, object], None] = _v3_buffers
     reads_fp8: bool = True
+    reads_mxfp4: bool = False
+    fp8_resident: bool = True
 
 
 # DeepSeek-V4 keeps in float32 what its model keeps there on a cast (model_v4.FP32_TENSORS: the
 # hyper-connections, sinks, compressor position biases, router correction biases), so that a model
-# loaded in bfloat16 and one cast to it agree. Its FP8/MXFP4 releases are not read yet.
+# loaded in bfloat16 and one cast to it agree. Its FP8 + MXFP4 releases are read, dequantized (quant.py);
+# it is not held FP8-resident yet.
 ARCHITECTURES = {  # config class and model from daulat.architectures, the one list of architectures
     "deepseek_v3": Architecture(*MODEL_TYPES["deepseek_v3"], ("e_score_correction_bias",)),
     "deepseek_v32": Architecture(*MODEL_TYPES["deepseek_v32"], model_v32.KEEP_FP32),
     "deepseek_v4": Architecture(*MODEL_TYPES["deepseek_v4"], model_v4.FP32_TENSORS, V4_LAYOUT, _v4_buffers,
-                                reads_fp8=False),
+                                reads_mxfp4=True, fp8_resident=False),
 }
 
 
@@ -618,8 +669,8 @@ def read_headers(path, fp8_resident: bool = False) -> Headers:
     raw = read_json(path / "config.json", expect=dict)
     config = parse_config(raw, path / "config.json")
     arch = architecture(raw)
-    quant = parse_quantization(raw, path / "config.json")
-    if fp8_resident and not arch.reads_fp8:
+    quant = parse_quantization(raw, path / "config.json", mxfp4_experts=arch.reads_mxfp4)
+    if fp8_resident and not arch.fp8_resident:
         raise DaulatError(f"{path / 'config.json'}: {raw['model_type']} cannot be held FP8-resident yet; "
                           "load it in bfloat16 or float32")
     if quant is not None and not arch.reads_fp8:

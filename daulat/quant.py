@@ -16,6 +16,29 @@ exactly when it is stored in float8 and has a scale.
 FP8-resident (`load_model(..., fp8_resident=True)`): the weights stay in float8 with their scales and
 each product rebuilds its weight SLAB_ROWS rows at a time (`fp8_linear`, `fp8_grouped_mm`, FP8Linear),
 forward and backward, exactly as the loader would have dequantized it.
+
+DeepSeek-V4's published layout (as transformers 5.24 reads it: models/deepseek_v4, the FP8 quantizer's
+`.scale` -> `weight_scale_inv` rename, integrations/finegrained_fp8.py `Fp8Dequantize`; vLLM and
+DeepSeek's own inference code agree on names and dtypes):
+
+    config.json   "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+                  "weight_block_size": [128, 128], "activation_scheme": "dynamic"}, and "expert_dtype":
+                  "fp4" (V4-Flash: at the top level, V4.1: inside quantization_config; "fp8" or absent:
+                  the routed experts are FP8 like the rest, as in V4-Flash-Base)
+    FP8 linears   `<module>.weight` F8_E4M3 [M, N] with `<module>.scale` (not `weight_scale_inv`) of
+                  F8_E8M0 (ue8m0: a byte e is 2**(e - 127), a power of two) or F32, [ceil(M/bm), ceil(N/bn)]:
+                  W = q * s per block, as for V3 (`dequantize`). The attention's wq_a, wq_b, wkv, wo_a,
+                  wo_b, the indexer's wq_b and the shared experts are stored so.
+    MXFP4 experts `layers.{i}.ffn.experts.{e}.w{1,2,3}.weight` I8 [M, N/2]: two e2m1 values per byte, the
+                  low nibble the even column 2j, the high nibble column 2j + 1; each nibble is
+                  sign (bit 3), exponent (bits 2-1), mantissa (bit 0): FP4_VALUES[nibble]. Beside it
+                  `<...>.w{1,2,3}.scale` F8_E8M0 [M, N/32], one power of two per 32 consecutive values
+                  along the input dimension (a row's columns 32g .. 32g + 31):
+                  W[i, j] = FP4_VALUES[nibble(i, j)] * 2**(e[i, j // 32] - 127)   (`dequantize_mxfp4`).
+    high precision the embedding, head, router (gate.weight, bf16; gate.bias float32), norms, the
+                  compressors' and the indexer compressor's wkv / wgate and the indexer's weights_proj
+                  (BF16, no scale: transformers lists them in _keep_in_fp32_modules to skip them),
+                  hyper-connections, sinks and ape (float32).
 """
 
 from __future__ import annotations
@@ -35,6 +58,9 @@ SCALE_SUFFIX = "_scale_inv"  # "x.weight" -> "x.weight_scale_inv"
 SLAB_ROWS = 256
 RESIDENT_BLOCK = (128, 128)  # the blocks an FP8-resident load quantizes a bf16 / float32 checkpoint in
 SUPPORTED = "quant_method 'fp8' with fmt 'e4m3' and a 2-number weight_block_size (DeepSeek-V3/R1, Kimi-K2)"
+# e2m1 (FP4): sign, two exponent bits (bias 1), one mantissa bit; code c -> FP4_VALUES[c]
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_GROUP = 32  # values along the input dimension sharing one power-of-two scale
 
 
 @dataclass(frozen=True)
@@ -43,17 +69,22 @@ class BlockFP8:
 
     block: tuple[int, int] = (128, 128)
     scale_fmt: str | None = None  # None: float32 scales; "ue8m0": powers of two
+    expert_dtype: str = "fp8"  # DeepSeek-V4: "fp4", the routed experts packed MXFP4 (dequantize_mxfp4)
 
     def to_hf_dict(self) -> dict:
         d = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
              "weight_block_size": list(self.block)}
         if self.scale_fmt:
             d["scale_fmt"] = self.scale_fmt
+        if self.expert_dtype != "fp8":
+            d["expert_dtype"] = self.expert_dtype
         return d
 
 
-def parse_quantization(config: dict, source: str) -> BlockFP8 | None:
-    """The `quantization_config` of a config.json, or None for an unquantized checkpoint."""
+def parse_quantization(config: dict, source: str, mxfp4_experts: bool = False) -> BlockFP8 | None:
+    """The `quantization_config` of a config.json, or None for an unquantized checkpoint. With
+    `mxfp4_experts` (DeepSeek-V4) its `expert_dtype` is read too, inside quantization_config or at the
+    top level of config.json: "fp8" (the default) or "fp4"."""
     q = config.get("quantization_config")
     if q is None:
         return None
@@ -74,7 +105,10 @@ def parse_quantization(config: dict, source: str) -> BlockFP8 | None:
     if scale_fmt not in (None, "ue8m0"):
         raise DaulatError(f"{source}: quantization_config scale_fmt {scale_fmt!r} is not supported "
                           "(float32 scales, or 'ue8m0' powers of two)")
-    return BlockFP8(block=(block[0], block[1]), scale_fmt=scale_fmt)
+    expert_dtype = (q.get("expert_dtype") or config.get("expert_dtype") or "fp8") if mxfp4_experts else "fp8"
+    if expert_dtype not in ("fp8", "fp4"):
+        raise DaulatError(f"{source}: expert_dtype {expert_dtype!r} is not supported ('fp8', or 'fp4': MXFP4 experts)")
+    return BlockFP8(block=(block[0], block[1]), scale_fmt=scale_fmt, expert_dtype=expert_dtype)
 
 
 def scale_grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
@@ -106,6 +140,48 @@ def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, 
                 slab[:, c0:c0 + bn] *= s[:, c0 // bn, None]
             o[i, r0:r1].copy_(slab)
     return out
+
+
+def mxfp4_grid(packed_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The scale tensor's shape for an MXFP4 weight stored packed as `packed_shape` ([..., M, N/2])."""
+    *lead, rows, half = packed_shape
+    return (*lead, rows, math.ceil(2 * half / MXFP4_GROUP))
+
+
+def dequantize_mxfp4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32,
+                     slab_bytes: int = 8 * 2**20) -> torch.Tensor:
+    """W [..., M, N] in `dtype` from packed [..., M, N/2] (int8 or uint8: two e2m1 codes a byte, the low
+    nibble first) and scales [..., M, ceil(N/32)] (float8_e8m0fnu, or any float: each multiplies 32
+    consecutive values of its row). Slab by slab of rows, like `dequantize`."""
+    rows, half = packed.shape[-2:]
+    cols, lead = 2 * half, math.prod(packed.shape[:-2])
+    out = torch.empty((*packed.shape[:-1], cols), dtype=dtype, device=packed.device)
+    codes = packed.reshape(lead, rows, half).view(torch.uint8)
+    scale, o = scales.reshape(lead, rows, scales.shape[-1]), out.view(lead, rows, cols)
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=packed.device)
+    step = max(1, slab_bytes // (16 * cols))  # the int64 codes and float32 values of one slab
+    for i in range(lead):
+        for r0 in range(0, rows, step):
+            byte = codes[i, r0:r0 + step].long()
+            values = torch.stack((lut[byte & 15], lut[byte >> 4]), dim=-1).reshape(byte.shape[0], cols)
+            s = scale[i, r0:r0 + step].float().repeat_interleave(MXFP4_GROUP, dim=-1)[:, :cols]
+            o[i, r0:r0 + step].copy_(values.mul_(s))
+    return out
+
+
+def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed int8 [..., M, N/2], scales float8_e8m0fnu [..., M, ceil(N/32)]) of a weight [..., M, N]
+    (N even): each group's scale is the power of two that maps its largest magnitude to at most 6, and
+    each value the nearest e2m1 one. The inverse of `dequantize_mxfp4` up to that rounding."""
+    *lead, rows, cols = weight.shape
+    pad = -cols % MXFP4_GROUP
+    w = torch.nn.functional.pad(weight.float(), (0, pad)).reshape(*lead, rows, -1, MXFP4_GROUP)
+    scale = torch.exp2(torch.ceil(torch.log2(w.abs().amax(dim=-1).clamp(min=2.0**-120) / 6.0)))
+    x = (w / scale[..., None]).reshape(*lead, rows, cols + pad)[..., :cols]
+    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])  # halfway between the magnitudes
+    code = torch.bucketize(x.abs(), mids) | torch.where(x < 0, 8, 0)
+    packed = (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8).view(torch.int8)
+    return packed.contiguous(), scale.to(torch.float8_e8m0fnu).contiguous()
 
 
 def quantize(weight: torch.Tensor, block: tuple[int, int] = (128, 128),

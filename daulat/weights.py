@@ -34,6 +34,7 @@ MODEL_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 INFO_FILE, TRAIN_STATE_DIR = "daulat.json", "train_state"
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 FP8_DTYPE, SCALE_DTYPES = "F8_E4M3", {"F32", "F8_E8M0"}
+FP4_DTYPE = "I8"  # DeepSeek-V4's MXFP4 experts: two e2m1 values a byte, only beside their scale
 INTEGER_DTYPES = {"I64", "I32"}  # index tables (DeepSeek-V4's token -> expert hash), where the model holds one
 
 
@@ -153,17 +154,21 @@ def index_files(path: Path) -> list[Path]:
     return [shards[s] for s in sorted(shards)]
 
 
-def check_dtype(entry: Entry, scaled: bool) -> None:
-    """Weights are floating point; float8 only with a block scale."""
-    if entry.dtype in FLOAT_DTYPES or (entry.dtype == FP8_DTYPE and scaled):
+def check_dtype(entry: Entry, scaled: bool, scale_name: str | None = None, packed: bool = False) -> None:
+    """Weights are floating point; float8 only with a block scale, named `scale_name` (default:
+    DeepSeek-V3's '<weight>_scale_inv'); with `packed` (a config declaring MXFP4 experts) also packed
+    FP4 (I8), only with its scale."""
+    scalable = entry.dtype == FP8_DTYPE or (packed and entry.dtype == FP4_DTYPE)
+    if entry.dtype in FLOAT_DTYPES or (scalable and scaled):
         return
-    if entry.dtype == FP8_DTYPE:
-        raise DaulatError(f"{entry.file}: tensor {entry.name!r} is float8 without its "
-                          f"'{entry.name}_scale_inv' (or config.json lacks a quantization_config)")
+    if scalable:
+        kind = "float8" if entry.dtype == FP8_DTYPE else "packed FP4 (I8)"
+        raise DaulatError(f"{entry.file}: tensor {entry.name!r} is {kind} without its "
+                          f"'{scale_name or entry.name + '_scale_inv'}' (or config.json lacks a quantization_config)")
     raise DaulatError(f"{entry.file}: tensor {entry.name!r} has dtype {entry.dtype}: weights must be floating point")
 
 
-ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E8M0": 1, "I64": 8, "I32": 4}
+ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E8M0": 1, "I64": 8, "I32": 4, "I8": 1}
 
 
 class TensorReader:

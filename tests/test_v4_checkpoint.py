@@ -100,17 +100,25 @@ def test_a_damaged_v4_checkpoint_is_one_line_naming_the_tensor(tmp_path, damage)
     assert "\n" not in str(e.value)
 
 
-def test_fp8_v4_weights_are_refused_in_one_line(tmp_path):
-    path = save_model(_random_v4("mix-hc2-hash", seed=7), tmp_path / "ckpt")
+def test_a_v4_quantization_config_is_read_but_fp8_resident_is_refused_in_one_line(tmp_path):
+    """V4's FP8 + MXFP4 releases load dequantized (tests/test_v4_quantized.py); a tensor is dequantized
+    exactly when it is stored so, so a high-precision checkpoint under a quantization_config loads as it
+    is. Holding V4 FP8-resident is not supported yet, quantized or not."""
+    model = _random_v4("mix-hc2-hash", seed=7)
+    path = save_model(model, tmp_path / "ckpt")
     config = json.loads((path / "config.json").read_text())
     quantization = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"}
-    (path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
-    with pytest.raises(DaulatError, match="deepseek_v4 FP8/MXFP4 weights .* not supported yet") as e:
-        load_model(path)
-    assert "\n" not in str(e.value)
-    (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(DaulatError, match="deepseek_v4 cannot be held FP8-resident yet"):
-        load_model(path, fp8_resident=True)
+    (path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization,
+                                                  "expert_dtype": "fp4"}))
+    ids = _ids(model, seed=10)
+    with torch.no_grad():
+        assert torch.equal(load_model(path)(ids), model(ids))
+    for quantized in (True, False):
+        if not quantized:
+            (path / "config.json").write_text(json.dumps(config))
+        with pytest.raises(DaulatError, match="deepseek_v4 cannot be held FP8-resident yet") as e:
+            load_model(path, fp8_resident=True)
+        assert "\n" not in str(e.value)
 
 
 def test_bf16_load_keeps_v4s_float32_tensors_as_a_cast_does(tmp_path):
