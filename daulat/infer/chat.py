@@ -79,8 +79,6 @@ class Chat:
 
 
 def run(args) -> int:
-    import torch
-
     from daulat.checkpoint import load_checkpoint
     from daulat.errors import DaulatError
     from daulat.infer.engine import Engine, SamplingParams

@@ -423,8 +423,6 @@ def run(args) -> int:
         import uvicorn
     except ImportError:
         raise DaulatError("daulat serve needs fastapi and uvicorn: pip install 'daulat[serve]'") from None
-    import torch
-
     from daulat.checkpoint import load_config
     from daulat.tokenizer import load_tokenizer
 
