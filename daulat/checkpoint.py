@@ -305,6 +305,12 @@ def _check_counts(entries: dict[str, Entry], config, layout: Layout, source: str
     L, D, E = config.num_hidden_layers, config.num_nextn_predict_layers, config.n_routed_experts
     layers, experts, expert_key, prefix = set(), {}, {}, ""
     for key in entries:
+        k = layout.mtp.match(key) if layout.mtp else None
+        if k:  # V4's `mtp.{k}.*`: counted as layer L + k
+            layers.add(L + int(k[1]))
+            if int(k[1]) >= D:
+                raise DaulatError(f"{source}: unexpected tensor {key!r} for this config.json "
+                                  f"(num_nextn_predict_layers = {D})")
         m = layout.layer.match(key)
         if not m:
             continue
@@ -325,7 +331,8 @@ def _check_counts(entries: dict[str, Entry], config, layout: Layout, source: str
     if not mtp:
         config.num_nextn_predict_layers = 0
     elif _first_gap(mtp) < D:
-        raise DaulatError(f"{source}: missing tensors of MTP layer '{prefix}{L + _first_gap(mtp)}.*': "
+        where = f"mtp.{_first_gap(mtp)}" if layout.mtp else f"{prefix}{L + _first_gap(mtp)}"
+        raise DaulatError(f"{source}: missing tensors of MTP layer '{where}.*': "
                           f"config.json says num_nextn_predict_layers = {D}")
     for (layer, kind), found in sorted(experts.items()):
         if _first_gap(found) < E:
@@ -531,7 +538,11 @@ def _v3_buffers(model: DeepseekV3, device) -> None:
 
 
 def _v4_to_hf(model: model_v4.DeepseekV4) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    return model_v4.to_hf_state_dict_v4(model), {}  # MTP modules are not built for V4
+    """(main tensors, MTP tensors) under the published names; the MTP ones (`mtp.{k}.*`) go to mtp.safetensors."""
+    main, mtp = {}, {}
+    for key, tensor in model_v4.to_hf_state_dict_v4(model).items():
+        (mtp if key.startswith("mtp.") else main)[key] = tensor.contiguous()
+    return main, mtp
 
 
 def _v4_buffers(model: model_v4.DeepseekV4, device) -> None:
@@ -579,11 +590,12 @@ class Layout(NamedTuple):
     expert: re.Pattern  # one routed expert's key; groups: layer, expert, which projection
     scale_key: Callable = _v3_scale_key  # a quantized weight's key -> its scale's
     weight_of: Callable = _v3_weight_of  # a key -> the weight it is the scale of; None: not a scale
+    mtp: re.Pattern | None = None  # a key of MTP module k (group 1), where they are not layers L + k (V4)
 
 
 V3_LAYOUT = Layout(to_hf_state_dict, _target, _hf_name, _LAYER, _EXPERT)
 V4_LAYOUT = Layout(_v4_to_hf, _v4_target, model_v4.checkpoint_key_v4, model_v4.LAYER_KEY, model_v4.EXPERT_KEY,
-                   _v4_scale_key, _v4_weight_of)
+                   _v4_scale_key, _v4_weight_of, model_v4.MTP_KEY)
 
 
 class Architecture(NamedTuple):

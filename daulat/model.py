@@ -971,27 +971,39 @@ class DeepseekV3(DecodeCalls, nn.Module):
         h = self.hidden_states(input_ids)
         ce = linear_cross_entropy(self.norm(h).flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index)
         loss, stats = ce, {"ce": ce.detach()}
-        if len(self.mtp):
-            mtp_losses = []
-            T = input_ids.shape[1]
-            for k, module in enumerate(self.mtp, start=1):
-                if T - k <= 0:
-                    break
-                positions = torch.arange(T - k, device=input_ids.device).expand(input_ids.shape[0], T - k)
-                cos, sin = self.rope(positions, h.dtype)
-                h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), cos, sin)
-                mtp_losses.append(linear_cross_entropy(module.norm(h).flatten(0, 1), self.lm_head.weight,
-                                                       targets[:, k:].flatten(), ignore_index))
-            if mtp_losses:
-                mtp = torch.stack(mtp_losses).mean()
-                loss = loss + self.config.mtp_loss_weight * mtp
-                stats["mtp"] = mtp.detach()
+        mtp = self.mtp_loss(h, input_ids, targets, ignore_index)
+        if mtp is not None:
+            loss = loss + self.config.mtp_loss_weight * mtp
+            stats["mtp"] = mtp.detach()
         balance = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         if balance:
             balance_loss = torch.stack(balance).sum()
             loss = loss + balance_loss
             stats["balance"] = balance_loss.detach()
         return loss, stats
+
+    def mtp_loss(self, h, input_ids, targets, ignore_index: int = -100) -> torch.Tensor | None:
+        """The MTP term: the mean over depths k = 1..D of depth k's cross-entropy, where position i
+        predicts token i+k+1 (targets[:, k:]) through the shared head; None without MTP modules (or
+        with sequences too short for any depth). h: the trunk's output that depth 1 reads (here
+        [B, T, D]); each depth reads the one before it through `mtp_depth`."""
+        losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            if input_ids.shape[1] - k <= 0:
+                break
+            h, head_input = self.mtp_depth(module, k, h, input_ids)
+            losses.append(linear_cross_entropy(head_input.flatten(0, 1), self.lm_head.weight,
+                                               targets[:, k:].flatten(), ignore_index))
+        return torch.stack(losses).mean() if losses else None
+
+    def mtp_depth(self, module: MTPModule, k: int, h: torch.Tensor, input_ids: torch.Tensor):
+        """MTP depth k: the previous depth's hidden states h [B, >= T-k, D] and the embeddings of
+        input_ids[:, k:] -> (this depth's hidden states [B, T-k, D], their final norm for the head)."""
+        B, T = input_ids.shape
+        positions = torch.arange(T - k, device=input_ids.device).expand(B, T - k)
+        cos, sin = self.rope(positions, h.dtype)
+        h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), cos, sin)
+        return h, module.norm(h)
 
     @torch.no_grad()
     def update_router_bias(self, gamma: float) -> list[torch.Tensor]:

@@ -12,8 +12,19 @@
     token-id table (`tid2eid`), the rest by top-k of sqrt(softplus) scores plus the correction bias.
 
 Shapes: B batch, T tokens, n streams, D hidden size, E routed experts, K experts per token, V vocab.
-MTP modules are not built (transformers drops them on load too). Decoding runs the same forward over
-the new tokens with a V4Cache (per layer: the last W - 1 keys, the compressors' partial windows and
+Multi-token prediction (num_nextn_predict_layers = D > 0) is V3's, on the streams: depth k takes the
+previous depth's n streams (the trunk's before hc_head, at k = 1), adds e_proj(enorm(embedding of
+token i+k)) to h_proj(hnorm(stream)) for each stream, runs one more V4 block (sliding-window
+attention, learned routing) and collapses the streams by its own hc_head before its norm and the
+shared head; position i then predicts token i+k+1, and the mean over depths, times mtp_loss_weight,
+joins the training loss. This follows the tensors of DeepSeek-V4's release (`mtp.0.e_proj`,
+`h_proj`, `enorm`, `hnorm`, `norm`, `hc_head_*`, `hc_attn_*`, `hc_ffn_*`, `attn.*` without a
+compressor, `ffn.gate.bias` without `tid2eid`) and SGLang's reading of them (its DeepSeek-V4 NextN
+model: the streams are normed and projected one by one, the embedding added to each); transformers
+builds no MTP and ignores `mtp.*` on load. Not confirmed against DeepSeek's own training code: the
+RoPE positions of depth k (0..T-k-1 here, as daulat's V3) and whether the next depth reads the
+streams (here) or the collapsed state. Decoding and `forward` leave MTP out. Decoding runs the same
+forward over the new tokens with a V4Cache (per layer: the last W - 1 keys, the compressors' partial windows and
 entries, the indexers' keys); each cache row advances at its own position.
 """
 
@@ -93,8 +104,9 @@ class ModelConfigV4:
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
     pad_token_id: int | None = None
-    num_nextn_predict_layers: int = 0
+    num_nextn_predict_layers: int = 0  # multi-token prediction depth D (kept in mtp.safetensors)
     # daulat's training knobs (transformers ignores them)
+    mtp_loss_weight: float = 0.3  # lambda, as V3's
     seq_aux_loss_alpha: float = 0.0
     indexer_loss_weight: float = 0.0  # > 0: the CSA indexers learn toward their attention (KL)
     n_group: int = 1  # daulat's MoE reads these; V4 has no group-limited routing
@@ -123,6 +135,8 @@ class ModelConfigV4:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 bad(name, "must be a positive integer")
+        if not isinstance(self.num_nextn_predict_layers, int) or self.num_nextn_predict_layers < 0:
+            bad("num_nextn_predict_layers", "must be a non-negative integer")
         if self.num_key_value_heads != 1:
             bad("num_key_value_heads", "DeepSeek-V4 shares one key/value head")
         if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > min(self.head_dim, self.index_head_dim):
@@ -359,6 +373,41 @@ class V4Block(nn.Module):
         return mix_streams(streams, self.mlp(self.post_attention_layernorm(x), input_ids), post, comb)
 
 
+class V4MTPModule(nn.Module):
+    """Multi-token prediction depth k, DeepSeek-V4's form of V3's (daulat.model.MTPModule): the
+    previous depth's n streams (the main model's before its hc_head, at depth 1), each normed by
+    hnorm and projected by h_proj, plus e_proj of the normed embedding of token i+k, run through one
+    more V4 block (sliding-window attention, learned routing) and collapsed by this module's own
+    hc_head; the final norm is its own, the embedding and output head are the main model's.
+    e_proj and h_proj are V3's eh_proj cut in two ([e | h] halves), because the hidden side is
+    applied to each of the n streams while the embedding is added to all of them."""
+
+    def __init__(self, config: ModelConfigV4, layer_idx: int):
+        super().__init__()
+        D = config.hidden_size
+        self.enorm, self.hnorm = RMSNorm(D, config.rms_norm_eps), RMSNorm(D, config.rms_norm_eps)
+        self.e_proj, self.h_proj = nn.Linear(D, D, bias=False), nn.Linear(D, D, bias=False)
+        self.block = V4Block(_mtp_block_config(config), layer_idx)
+        self.hc_head = HyperHead(config)
+        self.norm = RMSNorm(D, config.rms_norm_eps)
+
+    def forward(self, streams, emb_next, input_ids_next, rope):
+        """streams [B, T, n, D], emb_next [B, T, D] (the embeddings of input_ids_next [B, T], tokens
+        i+k) -> this depth's streams [B, T, n, D] at positions 0..T-1 (the next depth's input)."""
+        x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(emb_next)).unsqueeze(2)
+        return self.block(x, input_ids_next, rope)
+
+
+def _mtp_block_config(config: ModelConfigV4) -> ModelConfigV4:
+    """The config an MTP block at layer index L + k reads its kinds from: V4's MTP layer has no
+    compressor (compress ratio 0, a sliding-window layer) and a learned router (no tid2eid)."""
+    extended = copy.copy(config)
+    D = config.num_nextn_predict_layers
+    extended.layer_types = config.layer_types + ["sliding_attention"] * D
+    extended.mlp_layer_types = config.mlp_layer_types + ["moe"] * D
+    return extended
+
+
 def _rotary(config: ModelConfigV4, theta: float, scaling: dict | None) -> Rotary:
     inv_freq, factor = rope_frequencies(SimpleNamespace(qk_rope_head_dim=config.qk_rope_head_dim,
                                                         rope_theta=theta, rope_scaling=scaling))
@@ -378,6 +427,10 @@ class DeepseekV4(nn.Module):
         self.norm, self.lm_head = RMSNorm(D, config.rms_norm_eps), nn.Linear(D, V, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # MTP modules after the main stack (numbered L + k, as DeepSeek-V3's); with none, the main
+        # model's parameters and their initialisation are unchanged
+        self.mtp = nn.ModuleList(V4MTPModule(config, config.num_hidden_layers + k)
+                                 for k in range(config.num_nextn_predict_layers))
         self.rope_main = _rotary(config, config.rope_theta, None)
         self.rope_compress = _rotary(config, config.compress_rope_theta, config.rope_scaling)
         for layer in self.layers:
@@ -429,7 +482,8 @@ class DeepseekV4(nn.Module):
             moe.tokens_per_expert = torch.zeros(moe.n_experts, device=device)
 
     def moe_layers(self) -> list[V4MoE]:
-        return [layer.mlp for layer in self.layers]
+        """The MoE of every block, the MTP blocks' last (as V3's: they are balanced alike)."""
+        return [layer.mlp for layer in self.layers] + [module.block.mlp for module in self.mtp]
 
     # V3's count reads the same names (embed_tokens, lm_head, layers[i].mlp, mtp.*): total or active per token
     num_parameters = DeepseekV3.num_parameters
@@ -438,12 +492,17 @@ class DeepseekV4(nn.Module):
                start: int = 0) -> torch.Tensor:
         """input_ids [B, T] at positions start..start+T-1 -> the collapsed hidden states [B, T, D].
         layer_caches: one sequence's per-layer decode state."""
+        return self.hc_head(self._streams(input_ids, layer_caches, start))
+
+    def _streams(self, input_ids: torch.Tensor, layer_caches: list[LayerCache] | None = None,
+                 start: int = 0) -> torch.Tensor:
+        """The trunk before its collapse: input_ids [B, T] -> the n streams after the last block [B, T, n, D]."""
         x = self.embed_tokens(input_ids)
         streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, T, n, D]
         for i, layer in enumerate(self.layers):
             rope = self.rope_main if layer.self_attn.compressor is None else self.rope_compress
             streams = layer(streams, input_ids, rope, start, None if layer_caches is None else layer_caches[i])
-        return self.hc_head(streams)
+        return streams
 
     def hidden_states(self, input_ids, positions=None, cache=None):
         """The trunk: input_ids [B, T] -> hidden states before the final norm [B, T, D].
@@ -496,14 +555,19 @@ class DeepseekV4(nn.Module):
         return V4Cache(self.config, batch_size, max_len, element)
 
     def training_loss(self, input_ids, targets, ignore_index: int = -100):
-        """Next-token cross-entropy plus the balance and indexer terms that are switched on.
+        """Next-token cross-entropy plus the MTP, balance and indexer terms that are switched on.
 
-        input_ids, targets [B, T]. Returns (loss, stats) where stats holds detached values: ce,
-        balance, indexer (the mean KL of the CSA indexers to their layers' attention).
+        input_ids, targets [B, T]. Returns (loss, stats) where stats holds detached values: ce, mtp
+        (as V3's: the mean over depths, weighted by mtp_loss_weight in the loss), balance, indexer
+        (the mean KL of the CSA indexers to their layers' attention).
         """
-        h = self.hidden_states(input_ids)
+        streams = self._streams(input_ids)
+        h = self.hc_head(streams)
         ce = linear_cross_entropy(self.norm(h).flatten(0, 1), self.lm_head.weight, targets.flatten(), ignore_index)
         loss, stats = ce, {"ce": ce.detach()}
+        mtp = self.mtp_loss(streams, input_ids, targets, ignore_index)
+        if mtp is not None:
+            loss, stats["mtp"] = loss + self.config.mtp_loss_weight * mtp, mtp.detach()
         balance = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
         if balance:
             balance_loss = torch.stack(balance).sum()
@@ -515,6 +579,16 @@ class DeepseekV4(nn.Module):
             indexer_loss = torch.stack(kl).mean()
             loss, stats["indexer"] = loss + self.config.indexer_loss_weight * indexer_loss, indexer_loss.detach()
         return loss, stats
+
+    mtp_loss = DeepseekV3.mtp_loss  # V3's loop over the depths, each through mtp_depth
+
+    def mtp_depth(self, module: V4MTPModule, k: int, streams: torch.Tensor, input_ids: torch.Tensor):
+        """MTP depth k: the previous depth's streams [B, >= T-k, n, D] and input_ids[:, k:] -> (this
+        depth's streams [B, T-k, n, D], their collapse through its hc_head and final norm [B, T-k, D])."""
+        T = input_ids.shape[1]
+        nxt = input_ids[:, k:]
+        streams = module(streams[:, : T - k], self.embed_tokens(nxt), nxt, self.rope_main)
+        return streams, module.norm(module.hc_head(streams))
 
     @torch.no_grad()
     def update_router_bias(self, gamma: float) -> list[torch.Tensor]:
@@ -594,6 +668,10 @@ def kv_cache_bytes_per_token_v4(config: ModelConfigV4, bytes_per_number: int = 2
 # `checkpoint_key_v4` names where a daulat tensor is written, `checkpoint_target_v4` where a checkpoint
 # tensor is read into (either spelling, with or without the "model." prefix, which transformers'
 # save_pretrained mixes). to_hf_state_dict_v4 / from_hf_state_dict_v4 apply them to a whole state dict.
+# MTP module k is written under the published `mtp.{k}.` prefix (DeepSeek-V4's release holds
+# `mtp.0.e_proj.weight`, `mtp.0.hc_head_fn`, `mtp.0.attn.wq_a.weight`, `mtp.0.ffn.experts.3.w1.weight`,
+# ...): its block's tensors named as a layer's, its own as below. transformers reads none of them
+# (DeepseekV4ForCausalLM ignores `mtp.*` on load); daulat keeps them in mtp.safetensors.
 
 _TOP_NAMES = {"embed_tokens.weight": "embed.weight", "lm_head.weight": "head.weight", "norm.weight": "norm.weight",
               "hc_head.hc_fn": "hc_head_fn", "hc_head.hc_base": "hc_head_base", "hc_head.hc_scale": "hc_head_scale"}
@@ -620,11 +698,19 @@ _LAYER_NAMES = {  # daulat's name inside layers.{i}. -> the published one
 _TRANSFORMERS_NAMES = {"mlp.experts.gate_up_proj": "mlp.gate_up_proj", "mlp.experts.down_proj": "mlp.down_proj",
                        "self_attn.compressor.indexer.scorer.weights_proj.weight":
                        "self_attn.compressor.indexer.weights_proj.weight"}
+# an MTP module's own tensors (inside mtp.{k}.; the rest are its block's, named as a layer's)
+_MTP_NAMES = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "e_proj.weight": "e_proj.weight",
+              "h_proj.weight": "h_proj.weight", "norm.weight": "norm.weight",
+              **{k: v for k, v in _TOP_NAMES.items() if k.startswith("hc_head.")}}
 _FROM_TOP = {v: k for k, v in _TOP_NAMES.items()}
 _FROM_LAYER = {v: k for k, v in _LAYER_NAMES.items()} | _TRANSFORMERS_NAMES
-# a layer's tensor, daulat's or a checkpoint's (group 1: the layer); one routed expert's (layer, expert, w)
+_FROM_MTP = {v: k for k, v in _MTP_NAMES.items()}
+# a layer's tensor, daulat's or a checkpoint's (group 1: the layer); one routed expert's (layer, expert, w);
+# an MTP module's (group 1: its depth k, from 0)
 LAYER_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
 EXPERT_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.ffn\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+MTP_KEY = re.compile(r"^(?:model\.)?mtp\.(\d+)\.(.+)$")
+_EXPERT_IN_LAYER = re.compile(r"^ffn\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
 _EXPERT_HALF = {"w1": 0, "w3": 1, "w2": None}  # the gate rows, the up rows of gate_up_proj; down_proj
 
 
@@ -632,35 +718,59 @@ def checkpoint_key_v4(name: str, expert: int | None = None, half: int | None = N
     """The published checkpoint key of a daulat tensor; for the stacked experts, of one expert's
     slice (`half` 0: w1, the gate rows of gate_up_proj; 1: w3, the up rows; down_proj: w2)."""
     layer = LAYER_KEY.match(name)
-    if layer is None:
-        return _TOP_NAMES.get(name, name)
-    if layer[2] in ("mlp.gate_up_proj", "mlp.down_proj"):
-        w = "w2" if layer[2] == "mlp.down_proj" else ("w1", "w3")[half or 0]
-        return f"layers.{layer[1]}.ffn.experts.{expert or 0}.{w}.weight"
-    return f"layers.{layer[1]}.{_LAYER_NAMES.get(layer[2], layer[2])}"
+    if layer is not None:
+        return f"layers.{layer[1]}.{_key_in_layer(layer[2], expert, half)}"
+    mtp = MTP_KEY.match(name)
+    if mtp is not None:
+        rest = mtp[2]
+        inner = _key_in_layer(rest[len("block."):], expert, half) if rest.startswith("block.") else \
+            _MTP_NAMES.get(rest, rest)
+        return f"mtp.{mtp[1]}.{inner}"
+    return _TOP_NAMES.get(name, name)
+
+
+def _key_in_layer(rest: str, expert: int | None, half: int | None) -> str:
+    """A block's tensor (daulat's name inside layers.{i}.) -> its published name inside the layer."""
+    if rest in ("mlp.gate_up_proj", "mlp.down_proj"):
+        w = "w2" if rest == "mlp.down_proj" else ("w1", "w3")[half or 0]
+        return f"ffn.experts.{expert or 0}.{w}.weight"
+    return _LAYER_NAMES.get(rest, rest)
 
 
 def checkpoint_target_v4(key: str) -> tuple[str, int | None, int | None]:
     """(daulat name, expert, half) that a checkpoint tensor fills: one expert's slice of a stacked
-    parameter (half as in checkpoint_key_v4), or the whole of it (None, None). MTP tensors (`mtp.*`)
-    are read past (name ""), as transformers drops them; an unknown name passes through unchanged
-    for the caller to report."""
+    parameter (half as in checkpoint_key_v4), or the whole of it (None, None). An MTP module's copy of
+    the shared embedding or head (`mtp.{k}.emb.*`, `mtp.{k}.head.*`, as some releases carry) is read
+    past (name ""); an unknown name passes through unchanged for the caller to report."""
     name = key.removeprefix("model.")
-    if name.startswith("mtp."):
-        return "", None, None
-    expert = EXPERT_KEY.match(name)
-    if expert is not None:
-        kind = "down_proj" if expert[3] == "w2" else "gate_up_proj"
-        return f"layers.{expert[1]}.mlp.{kind}", int(expert[2]), _EXPERT_HALF[expert[3]]
     layer = LAYER_KEY.match(name)
-    if layer is None:
+    if layer is not None:
+        inner, expert, half = _target_in_layer(layer[2])
+        return f"layers.{layer[1]}.{inner}", expert, half
+    mtp = MTP_KEY.match(name)
+    if mtp is None:
         return _FROM_TOP.get(name, name), None, None
-    return f"layers.{layer[1]}.{_FROM_LAYER.get(layer[2], layer[2])}", None, None
+    rest = mtp[2]
+    if rest.startswith(("emb.", "embed.", "head.")):
+        return "", None, None
+    if rest in _FROM_MTP:
+        return f"mtp.{mtp[1]}.{_FROM_MTP[rest]}", None, None
+    inner, expert, half = _target_in_layer(rest)
+    return f"mtp.{mtp[1]}.block.{inner}", expert, half
+
+
+def _target_in_layer(rest: str) -> tuple[str, int | None, int | None]:
+    """A checkpoint tensor's name inside a layer -> (daulat's name inside the block, expert, half)."""
+    expert = _EXPERT_IN_LAYER.match(rest)
+    if expert is not None:
+        kind = "down_proj" if expert[2] == "w2" else "gate_up_proj"
+        return f"mlp.{kind}", int(expert[1]), _EXPERT_HALF[expert[2]]
+    return _FROM_LAYER.get(rest, rest), None, None
 
 
 def to_hf_state_dict_v4(model: DeepseekV4) -> dict[str, torch.Tensor]:
     """daulat's state dict under DeepSeek-V4's published checkpoint names (experts one by one), which
-    `DeepseekV4ForCausalLM.from_pretrained` reads."""
+    `DeepseekV4ForCausalLM.from_pretrained` reads (MTP modules', `mtp.*`, included: it ignores them)."""
     out = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
@@ -676,8 +786,8 @@ def to_hf_state_dict_v4(model: DeepseekV4) -> dict[str, torch.Tensor]:
 
 
 def from_hf_state_dict_v4(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Published or transformers names -> daulat's, experts stacked. MTP tensors (`mtp.*`) are dropped,
-    as transformers drops them; an unknown name passes through for a strict load to report."""
+    """Published or transformers names -> daulat's, experts stacked (MTP modules' too); an unknown name
+    passes through for a strict load to report."""
     out, experts = {}, {}
     for key, tensor in tensors.items():
         name, expert, half = checkpoint_target_v4(key)
