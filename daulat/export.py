@@ -24,12 +24,21 @@ small custom models. What llama.cpp expects, and what this module does about it:
     starts every document with <|bos|>; llama.cpp drops the chat template's own leading <|bos|>), and
     the chat template.
 
+DeepSeek-V3.2 goes out as llama.cpp's `deepseek32`: all of the above plus the lightning indexer per
+layer (GGUF_ARCHITECTURES below): indexer.attn_q_b (RoPE rows scaled by YaRN's cos/sin factor squared,
+which daulat applies to the indexer's query and key alike; its key is LayerNormed before RoPE, so all
+of it goes on the query), indexer.attn_k, the LayerNorm indexer.k_norm (weight and bias) and the head
+weights indexer.proj (float32 in every file type written here), with attention.indexer.head_count /
+key_length / top_k. Both sides rotate the first qk_rope_head_dim dims of the indexer's query and key
+in NeoX halves, so those rows go unpermuted.
+
 f32, f16, bf16 and q8_0 are written here; the k-quants below 8 bits (q6_k, q5_k_m, q4_k_m) by llama.cpp's
 own quantizer (llama-cpp-python) from a temporary f16 file, exactly what `llama-quantize` would make of it.
 k-quant blocks span 256 numbers of a row: hidden_size must be a multiple of 256, and llama.cpp gives the
 tensors whose rows are not (attn_k_b, whose rows are qk_nope_head_dim long) a fallback type (q5_0, q5_1, q8_0).
 
-Verified against llama.cpp 0c1e57098 (as bundled in llama-cpp-python 0.3.36) by tests/test_llama_cpp.py.
+Verified against llama.cpp 0c1e57098 (as bundled in llama-cpp-python 0.3.36) by tests/test_llama_cpp.py
+and tests/test_llama_cpp_v32.py.
 A configuration llama.cpp cannot compute exactly is refused with one line naming the field.
 """
 
@@ -38,7 +47,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from daulat.errors import DaulatError
 
@@ -59,20 +70,33 @@ _LITE_LAYER_COUNTS = (26, 27)
 # ------------------------------------------------------------------------------------------------
 
 
-def check_llama_cpp(config) -> None:
-    """Raise a DaulatError naming the first config field llama.cpp's deepseek2 cannot compute exactly."""
+def _refuse(field: str, value, why: str):
+    raise DaulatError(f"cannot export to GGUF: config field {field!r} = {value!r}: {why}")
 
-    def refuse(field: str, value, why: str):
-        raise DaulatError(f"cannot export to GGUF: config field {field!r} = {value!r}: {why}")
 
+def gguf_architecture(config) -> "GGUFArchitecture":
+    """The llama.cpp layout daulat writes for `config`'s model_type, or a DaulatError saying why none."""
     model_type = type(config).model_type  # kimi_k2 is read as deepseek_v3
-    if model_type != "deepseek_v3":
-        refuse("model_type", model_type, "daulat writes llama.cpp's deepseek2 (DeepSeek-V3) layout only, not yet "
-               "its deepseek32/deepseek4 ones; export with --format hf (transformers, vLLM)")
+    if model_type == "deepseek_v4":
+        _refuse("model_type", model_type, "llama.cpp's deepseek4 layout (hyper-connection mixers, the CSA/HCA "
+                "compressors and their indexer, hash-routed layers, grouped output LoRA, attention sinks) is not "
+                "written by daulat yet; export with --format hf (transformers, vLLM)")
+    if model_type not in GGUF_ARCHITECTURES:
+        _refuse("model_type", model_type, "daulat writes llama.cpp's deepseek2 (DeepSeek-V3) and deepseek32 "
+                "(DeepSeek-V3.2) layouts only; export with --format hf (transformers, vLLM)")
+    return GGUF_ARCHITECTURES[model_type]
+
+
+def check_llama_cpp(config) -> None:
+    """Raise a DaulatError naming the first config field llama.cpp cannot compute exactly."""
+    refuse = _refuse
+    arch = gguf_architecture(config)
+    if arch.check is not None:
+        arch.check(config)
     if config.attention_bias:
-        refuse("attention_bias", True, "llama.cpp's deepseek2 has no attention biases")
+        refuse("attention_bias", True, f"llama.cpp's {arch.name} has no attention biases")
     if config.hidden_act != "silu":
-        refuse("hidden_act", config.hidden_act, "llama.cpp's deepseek2 uses SiLU (SwiGLU) only")
+        refuse("hidden_act", config.hidden_act, f"llama.cpp's {arch.name} uses SiLU (SwiGLU) only")
     if config.qk_nope_head_dim < 1:
         refuse("qk_nope_head_dim", config.qk_nope_head_dim, "llama.cpp's MLA needs at least 1")
     if abs(config.rms_norm_eps - 1e-6) > 1e-12:
@@ -82,7 +106,7 @@ def check_llama_cpp(config) -> None:
         refuse("num_hidden_layers", config.num_hidden_layers, "llama.cpp takes at most 512 layers")
     layers = config.num_hidden_layers
     lite = layers in _LITE_LAYER_COUNTS or (layers == 48 and config.vocab_size == 128256)
-    if config.q_lora_rank is not None and lite:
+    if config.q_lora_rank is not None and lite and arch.name == "deepseek2":
         refuse("q_lora_rank", config.q_lora_rank, f"llama.cpp takes a {config.num_hidden_layers}-layer deepseek2 "
                "for DeepSeek-V2-Lite and ignores the low-rank query; use another layer count or no q_lora_rank")
     if _has_moe(config) and config.n_routed_experts > 1024:
@@ -91,11 +115,11 @@ def check_llama_cpp(config) -> None:
     if ys is not None:
         if ys.get("truncate", True) is False:
             refuse("rope_scaling.truncate", False, "llama.cpp always rounds YaRN's correction range (truncate=true)")
-        # llama.cpp's deepseek2 does not read yarn_beta_fast/slow from GGUF: it always uses 32 and 1
+        # llama.cpp's deepseek2/deepseek32 do not read yarn_beta_fast/slow from GGUF: they always use 32 and 1
         for key, default in (("beta_fast", 32), ("beta_slow", 1)):
             value = ys.get(key)
             if value is not None and float(value) != default:
-                refuse(f"rope_scaling.{key}", value, f"llama.cpp's deepseek2 always uses {default}")
+                refuse(f"rope_scaling.{key}", value, f"llama.cpp's {arch.name} always uses {default}")
 
 
 def _gguf():
@@ -139,6 +163,7 @@ def gguf_tensors(model):
     H, n, r, v, c = (config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim,
                      config.v_head_dim, config.kv_lora_rank)
     cos_factor, interleave = float(model.rope_attention_factor), config.rope_interleave
+    arch = gguf_architecture(config)
 
     def arr(t):
         return t.detach().float().contiguous().numpy()
@@ -162,6 +187,8 @@ def gguf_tensors(model):
         yield blk + "attn_k_b.weight", arr(k_b.transpose(1, 2))  # [H, c, n]: ggml {n, c, H}
         yield blk + "attn_v_b.weight", arr(v_b)  # [H, v, c]: ggml {c, v, H}
         yield blk + "attn_output.weight", arr(attn.o_proj.weight)
+        if arch.layer_tensors is not None:
+            yield from ((name, arr(t)) for name, t in arch.layer_tensors(model, attn, blk))
         yield blk + "ffn_norm.weight", arr(layer.post_attention_layernorm.weight)
         mlp = layer.mlp
         if not config.is_moe_layer(i):
@@ -194,7 +221,8 @@ def _tensor_type(name: str, array, dtype: str):
     """llama.cpp keeps norms, biases, 1-D tensors and the router in float32 whatever the file type."""
     Q = _gguf().GGMLQuantizationType
 
-    if array.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or ".ffn_gate_inp." in name:
+    if array.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or ".ffn_gate_inp." in name \
+            or ".indexer.proj." in name:  # the indexer's head weights: float32 in DeepSeek-V3.2 too
         return Q.F32
     return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype]
 
@@ -298,6 +326,79 @@ def _chat_template(checkpoint: Path) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Architectures: deepseek2 (DeepSeek-V3) and what deepseek32 (DeepSeek-V3.2) adds to it
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GGUFArchitecture:
+    """One llama.cpp architecture daulat writes: deepseek2's layout plus its own checks, keys and tensors."""
+
+    name: str  # general.architecture
+    check: Callable | None = None  # config -> None, raising a DaulatError (before deepseek2's checks)
+    keys: Callable | None = None  # (writer, gguf, config) -> None: keys beyond deepseek2's
+    layer_tensors: Callable | None = None  # (model, attention, "blk.{i}.") -> (name, torch tensor) pairs
+
+
+def _check_deepseek32(config) -> None:
+    """What llama.cpp's deepseek32 cannot run: it rotates the indexer's queries and keys by a Hadamard
+    matrix (which leaves their products unchanged), and aborts building its graph (GGML_ASSERT in
+    ggml_mul_mat) unless index_head_dim is a power of two of at least 64 (measured with 16 to 512)."""
+    d = config.index_head_dim
+    if d < 64 or d & (d - 1):
+        _refuse("index_head_dim", d, "llama.cpp's deepseek32 runs the indexer's Hadamard rotation only for a power "
+                "of two of at least 64 (DeepSeek-V3.2's is 128)")
+
+
+def _deepseek32_keys(writer, gguf, config) -> None:
+    """The lightning indexer's keys ({arch}.attention.indexer.*); its LayerNorm's epsilon is llama.cpp's
+    fixed 1e-6, as daulat's and transformers'. Also YaRN's rotation magnitude: with mscale_all_dim = M
+    (not 1), llama.cpp takes mscale = M for deepseek2 but 1 for every other architecture, so deepseek32
+    rotates by yarn_mscale(1) / yarn_mscale(M); rope.scaling.attn_factor cancels it to the 1 of deepseek2
+    (transformers' own cos/sin factor is in the weights, see the module docstring)."""
+    from daulat.model import yarn_mscale
+
+    arch = "deepseek32"
+    writer.add_uint32(f"{arch}.attention.indexer.head_count", config.index_n_heads)
+    writer.add_uint32(f"{arch}.attention.indexer.key_length", config.index_head_dim)
+    writer.add_uint32(f"{arch}.attention.indexer.top_k", config.index_topk)
+    if not _has_moe(config):  # deepseek32 reads the gating function even without MoE layers
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    if "yarn_log_multiplier" in (_yarn_keys(config) if config.rope_scaling is not None else {}):
+        factor, all_dim = float(config.rope_scaling["factor"]), float(config.rope_scaling["mscale_all_dim"])
+        if all_dim != 1.0:
+            writer.add_rope_scaling_attn_factors(yarn_mscale(factor, all_dim) / yarn_mscale(factor, 1.0))
+
+
+def _indexer_rope_factor(model) -> float:
+    """The factor on the indexer's rotated query rows that makes llama.cpp's scores daulat's: daulat's RoPE
+    scales cos/sin by YaRN's attention factor m on both query and key (m^2 on their product), llama.cpp
+    rotates the indexer by 1 (see _deepseek32_keys); the key is LayerNormed before RoPE, so all of m^2
+    goes on the query."""
+    return float(model.rope_attention_factor) ** 2
+
+
+def _deepseek32_layer_tensors(model, attn, blk: str):
+    """The lightning indexer of one layer. Its query and key carry RoPE on their first r dims in halves
+    (ggml's NeoX mode, which llama.cpp's deepseek32 uses there): weights go unpermuted."""
+    indexer = attn.indexer
+    h, d, r = indexer.n_heads, indexer.head_dim, indexer.rope_dim
+    wq_b = indexer.wq_b.weight.detach().float().reshape(h, d, -1).clone()
+    wq_b[:, :r] *= _indexer_rope_factor(model)
+    yield blk + "indexer.attn_q_b.weight", wq_b.reshape(h * d, -1)  # from the q_a-normed low-rank query
+    yield blk + "indexer.attn_k.weight", indexer.wk.weight
+    yield blk + "indexer.k_norm.weight", indexer.k_norm.weight  # LayerNorm, eps 1e-6
+    yield blk + "indexer.k_norm.bias", indexer.k_norm.bias
+    yield blk + "indexer.proj.weight", indexer.weights_proj.weight  # float32 in every file type
+
+
+GGUF_ARCHITECTURES = {
+    "deepseek_v3": GGUFArchitecture("deepseek2"),
+    "deepseek_v32": GGUFArchitecture("deepseek32", _check_deepseek32, _deepseek32_keys, _deepseek32_layer_tensors),
+}
+
+
+# ------------------------------------------------------------------------------------------------
 # Writers
 # ------------------------------------------------------------------------------------------------
 
@@ -320,10 +421,13 @@ def write_gguf(model, tokenizer, path, dtype: str = "f32", name: str = "daulat",
         return _write_k_quant(model, tokenizer, path, dtype, name, chat_template)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(path)
-    writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2])
+    arch = gguf_architecture(config)
+    writer = gguf.GGUFWriter(tmp, arch.name)
     try:
         _gguf_model_keys(writer, gguf, config, dtype, name)
         _gguf_moe_keys(writer, gguf, config)
+        if arch.keys is not None:
+            arch.keys(writer, gguf, config)
         _gguf_tokenizer_keys(writer, vocab, chat_template)
         count, types = _gguf_add_tensors(writer, gguf, model, dtype)
         writer.write_header_to_file()
@@ -619,7 +723,8 @@ def _stored_dtype(checkpoint: Path, quantized: str = "fp8") -> str:
 
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT",
-                        help="checkpoint directory (daulat's or transformers' deepseek_v3)")
+                        help="checkpoint directory (daulat's or transformers'; GGUF takes deepseek_v3 and "
+                             "deepseek_v32)")
     parser.add_argument("--format", required=True, choices=["gguf", "hf"],
                         help="gguf: one file for llama.cpp and the tools built on it; hf: a transformers directory")
     parser.add_argument("--dtype", choices=tuple(dict.fromkeys(GGUF_DTYPES + HF_DTYPES)),
@@ -643,6 +748,9 @@ def run(args) -> int:
         return 0
     stats = export_gguf(args.checkpoint, args.out, args.dtype)
     types = ", ".join(f"{n} {t}" for t, n in sorted(stats["types"].items()))
-    print(f"wrote {args.out}: GGUF deepseek2 for llama.cpp, {stats['tensors']} tensors ({types}), "
+    from daulat.checkpoint import load_config
+
+    arch = gguf_architecture(load_config(Path(args.checkpoint))).name
+    print(f"wrote {args.out}: GGUF {arch} for llama.cpp, {stats['tensors']} tensors ({types}), "
           f"{stats['bytes'] / 2**20:.1f} MiB in {time.time() - start:.1f}s")
     return 0

@@ -1,7 +1,9 @@
 """daulat export: GGUF for llama.cpp (keys, tensors, tokenizer, dtypes, refusals) and clean transformers
-directories. llama.cpp itself runs the exported files in tests/test_llama_cpp.py (slow)."""
+directories. llama.cpp itself runs the exported files in tests/test_llama_cpp.py and, for DeepSeek-V3.2,
+tests/test_llama_cpp_v32.py (slow)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -371,3 +373,54 @@ def test_hf_export_dtypes_and_refusals(tmp_path, tokenizer, capsys):
     assert main(["export", ckpt, "--format", "hf", "--out", ckpt]) == 2
     assert "the checkpoint itself" in capsys.readouterr().err
     assert (tmp_path / "ckpt" / "train_state").is_dir()  # untouched
+
+
+# ------------------------------------------------------------------------------------------------ DeepSeek-V3.2
+
+
+def test_v32_writes_llama_cpps_deepseek32_layout(tmp_path, tokenizer):
+    """llama.cpp's deepseek32: deepseek2's keys and tensors plus the indexer's (run by llama.cpp in
+    tests/test_llama_cpp_v32.py); the head weights stay f32 in q8_0, the YaRN rows of the indexer's
+    query carry daulat's cos/sin factor squared."""
+    from daulat.model_v32 import DeepseekV32, DeepseekV32Config
+
+    torch.manual_seed(0)
+    config = DeepseekV32Config(**{**BASE, "q_lora_rank": 32, "index_n_heads": 4, "index_head_dim": 64,
+                                  "index_topk": 8, "rope_scaling": YARN})
+    model = DeepseekV32(config).eval()
+    write_gguf(model, tokenizer, tmp_path / "m.gguf", "q8_0")
+    fields, tensors = _read(tmp_path / "m.gguf")
+    assert fields["general.architecture"] == "deepseek32"
+    assert (fields["deepseek32.attention.indexer.head_count"], fields["deepseek32.attention.indexer.key_length"],
+            fields["deepseek32.attention.indexer.top_k"]) == (4, 64, 8)
+    # llama.cpp's deepseek32 rotates by yarn_mscale(1) / yarn_mscale(mscale_all_dim): cancelled
+    assert fields["deepseek32.rope.scaling.attn_factor"] == pytest.approx((0.07 * math.log(4) + 1) /
+                                                                          (0.1 * math.log(4) + 1))
+    indexer = {n.removeprefix("blk.1.indexer."): t for n, t in tensors.items() if n.startswith("blk.1.indexer.")}
+    assert sorted(indexer) == ["attn_k.weight", "attn_q_b.weight", "k_norm.bias", "k_norm.weight", "proj.weight"]
+    assert {n: t.tensor_type.name for n, t in indexer.items()} == {
+        "attn_k.weight": "Q8_0", "attn_q_b.weight": "Q8_0", "k_norm.bias": "F32", "k_norm.weight": "F32",
+        "proj.weight": "F32"}
+    assert torch.equal(_f32(indexer["proj.weight"]), model.layers[1].self_attn.indexer.weights_proj.weight)
+    write_gguf(model, tokenizer, tmp_path / "f32.gguf", "f32")
+    q_b = _f32(_read(tmp_path / "f32.gguf")[1]["blk.1.indexer.attn_q_b.weight"]).view(4, 64, -1)
+    ours = model.layers[1].self_attn.indexer.wq_b.weight.view(4, 64, -1)
+    factor = float(model.rope_attention_factor) ** 2
+    assert factor != 1.0
+    torch.testing.assert_close(q_b[:, :8], ours[:, :8] * factor)
+    torch.testing.assert_close(q_b[:, 8:], ours[:, 8:], rtol=0, atol=0)
+
+
+def test_v32_and_v4_refusals_are_one_line():
+    from daulat.model_v4 import ModelConfigV4
+    from daulat.model_v32 import DeepseekV32Config
+
+    v32 = {**BASE, "q_lora_rank": 32, "index_head_dim": 64}
+    for overrides, match in [({"index_head_dim": 48}, "'index_head_dim' = 48: .*power of two of at least 64"),
+                             ({"attention_bias": True}, "deepseek32 has no attention biases")]:
+        with pytest.raises(DaulatError, match=match) as error:
+            check_llama_cpp(DeepseekV32Config(**{**v32, **overrides}))
+        assert "\n" not in str(error.value)
+    with pytest.raises(DaulatError, match="'model_type' = 'deepseek_v4': llama.cpp's deepseek4 layout") as error:
+        check_llama_cpp(ModelConfigV4())
+    assert "\n" not in str(error.value)
