@@ -88,8 +88,11 @@ def measure(path: Path, reference: list[torch.Tensor], prompts: list[list[int]],
     """llama.cpp's logits of `path` on `prompts` against `reference` (daulat's, one [T, V] per prompt)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
-                          n_threads=threads, n_threads_batch=threads, type_k=0, type_v=0)  # 0: float32 cache
+    from daulat.export import llama_cpp_plain_buffers
+
+    with llama_cpp_plain_buffers():  # llama.cpp aborts loading these files on a CPU with AMX otherwise
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
+                              n_threads=threads, n_threads_batch=threads, type_k=0, type_v=0)  # 0: float32 cache
     agree, worst, total, count = 0, 0.0, 0.0, 0
     try:
         for ids, ours in zip(prompts, reference):

@@ -44,6 +44,7 @@ A configuration llama.cpp cannot compute exactly is refused with one line naming
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -456,6 +457,29 @@ def _llama_cpp():
         raise DaulatError("GGUF k-quants (" + ", ".join(K_QUANTS) + ") are made by llama.cpp's quantizer: "
                           "pip install 'daulat[quantize]' (llama-cpp-python)") from None
     return llama_cpp
+
+
+@contextlib.contextmanager
+def llama_cpp_plain_buffers():
+    """For the duration, llama-cpp-python loads models without llama.cpp's extra CPU buffer types
+    (weights repacked for AMX and the like), as the GGUF checks (tests/test_llama_cpp*.py,
+    bench/gguf_quality.py) load daulat's exports: on a CPU with AMX (a Xeon of 2023 on), llama.cpp
+    0.3.36 aborts loading their f16, bf16 and q8_0 files with `GGML_ASSERT(*cur_backend_id != -1)` in
+    its scheduler. llama-cpp-python does not expose `use_extra_bufts`, so its default model
+    parameters are changed until the block ends."""
+    bindings = _llama_cpp().llama_cpp
+    defaults = bindings.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    bindings.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = defaults
 
 
 def check_k_quant(config, dtype: str) -> None:

@@ -16,7 +16,6 @@ greedy decoding is meaningful), exported to GGUF f32 and loaded with `llama_cpp.
 Verified with llama-cpp-python 0.3.36 = llama.cpp 0c1e57098. Each test prints one JSON line of figures.
 """
 
-import contextlib
 import json
 import math
 import random
@@ -32,7 +31,7 @@ llama_cpp = require("llama_cpp")  # llama-cpp-python builds llama.cpp from sourc
 from daulat.checkpoint import save_model  # noqa: E402
 from daulat.cli import main  # noqa: E402
 from daulat.errors import DaulatError  # noqa: E402
-from daulat.export import gguf_stats, write_gguf  # noqa: E402
+from daulat.export import gguf_stats, llama_cpp_plain_buffers, write_gguf  # noqa: E402
 from daulat.model import DeepseekV3, ModelConfig  # noqa: E402
 from daulat.tokenizer import CHAT_TEMPLATE, train_tokenizer  # noqa: E402
 
@@ -127,30 +126,9 @@ def llm(trained, tokenizer, tmp_path_factory):
 
 
 def _load(path, **kwargs):
-    with _plain_cpu_buffers():
+    with llama_cpp_plain_buffers():  # see its docstring: llama.cpp on a CPU with AMX
         return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, verbose=False,
                                n_threads=1, n_threads_batch=1, seed=0, type_k=F32, type_v=F32, **kwargs)
-
-
-@contextlib.contextmanager
-def _plain_cpu_buffers():
-    """Load without llama.cpp's extra CPU buffer types (weights repacked for AMX and the like):
-    on a CPU with AMX (a Xeon of 2023 on), llama.cpp 0.3.36 aborts loading the f16, bf16 and q8_0
-    files these tests write with `GGML_ASSERT(*cur_backend_id != -1)` in its scheduler. llama-cpp-python
-    does not expose `use_extra_bufts`, so its default model parameters are changed for the call."""
-    bindings = llama_cpp.llama_cpp
-    defaults = bindings.llama_model_default_params
-
-    def params():
-        p = defaults()
-        p.use_extra_bufts = False
-        return p
-
-    bindings.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        bindings.llama_model_default_params = defaults
 
 
 def _prompt_ids(tokenizer, text):

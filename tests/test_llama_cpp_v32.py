@@ -31,12 +31,12 @@ pytestmark = pytest.mark.slow
 
 llama_cpp = require("llama_cpp")
 
-from test_llama_cpp import SENTENCES, _plain_cpu_buffers  # noqa: E402
+from test_llama_cpp import SENTENCES  # noqa: E402
 
 from daulat.checkpoint import save_model  # noqa: E402
 from daulat.cli import main  # noqa: E402
 from daulat.errors import DaulatError  # noqa: E402
-from daulat.export import check_llama_cpp, write_gguf  # noqa: E402
+from daulat.export import check_llama_cpp, llama_cpp_plain_buffers, write_gguf  # noqa: E402
 from daulat.model_v4 import ModelConfigV4  # noqa: E402
 from daulat.model_v32 import DeepseekV32, DeepseekV32Config  # noqa: E402
 from daulat.tokenizer import train_tokenizer  # noqa: E402
@@ -101,7 +101,7 @@ def trained(tokenizer):
 
 
 def _load(path):
-    with _plain_cpu_buffers():
+    with llama_cpp_plain_buffers():
         return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, verbose=False,
                                n_threads=1, n_threads_batch=1, seed=0, type_k=F32, type_v=F32)
 
