@@ -101,11 +101,13 @@ def test_a_damaged_v32_checkpoint_is_one_line_naming_the_problem(tmp_path, damag
     assert "\n" not in str(e.value)
 
 
-def test_gguf_export_of_a_v32_checkpoint_is_refused_before_any_weight_is_read(tmp_path):
+def test_a_v32_checkpoint_llama_cpp_cannot_run_is_refused_before_any_weight_is_read(tmp_path):
+    """GGUF of V3.2 is written (tests/test_llama_cpp_v32.py); an indexer llama.cpp cannot compute
+    (head width 16, not a power of two of at least 64) is refused from config.json alone."""
     from daulat.export import export_gguf
 
     save_documented(_random_v32(0), tmp_path / "ckpt", info={"stage": "init", "preset": "test"})
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"not read")  # the refusal comes first
-    with pytest.raises(DaulatError, match="model_type.*deepseek_v32.*--format hf"):
+    with pytest.raises(DaulatError, match="index_head_dim' = 16.*power of two"):
         export_gguf(tmp_path / "ckpt", tmp_path / "model.gguf")
     assert not (tmp_path / "model.gguf").exists()
