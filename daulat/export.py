@@ -37,8 +37,21 @@ own quantizer (llama-cpp-python) from a temporary f16 file, exactly what `llama-
 k-quant blocks span 256 numbers of a row: hidden_size must be a multiple of 256, and llama.cpp gives the
 tensors whose rows are not (attn_k_b, whose rows are qk_nope_head_dim long) a fallback type (q5_0, q5_1, q8_0).
 
-Verified against llama.cpp 0c1e57098 (as bundled in llama-cpp-python 0.3.36) by tests/test_llama_cpp.py
-and tests/test_llama_cpp_v32.py.
+DeepSeek-V4 goes out as llama.cpp's `deepseek4`, a layout of its own (GGUF_ARCHITECTURES below): per layer
+the shared-KV MQA (attn_q_a/q_a_norm/q_b, attn_kv + attn_kv_a_norm, attn_sinks, attn_output_a/b for the
+grouped output LoRA), the hyper-connection mixers hc_{attn,ffn}_{fn,base,scale}, in a compressed layer
+attn_compressor_{kv,gate,ape,norm} and, for CSA, indexer.attn_q_b, indexer.proj and
+indexer_compressor_{kv,gate,ape,norm}; the MoE with exp_probs_b, or ffn_gate_tid2eid (int32) in the first
+hash_layer_count layers; output_hc_{fn,base,scale} for the final collapse. Keys: compress_ratios per layer
+(0, 4 or 128: the only rates llama.cpp takes), compress_rope_freq_base, output_group_count/lora_rank,
+hyper_connection.count (4 only)/sinkhorn_iterations/epsilon, indexer head_count/key_length/top_k,
+sqrtsoftplus gating, swiglu_clamp_exp/shexp. Both sides rotate adjacent pairs in place (ggml's normal
+mode), apply YaRN to the compressed layers only with cos/sin factor 1, run the same Sinkhorn (column
+first and last), so the weights go as they are; the mixers and the compressors' position biases stay
+float32 in every file type (as daulat keeps them). MTP modules are left out, as for deepseek2.
+
+Verified against llama.cpp 0c1e57098 (as bundled in llama-cpp-python 0.3.36) by tests/test_llama_cpp.py,
+tests/test_llama_cpp_v32.py and tests/test_llama_cpp_v4.py.
 A configuration llama.cpp cannot compute exactly is refused with one line naming the field.
 """
 
@@ -47,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,13 +92,10 @@ def _refuse(field: str, value, why: str):
 def gguf_architecture(config) -> "GGUFArchitecture":
     """The llama.cpp layout daulat writes for `config`'s model_type, or a DaulatError saying why none."""
     model_type = type(config).model_type  # kimi_k2 is read as deepseek_v3
-    if model_type == "deepseek_v4":
-        _refuse("model_type", model_type, "llama.cpp's deepseek4 layout (hyper-connection mixers, the CSA/HCA "
-                "compressors and their indexer, hash-routed layers, grouped output LoRA, attention sinks) is not "
-                "written by daulat yet; export with --format hf (transformers, vLLM)")
     if model_type not in GGUF_ARCHITECTURES:
-        _refuse("model_type", model_type, "daulat writes llama.cpp's deepseek2 (DeepSeek-V3) and deepseek32 "
-                "(DeepSeek-V3.2) layouts only; export with --format hf (transformers, vLLM)")
+        _refuse("model_type", model_type, "daulat writes llama.cpp's deepseek2 (DeepSeek-V3), deepseek32 "
+                "(DeepSeek-V3.2) and deepseek4 (DeepSeek-V4) layouts only; export with --format hf "
+                "(transformers, vLLM)")
     return GGUF_ARCHITECTURES[model_type]
 
 
@@ -94,6 +105,8 @@ def check_llama_cpp(config) -> None:
     arch = gguf_architecture(config)
     if arch.check is not None:
         arch.check(config)
+    if arch.tensors is not None:  # a layout of its own: its check is the whole check
+        return
     if config.attention_bias:
         refuse("attention_bias", True, f"llama.cpp's {arch.name} has no attention biases")
     if config.hidden_act != "silu":
@@ -222,6 +235,10 @@ def _tensor_type(name: str, array, dtype: str):
     """llama.cpp keeps norms, biases, 1-D tensors and the router in float32 whatever the file type."""
     Q = _gguf().GGMLQuantizationType
 
+    if array.dtype.kind == "i":
+        return Q.I32
+    if _DEEPSEEK4_F32.search(name):
+        return Q.F32
     if array.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or ".ffn_gate_inp." in name \
             or ".indexer.proj." in name:  # the indexer's head weights: float32 in DeepSeek-V3.2 too
         return Q.F32
@@ -339,6 +356,9 @@ class GGUFArchitecture:
     check: Callable | None = None  # config -> None, raising a DaulatError (before deepseek2's checks)
     keys: Callable | None = None  # (writer, gguf, config) -> None: keys beyond deepseek2's
     layer_tensors: Callable | None = None  # (model, attention, "blk.{i}.") -> (name, torch tensor) pairs
+    # an architecture with a layout of its own (deepseek4): every tensor and model key, and `check` alone
+    tensors: Callable | None = None  # model -> (name, numpy array) pairs, replacing deepseek2's gguf_tensors
+    model_keys: Callable | None = None  # (writer, gguf, config) -> None, replacing deepseek2's model/MoE keys
 
 
 def _check_deepseek32(config) -> None:
@@ -393,9 +413,183 @@ def _deepseek32_layer_tensors(model, attn, blk: str):
     yield blk + "indexer.proj.weight", indexer.weights_proj.weight  # float32 in every file type
 
 
+# DeepSeek-V4 as llama.cpp's deepseek4 (its own layout: nothing of deepseek2's MLA)
+
+# kept float32 in every file type, as daulat and transformers keep them: the hyper-connection mixers and
+# the compressors' position biases (1-D tensors, norms and the routers are float32 anyway)
+_DEEPSEEK4_F32 = re.compile(r"(^output_hc_|\.hc_(attn|ffn)_|_ape\.)")
+_DEEPSEEK4_RATES = {"sliding_attention": 0, "compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+
+
+def _check_deepseek4(config) -> None:
+    """What llama.cpp's deepseek4 cannot run: it fixes the stream count, the two compression rates, the
+    scoring function, and hash-routes only the first layers."""
+    if config.hc_mult != 4:
+        _refuse("hc_mult", config.hc_mult, "llama.cpp's deepseek4 runs 4 hyper-connection streams only "
+                "(DeepSeek-V4's)")
+    for kind in sorted(set(config.layer_types) - {"sliding_attention"}):
+        if config.compress_rates.get(kind) != _DEEPSEEK4_RATES[kind]:
+            _refuse(f"compress_rates.{kind}", config.compress_rates.get(kind), "llama.cpp's deepseek4 takes "
+                    f"{_DEEPSEEK4_RATES[kind]} only (DeepSeek-V4's CSA 4, HCA 128)")
+    d = config.index_head_dim
+    if "compressed_sparse_attention" in config.layer_types and (d < 64 or d & (d - 1)):
+        _refuse("index_head_dim", d, "llama.cpp's deepseek4 runs the indexer's Hadamard rotation only for a power "
+                "of two of at least 64 (DeepSeek-V4's is 128; measured with 16 to 256)")
+    if config.scoring_func != "sqrtsoftplus":
+        _refuse("scoring_func", config.scoring_func, "llama.cpp's deepseek4 routes by sqrtsoftplus only")
+    n_hash = _deepseek4_hash_layers(config)
+    if "hash_moe" in config.mlp_layer_types[n_hash:]:
+        _refuse("mlp_layer_types", config.mlp_layer_types, "llama.cpp's deepseek4 hash-routes the first "
+                "layers only (hash_layer_count): every hash_moe must come before the first moe")
+    if config.num_hidden_layers > 512:
+        _refuse("num_hidden_layers", config.num_hidden_layers, "llama.cpp takes at most 512 layers")
+    if config.n_routed_experts > 512:
+        _refuse("n_routed_experts", config.n_routed_experts, "llama.cpp takes at most 512 experts")
+    ys = config.rope_scaling
+    if ys is not None:
+        if float(ys.get("attention_factor", 1.0)) != 1.0:
+            _refuse("rope_scaling.attention_factor", ys["attention_factor"], "llama.cpp's deepseek4 rotates "
+                    "by YaRN without a cos/sin factor (DeepSeek-V4's 1)")
+        if ys.get("truncate", True) is False:
+            _refuse("rope_scaling.truncate", False, "llama.cpp always rounds YaRN's correction range (truncate=true)")
+        for key, default in (("beta_fast", 32), ("beta_slow", 1)):
+            if ys.get(key) is not None and float(ys[key]) != default:
+                _refuse(f"rope_scaling.{key}", ys[key], f"llama.cpp's deepseek4 matches daulat only with {default} "
+                        "(measured)")
+
+
+def _deepseek4_hash_layers(config) -> int:
+    """How many leading layers are hash-routed (llama.cpp's hash_layer_count)."""
+    n = 0
+    while n < len(config.mlp_layer_types) and config.mlp_layer_types[n] == "hash_moe":
+        n += 1
+    return n
+
+
+def _deepseek4_keys(writer, gguf, config) -> None:
+    """Shapes, attention, compression, hyper-connection, RoPE and MoE keys of a deepseek4 GGUF."""
+    a, d = "deepseek4", config.head_dim
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.moe_intermediate_size)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(1)  # one key (= value) head shared by all query heads
+    writer.add_key_length(d)
+    writer.add_value_length(d)
+    writer.add_q_lora_rank(config.q_lora_rank)
+    writer.add_sliding_window(config.sliding_window)
+    writer.add_uint32(f"{a}.attention.output_group_count", config.o_groups)
+    writer.add_uint32(f"{a}.attention.output_lora_rank", config.o_lora_rank)
+    writer.add_array(f"{a}.attention.compress_ratios", [_DEEPSEEK4_RATES[t] for t in config.layer_types])
+    writer.add_uint32(f"{a}.attention.indexer.head_count", config.index_n_heads)
+    writer.add_uint32(f"{a}.attention.indexer.key_length", config.index_head_dim)
+    writer.add_uint32(f"{a}.attention.indexer.top_k", config.index_topk)
+    writer.add_uint32(f"{a}.hyper_connection.count", config.hc_mult)
+    writer.add_uint32(f"{a}.hyper_connection.sinkhorn_iterations", config.hc_sinkhorn_iters)
+    writer.add_float32(f"{a}.hyper_connection.epsilon", config.hc_eps)
+    _deepseek4_rope_keys(writer, gguf, config)
+    writer.add_leading_dense_block_count(0)
+    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    writer.add_expert_count(config.n_routed_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_expert_shared_count(1)  # daulat's (and transformers') V4 has one shared expert whatever the count
+    writer.add_expert_weights_scale(config.routed_scaling_factor)
+    writer.add_expert_weights_norm(True)  # daulat's V4 router always normalises (norm_topk_prob unread)
+    writer.add_uint32(f"{a}.expert_gating_func", _DEEPSEEK4_SQRTSOFTPLUS)
+    writer.add_uint32(f"{a}.hash_layer_count", _deepseek4_hash_layers(config))
+    writer.add_float32(f"{a}.swiglu_clamp_exp", config.swiglu_limit)
+    writer.add_float32(f"{a}.swiglu_clamp_shexp", config.swiglu_limit)
+
+
+_DEEPSEEK4_SQRTSOFTPLUS = 4  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SQRT_SOFTPLUS
+
+
+def _deepseek4_rope_keys(writer, gguf, config) -> None:
+    """Sliding layers rotate at rope_theta unscaled; compressed layers (their queries, keys, entries and
+    indexer) at compress_rope_theta with YaRN, whose cos/sin factor llama.cpp's deepseek4 cancels to 1."""
+    writer.add_rope_dimension_count(config.qk_rope_head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_float32("deepseek4.attention.compress_rope_freq_base", config.compress_rope_theta)
+    ys = config.rope_scaling
+    if ys is None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+        return
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(float(ys["factor"]))
+    writer.add_rope_scaling_orig_ctx_len(int(ys["original_max_position_embeddings"]))
+
+
+def _deepseek4_tensors(model):
+    """Yield (gguf name, numpy array in PyTorch [out, in] order) for every tensor llama.cpp's deepseek4
+    loads. RoPE on adjacent pairs kept in place is ggml's normal mode, as daulat's: weights go as they are."""
+    import torch
+
+    def arr(t):
+        return t.detach().float().contiguous().numpy()
+
+    yield "token_embd.weight", arr(model.embed_tokens.weight)
+    for i, layer in enumerate(model.layers):
+        blk = f"blk.{i}."
+        yield blk + "attn_norm.weight", arr(layer.input_layernorm.weight)
+        yield from ((blk + name, arr(t)) for name, t in _deepseek4_attention(layer.self_attn))
+        for part, hc in (("attn", layer.attn_hc), ("ffn", layer.ffn_hc)):
+            yield blk + f"hc_{part}_fn.weight", arr(hc.fn)  # [(2+n)*n, n*D]: pre, post, comb rows
+            yield blk + f"hc_{part}_base.weight", arr(hc.base)
+            yield blk + f"hc_{part}_scale.weight", arr(hc.scale)
+        yield blk + "ffn_norm.weight", arr(layer.post_attention_layernorm.weight)
+        mlp = layer.mlp
+        yield blk + "ffn_gate_inp.weight", arr(mlp.gate.weight)
+        if mlp.is_hash:
+            yield blk + "ffn_gate_tid2eid.weight", mlp.gate.tid2eid.detach().to(torch.int32).numpy()
+        else:
+            yield blk + "exp_probs_b.bias", arr(mlp.gate.e_score_correction_bias)
+        gate, up = mlp.gate_up_proj.detach().chunk(2, dim=1)  # [E, I, D] each
+        yield blk + "ffn_gate_exps.weight", arr(gate)
+        yield blk + "ffn_up_exps.weight", arr(up)
+        yield blk + "ffn_down_exps.weight", arr(mlp.down_proj)  # [E, D, I]
+        shared = mlp.shared_experts
+        yield blk + "ffn_gate_shexp.weight", arr(shared.gate_proj.weight)
+        yield blk + "ffn_up_shexp.weight", arr(shared.up_proj.weight)
+        yield blk + "ffn_down_shexp.weight", arr(shared.down_proj.weight)
+    yield "output_hc_fn.weight", arr(model.hc_head.hc_fn)
+    yield "output_hc_base.weight", arr(model.hc_head.hc_base)
+    yield "output_hc_scale.weight", arr(model.hc_head.hc_scale)
+    yield "output_norm.weight", arr(model.norm.weight)
+    yield "output.weight", arr(model.lm_head.weight)  # deepseek4 always loads it (tied: the embedding again)
+
+
+def _deepseek4_attention(attn):
+    """One layer's attention tensors (names after "blk.{i}."): the shared-KV MQA, sinks, grouped output
+    LoRA, and the compressor (plus the indexer and its compressor in a CSA layer)."""
+    yield "attn_sinks.weight", attn.sinks
+    yield "attn_q_a.weight", attn.q_a_proj.weight
+    yield "attn_q_a_norm.weight", attn.q_a_norm.weight
+    yield "attn_q_b.weight", attn.q_b_proj.weight
+    yield "attn_kv.weight", attn.kv_proj.weight
+    yield "attn_kv_a_norm.weight", attn.kv_norm.weight
+    yield "attn_output_a.weight", attn.o_a_proj.weight  # [g*o_lora_rank, H*d/g]: group-major rows
+    yield "attn_output_b.weight", attn.o_b_proj.weight
+    compressors = [] if attn.compressor is None else [("attn_compressor", attn.compressor)]
+    indexer = getattr(attn.compressor, "indexer", None)
+    if indexer is not None:
+        yield "indexer.attn_q_b.weight", indexer.q_b_proj.weight
+        yield "indexer.proj.weight", indexer.weights_proj.weight
+        compressors.append(("indexer_compressor", indexer))
+    for prefix, c in compressors:  # CSA's project 2*dim channels: [previous window's half | own half]
+        yield f"{prefix}_kv.weight", c.kv_proj.weight
+        yield f"{prefix}_gate.weight", c.gate_proj.weight
+        yield f"{prefix}_ape.weight", c.position_bias  # [rate, width]
+        yield f"{prefix}_norm.weight", c.kv_norm.weight
+
+
 GGUF_ARCHITECTURES = {
     "deepseek_v3": GGUFArchitecture("deepseek2"),
     "deepseek_v32": GGUFArchitecture("deepseek32", _check_deepseek32, _deepseek32_keys, _deepseek32_layer_tensors),
+    "deepseek_v4": GGUFArchitecture("deepseek4", _check_deepseek4, tensors=_deepseek4_tensors,
+                                    model_keys=_deepseek4_keys),
 }
 
 
@@ -425,8 +619,12 @@ def write_gguf(model, tokenizer, path, dtype: str = "f32", name: str = "daulat",
     arch = gguf_architecture(config)
     writer = gguf.GGUFWriter(tmp, arch.name)
     try:
-        _gguf_model_keys(writer, gguf, config, dtype, name)
-        _gguf_moe_keys(writer, gguf, config)
+        if arch.model_keys is not None:
+            _gguf_general_keys(writer, gguf, dtype, name)
+            arch.model_keys(writer, gguf, config)
+        else:
+            _gguf_model_keys(writer, gguf, config, dtype, name)
+            _gguf_moe_keys(writer, gguf, config)
         if arch.keys is not None:
             arch.keys(writer, gguf, config)
         _gguf_tokenizer_keys(writer, vocab, chat_template)
@@ -488,6 +686,10 @@ def check_k_quant(config, dtype: str) -> None:
     q6_k -> q8_0; f16 if not even a multiple of 32). Rows of most weights (embeddings, q/kv_a, gate/up,
     experts, router) are hidden_size long, so hidden_size decides whether the file is a k-quant at all;
     the others (attn_k_b: qk_nope_head_dim, attn_v_b/kv_b: kv_lora_rank, ...) fall back one by one."""
+    if type(config).model_type == "deepseek_v4":
+        raise DaulatError(f"cannot export GGUF {dtype}: config field 'model_type' = 'deepseek_v4': llama.cpp's "
+                          "quantizer would also round deepseek4's hyper-connection mixers and compressor position "
+                          "biases (float32 in daulat's files), which is not verified; use q8_0, bf16 or f16")
     if config.hidden_size % K_QUANT_BLOCK:
         raise DaulatError(f"cannot export GGUF {dtype}: config field 'hidden_size' = {config.hidden_size} is not a "
                           f"multiple of {K_QUANT_BLOCK} (a k-quant block): llama.cpp would store almost every "
@@ -535,11 +737,7 @@ def gguf_stats(path) -> dict:
 
 def _gguf_model_keys(writer, gguf, config, dtype: str, name: str) -> None:
     """general.*, the shapes, MLA and RoPE keys of a deepseek2 GGUF."""
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _gguf_general_keys(writer, gguf, dtype, name)
     # -- shapes
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
@@ -570,6 +768,14 @@ def _gguf_model_keys(writer, gguf, config, dtype: str, name: str) -> None:
             writer.add_rope_scaling_yarn_log_mul(yarn["yarn_log_multiplier"])
         if "attn_factor" in yarn:
             writer.add_rope_scaling_attn_factors(yarn["attn_factor"])
+
+
+def _gguf_general_keys(writer, gguf, dtype: str, name: str) -> None:
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def _gguf_moe_keys(writer, gguf, config) -> None:
@@ -612,8 +818,14 @@ def _gguf_add_tensors(writer, gguf, model, dtype: str) -> tuple[int, dict[str, i
     """Every tensor in its GGUF type; returns (count, {type name: count})."""
     types: dict[str, int] = {}
     count = 0
-    for tensor_name, array in gguf_tensors(model):
+    layout = gguf_architecture(model.config).tensors or gguf_tensors
+    for tensor_name, array in layout(model):
         qtype = _tensor_type(tensor_name, array, dtype)
+        if qtype == gguf.GGMLQuantizationType.I32:  # deepseek4's token -> experts table
+            writer.add_tensor(tensor_name, array, raw_dtype=qtype)
+            types[qtype.name] = types.get(qtype.name, 0) + 1
+            count += 1
+            continue
         try:
             data = gguf.quants.quantize(array, qtype)
         except gguf.QuantError:  # rows not a multiple of the block size: llama.cpp's converter uses f16
@@ -747,8 +959,8 @@ def _stored_dtype(checkpoint: Path, quantized: str = "fp8") -> str:
 
 def add_arguments(parser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT",
-                        help="checkpoint directory (daulat's or transformers'; GGUF takes deepseek_v3 and "
-                             "deepseek_v32)")
+                        help="checkpoint directory (daulat's or transformers'; GGUF takes deepseek_v3, "
+                             "deepseek_v32 and deepseek_v4)")
     parser.add_argument("--format", required=True, choices=["gguf", "hf"],
                         help="gguf: one file for llama.cpp and the tools built on it; hf: a transformers directory")
     parser.add_argument("--dtype", choices=tuple(dict.fromkeys(GGUF_DTYPES + HF_DTYPES)),

@@ -14,7 +14,7 @@ gguf = require("gguf")
 from daulat.checkpoint import load_model, save_model  # noqa: E402
 from daulat.cli import main  # noqa: E402
 from daulat.errors import DaulatError  # noqa: E402
-from daulat.export import check_llama_cpp, write_gguf  # noqa: E402
+from daulat.export import check_k_quant, check_llama_cpp, write_gguf  # noqa: E402
 from daulat.model import DeepseekV3, ModelConfig  # noqa: E402
 from daulat.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer  # noqa: E402
 
@@ -421,6 +421,11 @@ def test_v32_and_v4_refusals_are_one_line():
         with pytest.raises(DaulatError, match=match) as error:
             check_llama_cpp(DeepseekV32Config(**{**v32, **overrides}))
         assert "\n" not in str(error.value)
-    with pytest.raises(DaulatError, match="'model_type' = 'deepseek_v4': llama.cpp's deepseek4 layout") as error:
+    # V4 goes out as llama.cpp's deepseek4 (tests/test_llama_cpp_v4.py): daulat's default 2 streams are refused
+    with pytest.raises(DaulatError, match="'hc_mult' = 2: llama.cpp's deepseek4 runs 4 hyper-connection streams") \
+            as error:
         check_llama_cpp(ModelConfigV4())
+    assert "\n" not in str(error.value)
+    with pytest.raises(DaulatError, match="GGUF q4_k_m: config field 'model_type' = 'deepseek_v4'") as error:
+        check_k_quant(ModelConfigV4(hidden_size=256), "q4_k_m")
     assert "\n" not in str(error.value)
