@@ -466,17 +466,22 @@ def _deepseek4_hash_layers(config) -> int:
     return n
 
 
-def _deepseek4_keys(writer, gguf, config) -> None:
-    """Shapes, attention, compression, hyper-connection, RoPE and MoE keys of a deepseek4 GGUF."""
-    a, d = "deepseek4", config.head_dim
+def _gguf_shape_keys(writer, config, feed_forward: int) -> None:
+    """The shape keys every DeepSeek GGUF has; one key/value head (MLA's latent, V4's shared head)."""
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.moe_intermediate_size)
+    writer.add_feed_forward_length(feed_forward)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(1)  # one key (= value) head shared by all query heads
+    writer.add_head_count_kv(1)
+
+
+def _deepseek4_keys(writer, gguf, config) -> None:
+    """Shapes, attention, compression, hyper-connection, RoPE and MoE keys of a deepseek4 GGUF."""
+    a, d = "deepseek4", config.head_dim
+    _gguf_shape_keys(writer, config, config.moe_intermediate_size)  # one key (= value) head shared by all
     writer.add_key_length(d)
     writer.add_value_length(d)
     writer.add_q_lora_rank(config.q_lora_rank)
@@ -738,16 +743,8 @@ def gguf_stats(path) -> dict:
 def _gguf_model_keys(writer, gguf, config, dtype: str, name: str) -> None:
     """general.*, the shapes, MLA and RoPE keys of a deepseek2 GGUF."""
     _gguf_general_keys(writer, gguf, dtype, name)
-    # -- shapes
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    # -- MLA: llama.cpp runs it as MQA over the latent: one KV head of c + r (keys) and c (values)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(1)
+    # -- shapes; MLA: llama.cpp runs it as MQA over the latent: one KV head of c + r (keys) and c (values)
+    _gguf_shape_keys(writer, config, config.intermediate_size)
     writer.add_q_lora_rank(config.q_lora_rank or 0)
     writer.add_kv_lora_rank(config.kv_lora_rank)
     writer.add_key_length(config.kv_lora_rank + config.qk_rope_head_dim)

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 llama_cpp = require("llama_cpp")
 
 from test_llama_cpp import SENTENCES  # noqa: E402
+from test_llama_cpp_v32 import _compare, _daulat_logits  # noqa: E402
 
 from daulat.checkpoint import save_model  # noqa: E402
 from daulat.cli import main  # noqa: E402
@@ -108,23 +109,6 @@ def _prompt(tokenizer, n=T):
     return (ids * (n // len(ids) + 1))[:n]
 
 
-def _llama_logits(llm, ids):
-    llm.reset()
-    llm.eval(ids)
-    return torch.from_numpy(llm.scores[: len(ids)].copy())
-
-
-@torch.no_grad()
-def _daulat_logits(model, ids):
-    return model(torch.tensor([ids]))[0]
-
-
-def _compare(model, llm, ids) -> tuple[float, float, float]:
-    """(max |llama.cpp - daulat| logit, top-1 agreement, daulat's largest |logit|)."""
-    ours, theirs = _daulat_logits(model, ids), _llama_logits(llm, ids)
-    assert theirs.shape == ours.shape
-    agree = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
-    return (theirs - ours).abs().max().item(), agree, ours.abs().max().item()
 
 
 def _effect(model, ids, **overrides) -> float:
