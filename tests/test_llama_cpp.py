@@ -91,12 +91,20 @@ def trained(tokenizer):
     """A tiny model trained on SENTENCES (documents <|bos|> text <|eos|>, as daulat's shards) until it
     has them nearly by heart: a few hundred AdamW steps, about half a minute on 2 CPU cores."""
     torch.manual_seed(0)
-    rng = random.Random(0)
     model = DeepseekV3(ModelConfig(**TRAINED))
+    loss = train_on_sentences(model, tokenizer, passes=40, length=64, warmup=20)
+    _report(test="train", steps=300, final_loss=round(loss, 4))
+    return model.eval()
+
+
+def train_on_sentences(model, tokenizer, passes: int, length: int, warmup: int, steps: int = 300,
+                       batch: int = 16) -> float:
+    """Train `model` on SENTENCES (documents <|bos|> text <|eos|>, `passes` shuffled passes as one
+    stream) with AdamW at 3e-3, linear warm-up then cosine decay; returns the last loss."""
+    rng = random.Random(0)
     docs = [[tokenizer.bos_id, *tokenizer.encode(s), tokenizer.eos_id] for s in SENTENCES]
-    stream = [t for _ in range(40) for d in rng.sample(docs, len(docs)) for t in d]
+    stream = [t for _ in range(passes) for d in rng.sample(docs, len(docs)) for t in d]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    steps, batch, length = 300, 16, 64
     model.train()
     for step in range(steps):
         starts = [rng.randrange(len(stream) - length - 1) for _ in range(batch)]
@@ -105,11 +113,10 @@ def trained(tokenizer):
         optimizer.zero_grad()
         loss.backward()
         for group in optimizer.param_groups:
-            group["lr"] = 3e-3 * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = 3e-3 * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         optimizer.step()
         model.update_router_bias(1e-3)
-    _report(test="train", steps=steps, final_loss=round(loss.item(), 4))
-    return model.eval()
+    return loss.item()
 
 
 @pytest.fixture(scope="module")

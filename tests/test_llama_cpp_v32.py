@@ -19,8 +19,6 @@ and loaded with `llama_cpp.Llama`:
 Verified with llama-cpp-python 0.3.36 = llama.cpp 0c1e57098. Each test prints one JSON line of figures.
 """
 
-import json
-import math
 import random
 
 import pytest
@@ -31,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 llama_cpp = require("llama_cpp")
 
-from test_llama_cpp import SENTENCES  # noqa: E402
+from test_llama_cpp import SENTENCES, _report, one_thread, tokenizer, train_on_sentences  # noqa: E402,F401
 
 from daulat.checkpoint import save_model  # noqa: E402
 from daulat.cli import main  # noqa: E402
@@ -39,7 +37,6 @@ from daulat.errors import DaulatError  # noqa: E402
 from daulat.export import check_llama_cpp, llama_cpp_plain_buffers, write_gguf  # noqa: E402
 from daulat.model_v4 import ModelConfigV4  # noqa: E402
 from daulat.model_v32 import DeepseekV32, DeepseekV32Config  # noqa: E402
-from daulat.tokenizer import train_tokenizer  # noqa: E402
 
 F32 = 0  # GGML_TYPE_F32: llama.cpp's caches (MLA latent and indexer keys) in float32 for the exactness checks
 VOCAB = 448
@@ -54,49 +51,17 @@ LONG = " ".join(SENTENCES[:3])  # about 60 tokens: well above TOPK
 SHORT = ["The cat sat", "Selamat pagi,", "東京は"]  # below TOPK
 
 
-def _report(**figures):
-    print(json.dumps(figures, ensure_ascii=False))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(SENTENCES * 20, 400, min_frequency=2)
-
-
 @pytest.fixture(scope="module")
 def trained(tokenizer):
     """A tiny V3.2 model trained on SENTENCES for 300 steps of 16 x 48 tokens. It trains with index_topk at the
     length (dense attention: V3's speed; the indexer keeps its random weights, which still decide what
     each query sees) and is then run with index_topk = 16."""
     torch.manual_seed(0)
-    rng = random.Random(0)
     model = DeepseekV32(DeepseekV32Config(**{**V32, "index_topk": 64}))
-    docs = [[tokenizer.bos_id, *tokenizer.encode(s), tokenizer.eos_id] for s in SENTENCES]
-    stream = [t for _ in range(30) for d in rng.sample(docs, len(docs)) for t in d]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    steps, batch, length = 300, 16, 48
-    model.train()
-    for step in range(steps):
-        starts = [rng.randrange(len(stream) - length - 1) for _ in range(batch)]
-        chunk = torch.tensor([stream[s : s + length + 1] for s in starts])
-        loss, _ = model.training_loss(chunk[:, :-1], chunk[:, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        for group in optimizer.param_groups:
-            group["lr"] = 3e-3 * min(1.0, (step + 1) / 10) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        optimizer.step()
-        model.update_router_bias(1e-3)
+    loss = train_on_sentences(model, tokenizer, passes=30, length=48, warmup=10)
     sparse = DeepseekV32(DeepseekV32Config(**V32))
     sparse.load_state_dict(model.state_dict())
-    _report(test="train_v32", steps=steps, final_loss=round(loss.item(), 4))
+    _report(test="train_v32", steps=300, final_loss=round(loss, 4))
     return sparse.eval()
 
 

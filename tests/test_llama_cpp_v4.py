@@ -20,7 +20,6 @@ top-k) is exported with `daulat export` and loaded with `llama_cpp.Llama`:
 Verified with llama-cpp-python 0.3.36. Each test prints one JSON line of figures.
 """
 
-import json
 
 import pytest
 import torch
@@ -31,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 llama_cpp = require("llama_cpp")
 
-from test_llama_cpp import SENTENCES  # noqa: E402
+from test_llama_cpp import SENTENCES, _report, one_thread, tokenizer  # noqa: E402,F401
 from test_llama_cpp_v32 import _compare, _daulat_logits  # noqa: E402
 
 from daulat.checkpoint import save_model  # noqa: E402
@@ -39,7 +38,6 @@ from daulat.cli import main  # noqa: E402
 from daulat.errors import DaulatError  # noqa: E402
 from daulat.export import check_llama_cpp, llama_cpp_plain_buffers, write_gguf  # noqa: E402
 from daulat.model_v4 import DeepseekV4, ModelConfigV4  # noqa: E402
-from daulat.tokenizer import train_tokenizer  # noqa: E402
 
 F32 = 0  # GGML_TYPE_F32: llama.cpp's caches in float32 for the exactness checks
 CSA, HCA, SWA = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
@@ -49,23 +47,6 @@ V4 = dict(vocab_size=448, hidden_size=64, moe_intermediate_size=32, num_hidden_l
           index_topk=4, hc_mult=4, mlp_layer_types=["hash_moe", "moe", "moe", "moe"], n_routed_experts=8,
           num_experts_per_tok=2, max_position_embeddings=512)
 T = 200  # 50 CSA entries (top-4 kept), one HCA entry, the window 16
-
-
-def _report(**figures):
-    print(json.dumps(figures, ensure_ascii=False))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_tokenizer(SENTENCES * 20, 400, min_frequency=2)
 
 
 def _random(overrides=None, seed=1) -> DeepseekV4:
