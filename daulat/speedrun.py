@@ -370,6 +370,15 @@ def _apply_threads(args) -> list[str]:
     return [f"train.threads={json.dumps(args.threads)}"]
 
 
+def _student_start(ckpt: Path) -> str:
+    """How the distilled student began, in words, from its record."""
+    init = json.loads((ckpt / "daulat.json").read_text(encoding="utf-8")).get("init")
+    if isinstance(init, dict) and "pruned from the teacher to" in init:
+        return (f"the teacher pruned to {init['pruned from the teacher to']} (layers {init['layers']} kept; "
+                f"calibration loss {init['teacher_loss']} -> {init['student_loss']})")
+    return "random weights" if init is None or str(init).startswith("fresh") else f"the checkpoint {init}"
+
+
 def run(args) -> int:
     from daulat import __version__
     from daulat.config import load_config, to_dict
@@ -399,7 +408,8 @@ def run(args) -> int:
     write_speedrun_report(out, {name: out / name for name in STAGES}, evaluations,
                           title=f"daulat speedrun: {args.preset}",
                           about={"preset": args.preset, "task": sr.task, "seed": args.seed,
-                                 "distillation mode": sr.distill_mode, "student preset": sr.student_preset})
+                                 "distillation mode": sr.distill_mode, "student preset": sr.student_preset,
+                                 "the distilled student started from": _student_start(out / "distill" / "final")})
     print(f"\nreport: {out / 'report.md'} (and report.html)")
     print(f"chat with the model:   daulat chat {out / 'grpo' / 'final'}")
     print(f"serve it:              daulat serve {out / 'grpo' / 'final'}   (web chat at http://127.0.0.1:8000/)")

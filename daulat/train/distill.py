@@ -57,6 +57,7 @@ from daulat.train.teacher_data import DATASET_FILE, MANIFEST_FILE, Prompt, load_
 
 SEQUENCES = ("teacher", "given")
 RKL_ESTIMATORS = ("full", "sampled")
+STUDENT_INITS = ("random", "pruned")
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,10 @@ class DistillConfig:
     kl_temperature: float = 1.0  # fkl: T of the softened distributions (the loss is scaled by T^2)
     ce_weight: float = 0.0  # fkl: weight of the plain next-token loss on the same tokens
     rkl_estimator: str = "full"  # rkl: "full" (exact KL over the vocabulary) or "sampled" (policy gradient)
+    # a fresh student (--preset, no --student): "random" weights, or "pruned" from the teacher (daulat.prune:
+    # the teacher cut down to the preset's shape, keeping what it uses most on the first calibration_prompts)
+    student_init: str = "random"
+    calibration_prompts: int = 64
     # how the student answers (rkl): [distill.student_sampling]
     student_sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=128))
     # rows (sft, fkl): at most train.seq_len tokens each, as in SFT
@@ -135,9 +140,11 @@ class DistillConfig:
 
         need(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}")
         need(self.sequences in SEQUENCES, "sequences", f"must be one of {', '.join(SEQUENCES)}")
+        need(self.student_init in STUDENT_INITS, "student_init", f"must be one of {', '.join(STUDENT_INITS)}")
         need(self.rkl_estimator in RKL_ESTIMATORS, "rkl_estimator", f"must be one of {', '.join(RKL_ESTIMATORS)}")
         for name in ("prompts", "samples_per_prompt", "keep_per_prompt", "http_concurrency"):
             need(getattr(self, name) >= 1, name, "must be at least 1")
+        need(self.calibration_prompts >= 1, "calibration_prompts", "must be at least 1")
         need(self.kl_temperature > 0, "kl_temperature", "must be positive")
         need(0 <= self.ce_weight <= 1, "ce_weight", "must be between 0 and 1")
         need(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
@@ -226,10 +233,10 @@ def distill(config: dict, teacher, out, student=None, preset: str | None = None,
     if mode.needs_logits and not teacher.has_logits:
         raise DaulatError(f"--mode {cfg.mode} needs the teacher's full next-token distribution, which an HTTP endpoint "
                           f"does not give: use a local teacher checkpoint, or --mode sft")
-    model, tok, parent, init = _student(run, teacher, student, preset, tokenizer)
+    prompts, task, prompt_source = load_prompts(cfg)
+    model, tok, parent, init = _student(run, teacher, student, preset, tokenizer, prompts)
     if mode.needs_logits:
         _check_same_vocabulary(cfg.mode, teacher, model, tok)
-    prompts, task, prompt_source = load_prompts(cfg)
     _check_sequences(run, mode, cfg, teacher, model, prompts, generate_only)
     run.prepare_output()
 
@@ -252,9 +259,10 @@ def distill(config: dict, teacher, out, student=None, preset: str | None = None,
                               compute=compute, metrics=metrics, val_batches=val_batches, batch_tokens=batch_tokens))
 
 
-def _student(run: StageRun, teacher, student, preset, tokenizer):
+def _student(run: StageRun, teacher, student, preset, tokenizer, prompts):
     """(model, tokenizer, parent record, init description) of the student: a checkpoint, or a fresh
-    model of config["model"] with the teacher's (or `tokenizer`'s) tokenizer, whose lineage is the teacher's."""
+    model of config["model"] with the teacher's (or `tokenizer`'s) tokenizer, whose lineage is the
+    teacher's: random weights, or the teacher pruned to that shape (distill.student_init)."""
     import torch
 
     from daulat.architectures import build_model
@@ -272,11 +280,37 @@ def _student(run: StageRun, teacher, student, preset, tokenizer):
     else:
         raise DaulatError("a fresh student needs a tokenizer: give --tokenizer DIR (an HTTP teacher has none to "
                           "lend), or --student CKPT")
-    model_cfg = dataclasses.replace(run.config["model"], vocab_size=tok.vocab_size)
+    pruned = run.config["distill"].student_init == "pruned"
+    if pruned and not teacher.has_logits:
+        raise DaulatError("distill.student_init = 'pruned' cuts the teacher's own weights: give a local teacher checkpoint")
+    # a pruned student keeps the teacher's embedding rows; a random one has as many as the tokenizer
+    vocab_size = teacher.model.config.vocab_size if pruned else tok.vocab_size
+    model_cfg = dataclasses.replace(run.config["model"], vocab_size=vocab_size)
     run.config = dict(run.config, model=model_cfg)  # the record shows the student as it was built
     torch.manual_seed(run.train_cfg.seed)
     parent = getattr(teacher, "info", None) or None  # a fresh student's knowledge comes from the teacher
-    return build_model(model_cfg), tok, parent, f"fresh from preset {preset}" if preset else "fresh"
+    shape = f"preset {preset}" if preset else "its [model]"
+    if pruned:
+        model, kept = _pruned_student(teacher, model_cfg, tok, prompts[:run.config["distill"].calibration_prompts],
+                                      run.train_cfg.seq_len)
+        run.say(f"student: the teacher pruned to {shape}: layers {kept['layers']}, calibration loss "
+                f"{kept['teacher_loss']} (teacher) -> {kept['student_loss']} (pruned)")
+        return model, tok, parent, {"pruned from the teacher to": shape, **kept}
+    return build_model(model_cfg), tok, parent, f"fresh from {shape}"
+
+
+def _pruned_student(teacher, model_cfg, tok, prompts, seq_len: int):
+    """The teacher cut down to `model_cfg` (daulat.prune), judged on the prompts' conversations (their
+    given answers where they have them)."""
+    import torch
+
+    from daulat.prune import prune
+
+    rows = [tok.render_chat(p.given or p.messages)[0][:seq_len] for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return prune(teacher.model, model_cfg, ids, mask)
 
 
 def _check_same_vocabulary(mode: str, teacher, model, tok) -> None:
