@@ -9,7 +9,8 @@ Each run's teacher is its GRPO checkpoint and each variant is that run's own dis
 (OUT/distill/speedrun-settings.json: the student preset, the steps, the optimizer settings, the 2,000
 training prompts) with only the mode, the student's start and what it trains on changed; `direct` is
 the run's own student trained directly (OUT/student-direct/speedrun-settings.json). So every variant
-takes the same optimizer steps on the same prompts. Variants:
+takes the same optimizer steps on the same prompts. The variants the speedrun itself trained (`direct`,
+and its own mode: `fkl-pruned` for tiny) are read from its evaluations rather than trained again. Variants:
 
   direct          random weights, SFT on the task's worked solutions: no teacher (the speedrun's baseline)
   direct-lr3e-3   the same at lr 3e-3 (the distillation's 1e-3 suits a pruned start; a random one learns faster higher)
@@ -64,8 +65,10 @@ def main() -> int:
         for variant in args.variants:
             out = Path(args.out) / f"{run.name}-{variant}"
             t0 = time.process_time()
-            train(run, variant, out, args.threads)
-            result = accuracy(out / "final", sr, seed)
+            result = run_own(run, variant)
+            if result is None:
+                train(run, variant, out, args.threads)
+                result = accuracy(out / "final", sr, seed)
             result["cpu_s"] = round(time.process_time() - t0, 1)
             rows.setdefault(variant, {})[seed] = result
             say(f"{run.name} seed {seed} {variant}: greedy {result['accuracy']:.3f} "
@@ -85,6 +88,22 @@ def stage_command(run: Path, stage: str) -> list[str]:
     """The command the speedrun ran for `stage`, with its run directory put back in."""
     settings = json.loads((run / stage / "speedrun-settings.json").read_text())
     return [f"{run}{a[3:]}" if a == "OUT" or a.startswith("OUT/") else a for a in settings["command"]]
+
+
+def run_own(run: Path, variant: str) -> dict | None:
+    """The run's own evaluation when `variant` is what the speedrun itself trained (its student trained
+    directly, and its distillation), else None."""
+    own = None
+    if variant == "direct":
+        own = "student-direct"
+    elif VARIANTS[variant] is not None:
+        argv = stage_command(run, "distill")
+        if argv[argv.index("--mode") + 1] == VARIANTS[variant][1] and all(a in argv for a in VARIANTS[variant][2:]):
+            own = "distill"
+    if own is None:
+        return None
+    result = json.loads((run / "eval" / f"{own}.json").read_text())
+    return {k: result[k] for k in ("accuracy", "problems", "accuracy_ci95", "parameters")} | {"from": f"OUT/eval/{own}.json"}
 
 
 def _replace(argv: list[str], flag: str, value: str) -> list[str]:

@@ -237,8 +237,8 @@ def _direct_plan(args, sr: SpeedrunConfig, out: Path, distill_argv: list[str]) -
 
 
 def fresh_student(path: Path, teacher: Path, distill_argv: list[str], seed: int) -> None:
-    """The student before any training, exactly as `daulat distill --preset` builds it (the student
-    preset's [model] with the teacher's tokenizer, seeded by --seed), written as a checkpoint whose
+    """The student before any training, exactly as `daulat distill --preset` builds a random one (the
+    student preset's [model] with the teacher's tokenizer, seeded by --seed), written as a checkpoint whose
     record says it learnt nothing from anyone: the start of the student trained directly."""
     import dataclasses
     import tomllib
@@ -252,8 +252,11 @@ def fresh_student(path: Path, teacher: Path, distill_argv: list[str], seed: int)
     from daulat.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(teacher)
-    raw = tomllib.loads(_printed_config(distill_argv))["model"]
-    config = dataclasses.replace(build_section("model", ModelSection, raw), vocab_size=tokenizer.vocab_size)
+    printed = tomllib.loads(_printed_config(distill_argv))
+    # as many embedding rows as the distilled student: a pruned one keeps the teacher's, a random one the tokenizer's
+    pruned = printed.get("distill", {}).get("student_init") == "pruned"
+    vocab_size = json.loads((teacher / "config.json").read_text())["vocab_size"] if pruned else tokenizer.vocab_size
+    config = dataclasses.replace(build_section("model", ModelSection, printed["model"]), vocab_size=vocab_size)
     if path.is_dir():
         made = json.loads((path / "daulat.json").read_text(encoding="utf-8"))
         if made.get("config", {}).get("model") != dataclasses.asdict(config) or made.get("seed") != seed:

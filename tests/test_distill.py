@@ -287,3 +287,16 @@ def test_sft_from_a_daulat_serve_teacher_across_tokenizers(checkpoint, tmp_path)
     info = json.loads((tmp_path / "run" / "final" / "daulat.json").read_text())
     assert info["teacher"]["kind"] == "http" and info["mode"] == "sft"
     assert info["history"][-1]["stage"] == "init"  # the student's own lineage
+
+
+def test_teacher_answers_are_reused_from_a_copied_run_but_not_from_another_teacher():
+    from daulat.train.teacher_data import _same_request
+
+    teacher = {"kind": "checkpoint", "path": "runs/a/grpo/final", "weights_sha256": "ab" * 32, "parameters": 10}
+    made = {"teacher": teacher, "sampling": {"temperature": 0.6, "n": 1}, "prompts": {"task": "addition"}}
+    moved = {**made, "teacher": {**teacher, "path": "/elsewhere/a/grpo/final"}}
+    assert _same_request(made, moved)
+    assert not _same_request(made, {**moved, "teacher": {**moved["teacher"], "weights_sha256": "cd" * 32}})
+    assert not _same_request(made, {**moved, "sampling": {"temperature": 1.0, "n": 1}})
+    unhashed = {**made, "teacher": {**teacher, "weights_sha256": None}}  # too big to hash: the path is all we know
+    assert not _same_request(unhashed, {**unhashed, "teacher": {**unhashed["teacher"], "path": "/elsewhere"}})

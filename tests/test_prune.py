@@ -138,3 +138,19 @@ def test_distill_starts_a_pruned_student_from_the_teacher(checkpoint, tmp_path, 
     assert init["pruned from the teacher to"] == "preset micro" and init["layers"] == [0, 1]
     assert main([*common, "--out", str(tmp_path / "bad"), "distill.student_init=pruned", "model.kv_lora_rank=8"]) == 2
     assert "kv_lora_rank" in capsys.readouterr().err and not (tmp_path / "bad" / "final").exists()
+
+
+def test_the_tiny_speedruns_student_is_a_cut_of_tiny_five_times_smaller():
+    from daulat.architectures import ModelSection
+    from daulat.config import load_config
+    from daulat.prune import check_prunable
+    from daulat.speedrun import SpeedrunConfig
+
+    def model(preset):  # with the tiny speedrun's tokenizer of 1,516 tokens
+        return DeepseekV3(dataclasses.replace(load_config({"model": ModelSection}, preset=preset)["model"], vocab_size=1516))
+
+    teacher, student = model("tiny"), model("tiny-student")
+    check_prunable(teacher.config, student.config)
+    assert teacher.num_parameters() / student.num_parameters() >= 5
+    speedrun = load_config({"speedrun": SpeedrunConfig}, preset="tiny")["speedrun"]
+    assert speedrun.student_preset == "tiny-student" and "distill.student_init=pruned" in speedrun.distill_overrides

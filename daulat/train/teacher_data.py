@@ -109,7 +109,18 @@ def _reusable(data_file: Path, manifest_file: Path, wanted: dict) -> dict | None
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return manifest if manifest.get("request") == wanted and manifest.get("sha256") == _sha256(data_file) else None
+    return manifest if _same_request(manifest.get("request"), wanted) and manifest.get("sha256") == _sha256(data_file) else None
+
+
+def _same_request(made, wanted: dict) -> bool:
+    """Whether a dataset made for request `made` answers `wanted`: the same everything, except that a
+    teacher known by its weights' hash may have been read from another path (a moved or copied run)."""
+    if not isinstance(made, dict) or not isinstance(made.get("teacher"), dict):
+        return made == wanted
+    a, b = dict(made["teacher"]), dict(wanted["teacher"])
+    if a.get("weights_sha256") and a.get("weights_sha256") == b.get("weights_sha256"):
+        a.pop("path", None), b.pop("path", None)
+    return {**made, "teacher": a} == {**wanted, "teacher": b}
 
 
 def _accepted(prompts: list[Prompt], answers: list, task, cfg) -> tuple[list[dict], dict, int]:
